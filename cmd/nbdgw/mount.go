@@ -1,0 +1,91 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/nbdgw/nbdgw/fusefs"
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// errWritesUnsupported is what --writable gives until the engine writes.
+var errWritesUnsupported = errors.New("--writable: writes are not supported yet; mount without it for a read-only view")
+
+func cmdMount(args []string) error {
+	fs := newFlags("mount")
+	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
+	writable := fs.Bool("writable", false, "allow writes to disk")
+	debug := fs.Bool("debug", false, "log every FUSE request")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 {
+		return errUsage
+	}
+	if *writable {
+		return errWritesUnsupported
+	}
+	path, dir := pos[0], pos[1]
+	// Check the mount point before the (possibly slow) open, and again
+	// in fusefs.Mount.
+	if err := fusefs.CheckMountpoint(dir); err != nil {
+		return err
+	}
+	img, err := qcow2.Open(path, qcow2.Options{NoBacking: *noBacking})
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	cfg := fusefs.Config{
+		Name:  path,
+		Logf:  func(format string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw mount: "+format+"\n", a...) },
+		Debug: *debug,
+	}
+	if fi, err := os.Stat(path); err == nil {
+		cfg.Time = fi.ModTime()
+	}
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	srv, err := fusefs.Mount(dir, img, cfg)
+	if err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() { srv.Wait(); close(done) }()
+	for {
+		select {
+		case <-done:
+			return nil
+		case sig := <-sigs:
+			if err := unmountOnSignal(srv, done, sig); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// unmountOnSignal unmounts after SIGINT/SIGTERM/SIGHUP. While files of
+// the mount are open the kernel refuses (EBUSY): retry for a while, then
+// give up and keep serving rather than leave a dead mount behind.
+func unmountOnSignal(srv *fusefs.Server, done <-chan struct{}, sig os.Signal) error {
+	var err error
+	for range 5 {
+		if err = srv.Unmount(); err == nil {
+			<-done
+			return nil
+		}
+		select {
+		case <-done:
+			return nil
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	fmt.Fprintf(os.Stderr, "nbdgw mount: %v: cannot unmount (%v); still serving: close the files in use and signal again\n", sig, err)
+	return nil
+}
