@@ -1,0 +1,55 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/qcow2"
+	"github.com/nbdgw/nbdgw/qemumap"
+)
+
+func cmdMap(args []string) error {
+	fs := newFlags("map")
+	output := fs.String("output", "human", "json or human")
+	context := fs.String("context", "", "print this metadata context in nbdinfo --map form")
+	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || (*output != "json" && *output != "human") {
+		return errUsage
+	}
+	w := bufio.NewWriterSize(os.Stdout, 64<<10)
+	defer w.Flush()
+	if isURI(pos[0]) {
+		if *noBacking {
+			return fmt.Errorf("--no-backing applies to image files, not NBD URIs")
+		}
+		return mapURI(w, pos[0], *context, *output)
+	}
+	img, err := qcow2.Open(pos[0], qcow2.Options{NoBacking: *noBacking})
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	if *context != "" {
+		if !metactx.Offered(img, *context) {
+			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, strings.Join(metactx.Names(img), ", "))
+		}
+		if err := metactx.WriteMap(w, img, *context, *output == "json"); err != nil {
+			return err
+		}
+		return w.Flush()
+	}
+	if err := qemumap.WriteImage(w, img, *output == "json"); err != nil {
+		return err
+	}
+	return w.Flush()
+}
+
+func isURI(s string) bool { return strings.Contains(s, "://") }

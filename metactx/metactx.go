@@ -1,0 +1,259 @@
+// Package metactx derives NBD metadata contexts from the engine's block
+// status: base:allocation, qemu:allocation-depth, qemu:joint-allocation and
+// qemu:dirty-bitmap:NAME. The NBD server, nbdgw map --context and the FUSE
+// maps/ files all use it, so the three front ends cannot disagree.
+//
+// It also writes maps in the two forms nbdinfo --map prints (text and
+// JSON), coalescing adjacent extents of equal flags as nbdinfo does.
+package metactx
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// Context names.
+const (
+	BaseAllocation    = "base:allocation"
+	AllocationDepth   = "qemu:allocation-depth"
+	JointAllocation   = "qemu:joint-allocation"
+	DirtyBitmapPrefix = "qemu:dirty-bitmap:"
+)
+
+// Flag bits.
+const (
+	StateHole    = 1 << 0 // base:allocation, joint-allocation
+	StateZero    = 1 << 1 // base:allocation, joint-allocation
+	StateLocal   = 1 << 2 // joint-allocation: depth == 1
+	StateBacking = 1 << 3 // joint-allocation: depth >= 2
+	StateDirty   = 1 << 0 // qemu:dirty-bitmap:NAME
+)
+
+// ErrUnknownContext is returned for a context name the image does not offer.
+var ErrUnknownContext = errors.New("unknown metadata context")
+
+// Names lists every context img offers, in the order qemu-nbd lists them:
+// base:allocation, qemu:allocation-depth, qemu:joint-allocation, then one
+// qemu:dirty-bitmap:NAME per persistent bitmap.
+func Names(img *qcow2.Image) []string {
+	names := []string{BaseAllocation, AllocationDepth, JointAllocation}
+	for _, b := range img.Bitmaps() {
+		names = append(names, DirtyBitmapPrefix+b.Name)
+	}
+	return names
+}
+
+// Offered reports whether img offers the context name.
+func Offered(img *qcow2.Image, name string) bool {
+	for _, n := range Names(img) {
+		if n == name {
+			return true
+		}
+	}
+	return false
+}
+
+// Flags projects one engine extent onto a block-status context (not a
+// dirty bitmap).
+func Flags(name string, e qcow2.Extent) uint32 {
+	var f uint32
+	switch name {
+	case AllocationDepth:
+		return uint32(e.Depth)
+	case BaseAllocation, JointAllocation:
+		if !e.Data {
+			f |= StateHole
+		}
+		if e.Zero {
+			f |= StateZero
+		}
+		if name == JointAllocation {
+			if e.Depth == 1 {
+				f |= StateLocal
+			} else if e.Depth >= 2 {
+				f |= StateBacking
+			}
+		}
+	}
+	return f
+}
+
+// Walk calls fn with the extents of context name over [off, off+length),
+// clipped to the image, coalescing adjacent extents of equal flags. The
+// walk streams: nothing is held but the extent being built. If fn returns
+// an error the walk stops and Walk returns it.
+func Walk(img *qcow2.Image, name string, off, length int64, fn func(off, length int64, flags uint32) error) error {
+	c := coalescer{fn: fn}
+	var err error
+	if bm, ok := strings.CutPrefix(name, DirtyBitmapPrefix); ok {
+		err = img.BitmapStatus(bm, off, length, func(start, n int64, dirty bool) error {
+			var f uint32
+			if dirty {
+				f = StateDirty
+			}
+			return c.add(start, n, f)
+		})
+	} else {
+		switch name {
+		case BaseAllocation, AllocationDepth, JointAllocation:
+		default:
+			return fmt.Errorf("%w: %q", ErrUnknownContext, name)
+		}
+		err = img.BlockStatus(off, length, func(e qcow2.Extent) error {
+			return c.add(e.Start, e.Length, Flags(name, e))
+		})
+	}
+	if err != nil {
+		return err
+	}
+	return c.flush()
+}
+
+type coalescer struct {
+	fn     func(off, length int64, flags uint32) error
+	off, n int64
+	flags  uint32
+	has    bool
+}
+
+func (c *coalescer) add(off, n int64, flags uint32) error {
+	if c.has && c.flags == flags && c.off+c.n == off {
+		c.n += n
+		return nil
+	}
+	if err := c.flush(); err != nil {
+		return err
+	}
+	c.off, c.n, c.flags, c.has = off, n, flags, true
+	return nil
+}
+
+func (c *coalescer) flush() error {
+	if !c.has {
+		return nil
+	}
+	c.has = false
+	return c.fn(c.off, c.n, c.flags)
+}
+
+// Description is nbdinfo's description of a flag value in context name, ""
+// where nbdinfo prints none (it knows no qemu:joint-allocation).
+func Description(name string, flags uint32) string {
+	switch {
+	case name == BaseAllocation:
+		switch flags {
+		case 0:
+			return "data"
+		case 1:
+			return "hole"
+		case 2:
+			return "zero"
+		case 3:
+			return "hole,zero"
+		}
+	case strings.HasPrefix(name, DirtyBitmapPrefix):
+		switch flags {
+		case 0:
+			return "clean"
+		case 1:
+			return "dirty"
+		}
+	case name == AllocationDepth:
+		switch flags {
+		case 0:
+			return "absent"
+		case 1:
+			return "local"
+		default:
+			return "backing depth " + strconv.FormatUint(uint64(flags), 10)
+		}
+	}
+	return ""
+}
+
+// AppendText appends one line of nbdinfo --map text output:
+// "%10d  %10d  %3d  description\n" (no description column where nbdinfo
+// has none).
+func AppendText(b []byte, name string, off, length int64, flags uint32) []byte {
+	b = appendPadded(b, strconv.FormatInt(off, 10), 10)
+	b = append(b, "  "...)
+	b = appendPadded(b, strconv.FormatInt(length, 10), 10)
+	b = append(b, "  "...)
+	b = appendPadded(b, strconv.FormatUint(uint64(flags), 10), 3)
+	if d := Description(name, flags); d != "" {
+		b = append(b, "  "...)
+		b = append(b, d...)
+	}
+	return append(b, '\n')
+}
+
+func appendPadded(b []byte, s string, width int) []byte {
+	for i := len(s); i < width; i++ {
+		b = append(b, ' ')
+	}
+	return append(b, s...)
+}
+
+// AppendJSON appends one nbdinfo --map --json entry, without the separator:
+// { "offset": N, "length": N, "type": N, "description": "..."}
+func AppendJSON(b []byte, name string, off, length int64, flags uint32) []byte {
+	b = append(b, `{ "offset": `...)
+	b = strconv.AppendInt(b, off, 10)
+	b = append(b, `, "length": `...)
+	b = strconv.AppendInt(b, length, 10)
+	b = append(b, `, "type": `...)
+	b = strconv.AppendUint(b, uint64(flags), 10)
+	if d := Description(name, flags); d != "" {
+		b = append(b, `, "description": `...)
+		b = strconv.AppendQuote(b, d) // descriptions are plain ASCII
+	}
+	return append(b, '}')
+}
+
+// JSON framing of nbdinfo --map --json: "[\n", entries joined by ",\n",
+// then "\n]\n".
+const (
+	JSONOpen  = "[\n"
+	JSONSep   = ",\n"
+	JSONClose = "\n]\n"
+)
+
+// WriteMap writes the whole map of context name in nbdinfo's text or JSON
+// form, streaming.
+func WriteMap(w io.Writer, img *qcow2.Image, name string, asJSON bool) error {
+	var buf []byte
+	first := true
+	if asJSON {
+		buf = append(buf, JSONOpen...)
+	}
+	err := Walk(img, name, 0, img.Size(), func(off, n int64, flags uint32) error {
+		if asJSON {
+			if !first {
+				buf = append(buf, JSONSep...)
+			}
+			buf = AppendJSON(buf, name, off, n, flags)
+		} else {
+			buf = AppendText(buf, name, off, n, flags)
+		}
+		first = false
+		if len(buf) >= 64<<10 {
+			_, err := w.Write(buf)
+			buf = buf[:0]
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		buf = append(buf, JSONClose...)
+	}
+	_, err = w.Write(buf)
+	return err
+}

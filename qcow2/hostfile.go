@@ -1,0 +1,95 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// hostFile is an open file of the chain: the qcow2 file, its external data
+// file, or a raw file. Only ReadAt and lseek are used, both safe for
+// concurrent use.
+type hostFile struct {
+	name string
+	f    *os.File
+}
+
+func openHost(name string) (*hostFile, error) {
+	f, err := os.Open(name) // O_RDONLY: nothing in the read path can write
+	if err != nil {
+		return nil, err
+	}
+	return &hostFile{name: name, f: f}, nil
+}
+
+// length is the file's current size in bytes.
+func (h *hostFile) length() (int64, error) {
+	fi, err := h.f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// allocated is st_blocks * 512, QEMU's bdrv_get_allocated_file_size().
+func (h *hostFile) allocated() int64 {
+	fi, err := h.f.Stat()
+	if err != nil {
+		return 0
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Blocks * 512
+	}
+	return 0
+}
+
+// readFull reads len(p) bytes at off; bytes past the end of the file read as
+// zero, as QEMU's file-posix driver pads short reads.
+func (h *hostFile) readFull(p []byte, off int64) error {
+	n, err := h.f.ReadAt(p, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	clear(p[n:])
+	return nil
+}
+
+// extent reports whether the host byte at off is in a data extent or a hole
+// (SEEK_DATA/SEEK_HOLE, as QEMU's find_allocation()), and how far that lasts,
+// at most n bytes. Where the file system cannot tell, QEMU assumes data.
+func (h *hostFile) extent(off, n int64) (length int64, data bool) {
+	fd := int(h.f.Fd())
+	d, err := unix.Seek(fd, off, unix.SEEK_DATA)
+	if err != nil {
+		if errors.Is(err, unix.ENXIO) {
+			return n, false // trailing hole
+		}
+		return n, true
+	}
+	if d > off {
+		return min(d-off, n), false
+	}
+	if d < off {
+		return n, true
+	}
+	hole, err := unix.Seek(fd, off, unix.SEEK_HOLE)
+	if err != nil || hole <= off {
+		return n, true
+	}
+	return min(hole-off, n), true
+}
+
+func (h *hostFile) close() error { return h.f.Close() }
+
+// fileKey identifies a file by device and inode, so a backing chain that
+// names the same file through different paths is still seen to loop.
+func fileKey(fi os.FileInfo, name string) string {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return fmt.Sprintf("inode:%d:%d", st.Dev, st.Ino)
+	}
+	return name
+}

@@ -1,0 +1,444 @@
+package qcow2
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// MaxChainDepth bounds the backing chain. QEMU has no fixed limit but
+// refuses loops; a chain deeper than this is refused as absurd.
+const MaxChainDepth = 64
+
+// Options control Open.
+type Options struct {
+	// NoBacking opens the top layer alone, as QEMU does with
+	// "backing": null: unallocated ranges read as zeroes.
+	NoBacking bool
+	// Format forces the top layer's format ("qcow2" or "raw"); "" probes.
+	Format string
+	// Warn receives warnings (dirty or corrupt bits on a read-only open,
+	// inconsistent bitmaps). Nil writes them to standard error.
+	Warn func(msg string)
+}
+
+// Image is an opened backing chain. Layer 0 of layers is the opened image.
+type Image struct {
+	layers []layer
+	warn   func(string)
+}
+
+// Extent is the engine's answer for one guest range. See the package
+// documentation for the meaning of each field.
+type Extent struct {
+	Start, Length int64
+
+	Data bool // BDRV_BLOCK_DATA for the whole chain
+	Zero bool // BDRV_BLOCK_ZERO for the whole chain
+
+	// Depth is the allocation depth: 1 = the opened image, 2 = its backing
+	// file, ...; 0 = no layer allocates the range.
+	Depth int
+
+	// What qemu-img map --output=json prints.
+	MapDepth  int    // "depth"
+	Present   bool   // "present"
+	HasOffset bool   // "offset" is printed
+	Offset    int64  // "offset": host offset of Start in File
+	File      string // the file Offset refers to
+}
+
+// LayerInfo describes one layer of the chain, for nbdgw info.
+type LayerInfo struct {
+	Depth         int          `json:"depth"` // 1 = the opened image
+	Filename      string       `json:"filename"`
+	Format        string       `json:"format"` // "qcow2" or "raw"
+	VirtualSize   int64        `json:"virtual-size"`
+	ActualSize    int64        `json:"actual-size"` // bytes allocated on the host (st_blocks * 512)
+	ClusterSize   int64        `json:"cluster-size,omitempty"`
+	Version       int          `json:"version,omitempty"` // qcow2 version
+	BackingFile   string       `json:"backing-filename,omitempty"`
+	BackingFormat string       `json:"backing-format,omitempty"`
+	DataFile      string       `json:"data-file,omitempty"` // resolved external data file
+	DataFileRaw   bool         `json:"data-file-raw,omitempty"`
+	Compression   string       `json:"compression-type,omitempty"`
+	ExtendedL2    bool         `json:"extended-l2,omitempty"`
+	RefcountBits  int          `json:"refcount-bits,omitempty"`
+	Snapshots     int          `json:"snapshots,omitempty"`
+	Features      []string     `json:"features,omitempty"`
+	Dirty         bool         `json:"dirty,omitempty"`
+	Corrupt       bool         `json:"corrupt,omitempty"`
+	Bitmaps       []BitmapInfo `json:"bitmaps,omitempty"`
+}
+
+// ChainInfo is what nbdgw info prints: the chain, top layer first.
+type ChainInfo struct {
+	Filename    string      `json:"filename"`
+	VirtualSize int64       `json:"virtual-size"`
+	Layers      []LayerInfo `json:"layers"`
+}
+
+// Info describes the chain.
+func (img *Image) Info() ChainInfo {
+	l := img.Layers()
+	return ChainInfo{Filename: l[0].Filename, VirtualSize: img.Size(), Layers: l}
+}
+
+// InfoJSON is Info as indented JSON with a final newline: what
+// nbdgw info --output=json prints and the FUSE tree's info.json holds.
+func (img *Image) InfoJSON() []byte {
+	b, err := json.MarshalIndent(img.Info(), "", "  ")
+	if err != nil {
+		panic(err) // plain structs of strings and numbers always marshal
+	}
+	return append(b, '\n')
+}
+
+// layer is one file of the chain: a qcow2 image or a raw file.
+type layer interface {
+	info() LayerInfo
+	// size is the guest-visible length, as QEMU's bdrv_getlength reports
+	// it (raw files are rounded up to 512 bytes).
+	size() int64
+	// status answers for a prefix of [off, off+length), off < size().
+	status(off, length int64) (layerStatus, error)
+	// read fills a prefix of p from guest offset off (off < size(),
+	// off+len(p) <= size()). When the prefix is unallocated in this
+	// layer, it is left untouched and unalloc is true: the caller reads
+	// it from the backing file.
+	read(p []byte, off int64) (n int, unalloc bool, err error)
+	bitmaps() []BitmapInfo
+	bitmapStatus(name string, off, length int64, fn func(start, length int64, dirty bool) error) error
+	close() error
+}
+
+// layerStatus is one layer's answer for a range, QEMU's
+// bdrv_co_block_status() of that node.
+type layerStatus struct {
+	length    int64
+	alloc     bool // BDRV_BLOCK_ALLOCATED: this layer supplies the bytes
+	data      bool
+	zero      bool
+	hasOffset bool
+	offset    int64
+	file      string
+}
+
+// Open opens the image at path and its backing chain.
+func Open(path string, opts Options) (*Image, error) {
+	img := &Image{warn: opts.Warn}
+	if img.warn == nil {
+		img.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
+	}
+	seen := map[string]bool{}
+	name, format := path, opts.Format
+	for depth := 1; ; depth++ {
+		if depth > MaxChainDepth {
+			img.Close()
+			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: fmt.Sprintf("backing chain deeper than %d layers", MaxChainDepth), Err: ErrBackingChain}
+		}
+		key := name
+		if fi, err := os.Stat(name); err == nil {
+			key = fileKey(fi, name)
+		}
+		if seen[key] {
+			img.Close()
+			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
+		}
+		seen[key] = true
+		l, backing, backingFmt, err := openLayer(name, format, depth, img.warn)
+		if err != nil {
+			img.Close()
+			if depth > 1 {
+				return nil, fmt.Errorf("opening backing file (depth %d) of %s: %w", depth, img.layers[len(img.layers)-1].info().Filename, err)
+			}
+			return nil, err
+		}
+		img.layers = append(img.layers, l)
+		if backing == "" || opts.NoBacking {
+			break
+		}
+		if strings.HasPrefix(backing, "json:") || strings.Contains(backing, "://") {
+			img.Close()
+			return nil, unsupported(name, "backing file %q is not a local file name", backing)
+		}
+		name, format = combinePath(name, backing), backingFmt
+	}
+	return img, nil
+}
+
+// combinePath resolves a backing or data file name the way QEMU's
+// path_combine() does: relative names are taken relative to the directory
+// of the image that names them, keeping the overlay's own spelling.
+func combinePath(base, name string) string {
+	if filepath.IsAbs(name) {
+		return name
+	}
+	i := strings.LastIndexByte(base, '/')
+	if i < 0 {
+		return name
+	}
+	return base[:i+1] + name
+}
+
+// Close closes every file of the chain.
+func (img *Image) Close() error {
+	var first error
+	for _, l := range img.layers {
+		if err := l.close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	img.layers = nil
+	return first
+}
+
+// Size is the guest-visible size in bytes.
+func (img *Image) Size() int64 { return img.layers[0].size() }
+
+// Layers describes each layer, top first.
+func (img *Image) Layers() []LayerInfo {
+	out := make([]LayerInfo, len(img.layers))
+	for i, l := range img.layers {
+		out[i] = l.info()
+	}
+	return out
+}
+
+// Layer returns a view of layer depth (1 = the opened image) opened alone,
+// as if with Options.NoBacking. It shares files with img and must not be
+// used after img is closed; closing it is a no-op.
+func (img *Image) Layer(depth int) (*Image, error) {
+	if depth < 1 || depth > len(img.layers) {
+		return nil, fmt.Errorf("no layer %d: the chain has %d", depth, len(img.layers))
+	}
+	return &Image{layers: []layer{noClose{img.layers[depth-1]}}, warn: img.warn}, nil
+}
+
+type noClose struct{ layer }
+
+func (noClose) close() error { return nil }
+
+// ReadAt reads guest data. Ranges past the end of the image are an error
+// (io.EOF after a short read), like os.File.
+func (img *Image) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, errors.New("qcow2: negative offset")
+	}
+	size := img.Size()
+	if off >= size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	want := p
+	if int64(len(p)) > size-off {
+		want = p[:size-off]
+	}
+	if err := img.readLayer(0, want, off); err != nil {
+		return 0, err
+	}
+	if len(want) < len(p) {
+		return len(want), io.EOF
+	}
+	return len(p), nil
+}
+
+// readLayer reads p at off from layer i, deferring unallocated parts to the
+// layers below. Past the end of a short backing file the guest reads zeroes.
+func (img *Image) readLayer(i int, p []byte, off int64) error {
+	l := img.layers[i]
+	for len(p) > 0 {
+		n, unalloc, err := l.read(p, off)
+		if err != nil {
+			return err
+		}
+		if n <= 0 {
+			return fmt.Errorf("qcow2: internal error: layer %d made no progress at %#x", i+1, off)
+		}
+		if unalloc {
+			if err := img.readBelow(i, p[:n], off); err != nil {
+				return err
+			}
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+func (img *Image) readBelow(i int, p []byte, off int64) error {
+	if i+1 >= len(img.layers) {
+		clear(p)
+		return nil
+	}
+	bsize := img.layers[i+1].size()
+	in := p
+	if off >= bsize {
+		in = nil
+	} else if int64(len(p)) > bsize-off {
+		in = p[:bsize-off]
+	}
+	clear(p[len(in):])
+	if len(in) == 0 {
+		return nil
+	}
+	return img.readLayer(i+1, in, off)
+}
+
+// BlockStatus calls fn with the extents of [off, off+length), clipped to
+// the image, in order, each maximal: adjacent extents differ in some field
+// (or their offsets are not contiguous). If fn returns an error the walk
+// stops and BlockStatus returns that error.
+func (img *Image) BlockStatus(off, length int64, fn func(Extent) error) error {
+	if off < 0 || length < 0 {
+		return errors.New("qcow2: negative offset or length")
+	}
+	end := off + length
+	if end > img.Size() || end < off {
+		end = img.Size()
+	}
+	if off >= end {
+		return nil
+	}
+	m := merger{fn: fn}
+	if err := img.walk(0, off, end, &m); err != nil {
+		return err
+	}
+	return m.flush()
+}
+
+// walk is bdrv_co_common_block_status_above() and qemu-img's
+// get_block_status() at once: layer i answers for [off, end); ranges it
+// does not allocate are asked of the layer below.
+func (img *Image) walk(i int, off, end int64, m *merger) error {
+	l := img.layers[i]
+	for off < end {
+		st, err := l.status(off, end-off)
+		if err != nil {
+			return err
+		}
+		n := st.length
+		if n <= 0 || n > end-off {
+			return fmt.Errorf("qcow2: internal error: layer %d status length %d at %#x", i+1, n, off)
+		}
+		switch {
+		case st.alloc:
+			err = m.add(Extent{Start: off, Length: n, Data: st.data, Zero: st.zero,
+				Depth: i + 1, MapDepth: i, Present: true,
+				HasOffset: st.hasOffset, Offset: st.offset, File: st.file})
+		case i+1 == len(img.layers):
+			// No backing file: the block layer reads zeroes, allocated
+			// nowhere; qemu-img map stops at this layer.
+			err = m.add(unallocExtent(off, n, st, 0, i))
+		default:
+			bsize := img.layers[i+1].size()
+			mid := min(max(off, bsize), off+n)
+			if off < mid {
+				err = img.walk(i+1, off, mid, m)
+			}
+			if err == nil && mid < off+n {
+				// Past the end of the backing file: zeroes that QEMU's
+				// allocation depth attributes to the short layer, while
+				// qemu-img map stops at this one.
+				skip := mid - off
+				if st.hasOffset {
+					st.offset += skip
+				}
+				err = m.add(unallocExtent(mid, n-skip, st, i+2, i))
+			}
+		}
+		if err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+func unallocExtent(off, n int64, st layerStatus, depth, mapDepth int) Extent {
+	e := Extent{Start: off, Length: n, Zero: true, Depth: depth, MapDepth: mapDepth}
+	if st.hasOffset {
+		e.HasOffset, e.Offset, e.File = true, st.offset, st.file
+	}
+	return e
+}
+
+// merger joins adjacent extents that agree in every field.
+type merger struct {
+	fn  func(Extent) error
+	cur Extent
+	has bool
+}
+
+func (m *merger) add(e Extent) error {
+	if m.has {
+		c := &m.cur
+		if c.Start+c.Length == e.Start && c.Data == e.Data && c.Zero == e.Zero &&
+			c.Depth == e.Depth && c.MapDepth == e.MapDepth && c.Present == e.Present &&
+			c.HasOffset == e.HasOffset && c.File == e.File &&
+			(!c.HasOffset || c.Offset+c.Length == e.Offset) {
+			c.Length += e.Length
+			return nil
+		}
+		if err := m.fn(m.cur); err != nil {
+			m.has = false
+			return err
+		}
+	}
+	m.cur, m.has = e, true
+	return nil
+}
+
+func (m *merger) flush() error {
+	if !m.has {
+		return nil
+	}
+	m.has = false
+	return m.fn(m.cur)
+}
+
+// Bitmaps lists the persistent dirty bitmaps the chain offers: those of
+// the opened image, then those of backing layers whose names are not
+// already taken (QEMU's qemu-nbd --bitmap looks down the chain the same
+// way).
+func (img *Image) Bitmaps() []BitmapInfo {
+	var out []BitmapInfo
+	seen := map[string]bool{}
+	for _, l := range img.layers {
+		for _, b := range l.bitmaps() {
+			if !seen[b.Name] {
+				seen[b.Name] = true
+				out = append(out, b)
+			}
+		}
+	}
+	return out
+}
+
+// BitmapStatus calls fn with maximal runs of [off, off+length), clipped to
+// the image, that are dirty or clean in the persistent bitmap name.
+func (img *Image) BitmapStatus(name string, off, length int64, fn func(start, length int64, dirty bool) error) error {
+	if off < 0 || length < 0 {
+		return errors.New("qcow2: negative offset or length")
+	}
+	end := off + length
+	if end > img.Size() || end < off {
+		end = img.Size()
+	}
+	for _, l := range img.layers {
+		for _, b := range l.bitmaps() {
+			if b.Name == name {
+				if off >= end {
+					return nil
+				}
+				return l.bitmapStatus(name, off, end-off, fn)
+			}
+		}
+	}
+	return fmt.Errorf("%w: %q", ErrNoBitmap, name)
+}

@@ -1,0 +1,572 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+	"path/filepath"
+	"sync"
+)
+
+// L1/L2 entry bits (QEMU's qcow2.h).
+const (
+	l1eOffsetMask     = 0x00fffffffffffe00
+	l2eOffsetMask     = 0x00fffffffffffe00
+	reftOffsetMask    = 0xfffffffffffffe00
+	oflagCopied       = 1 << 63
+	oflagCompressed   = 1 << 62
+	oflagZero         = 1 << 0
+	l2eCompressedMask = 0x3fffffffffffffff
+)
+
+// Cache budgets per layer.
+const (
+	l2CacheBytes   = 32 << 20
+	zCacheBytes    = 8 << 20
+	firstReadBytes = 2 << 20 // the header lives in the first cluster (at most 2 MiB)
+)
+
+// scType is QEMU's QCow2SubclusterType.
+type scType uint8
+
+const (
+	scUnallocPlain scType = iota // no host cluster; defer to backing
+	scUnallocAlloc               // host cluster allocated, subcluster not: defer to backing
+	scZeroPlain                  // reads as zero, no host cluster
+	scZeroAlloc                  // reads as zero, host cluster allocated
+	scNormal                     // data at a host offset
+	scCompressed                 // compressed cluster
+	scInvalid
+)
+
+func (t scType) String() string {
+	return [...]string{"unallocated", "unallocated (host cluster allocated)", "zero", "zero (host cluster allocated)", "normal", "compressed", "invalid"}[t]
+}
+
+// qcow2Layer is one qcow2 file of the chain.
+type qcow2Layer struct {
+	h                *hostFile // the qcow2 file
+	data             *hostFile // the external data file, or h
+	depth            int
+	hdr              *Header
+	warnf            func(string)
+	size_            int64
+	fileLen, dataLen int64
+
+	cbits        uint  // cluster bits
+	csize        int64 // cluster size
+	esize        int64 // L2 entry size: 8, or 16 with extended L2
+	l2Entries    int64 // entries per L2 table
+	scBits       uint  // subcluster bits (= cbits without extended L2)
+	scPerCluster int
+	extL2        bool
+	hasDataFile  bool
+
+	csizeShift uint
+	csizeMask  uint64
+	coffMask   uint64
+
+	l1 []uint64 // immutable after open
+
+	l2 *lru[int64]  // L2 tables by host offset
+	zc *lru[uint64] // decompressed clusters by compressed offset
+
+	preOnce sync.Once // guards pre
+	pre     bool      // metadata preallocation detected (QEMU's heuristic)
+
+	bms []*bitmap // all bitmaps of the extension, in directory order
+}
+
+// openLayer opens one file of the chain. format "" probes (qcow2 magic or
+// raw). It returns the layer and the backing file name and format it
+// names, if any.
+func openLayer(name, format string, depth int, warn func(string)) (layer, string, string, error) {
+	h, err := openHost(name)
+	if err != nil {
+		return nil, "", "", err
+	}
+	l, backing, backingFmt, err := openLayerFile(h, format, depth, warn)
+	if err != nil {
+		h.close()
+		return nil, "", "", err
+	}
+	return l, backing, backingFmt, nil
+}
+
+func openLayerFile(h *hostFile, format string, depth int, warn func(string)) (layer, string, string, error) {
+	fileLen, err := h.length()
+	if err != nil {
+		return nil, "", "", err
+	}
+	first := make([]byte, min(fileLen, firstReadBytes))
+	if err := h.readFull(first, 0); err != nil {
+		return nil, "", "", err
+	}
+	if format == "" {
+		format = "raw"
+		if len(first) >= 4 && binary.BigEndian.Uint32(first) == Magic {
+			format = "qcow2"
+		}
+	}
+	switch format {
+	case "raw":
+		r, err := openRaw(h, depth)
+		return r, "", "", err
+	case "qcow2":
+		q, err := openQcow2(h, first, fileLen, depth, warn)
+		if err != nil {
+			return nil, "", "", err
+		}
+		return q, q.hdr.BackingFile, q.hdr.BackingFormat, nil
+	}
+	return nil, "", "", unsupported(h.name, "image format %q is not supported (only qcow2 and raw)", format)
+}
+
+func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(string)) (*qcow2Layer, error) {
+	hdr, err := ParseHeader(h.name, first, fileLen)
+	if err != nil {
+		return nil, err
+	}
+	q := &qcow2Layer{
+		h: h, data: h, depth: depth, hdr: hdr, warnf: warn,
+		size_:   int64(hdr.Size) &^ 511, // QEMU: total_sectors = size / 512
+		fileLen: fileLen, dataLen: fileLen,
+		cbits: uint(hdr.ClusterBits), csize: hdr.ClusterSize(),
+		esize: 8, extL2: hdr.ExtendedL2(),
+		hasDataFile: hdr.IncompatibleFeatures&IncompatDataFile != 0,
+		l2:          newLRU[int64](l2CacheBytes),
+		zc:          newLRU[uint64](zCacheBytes),
+	}
+	if q.extL2 {
+		q.esize = 16
+	}
+	q.l2Entries = q.csize / q.esize
+	q.scBits, q.scPerCluster = q.cbits, 1
+	if q.extL2 {
+		q.scBits, q.scPerCluster = q.cbits-5, 32
+	}
+	q.csizeShift = 62 - (q.cbits - 8)
+	q.csizeMask = 1<<(q.cbits-8) - 1
+	q.coffMask = 1<<q.csizeShift - 1
+
+	if hdr.IncompatibleFeatures&IncompatDirty != 0 {
+		warn(h.name + ": image is marked dirty (not closed cleanly); refcounts may be stale, reading anyway")
+	}
+	if hdr.IncompatibleFeatures&IncompatCorrupt != 0 {
+		warn(h.name + ": image is marked corrupt; reading anyway, read-only")
+	}
+	if q.hasDataFile {
+		if hdr.DataFile == "" {
+			return nil, corrupt(h.name, -1, -1, "external data file feature set but no data file name")
+		}
+		d, err := openDataFile(h.name, hdr.DataFile)
+		if err != nil {
+			return nil, fmt.Errorf("%s: opening external data file: %w", h.name, err)
+		}
+		q.data = d
+		if q.dataLen, err = d.length(); err != nil {
+			d.close()
+			return nil, err
+		}
+	}
+	if err := q.loadL1(); err != nil {
+		q.close()
+		return nil, err
+	}
+	if err := q.loadBitmaps(); err != nil {
+		q.close()
+		return nil, err
+	}
+	return q, nil
+}
+
+// openDataFile opens an external data file. QEMU 7.2 opens the name as
+// stored, relative to the process's working directory (not the image's
+// directory, unlike backing files); we do the same, so the names printed
+// agree, and fall back to the image's directory where QEMU would fail.
+func openDataFile(image, name string) (*hostFile, error) {
+	d, err := openHost(name)
+	if err == nil || filepath.IsAbs(name) {
+		return d, err
+	}
+	if d, err2 := openHost(combinePath(image, name)); err2 == nil {
+		return d, nil
+	}
+	return nil, err
+}
+
+func (q *qcow2Layer) loadL1() error {
+	n := int64(q.hdr.L1Size)
+	buf := make([]byte, n*8) // bounded by ParseHeader (32 MiB, inside the file)
+	if err := q.h.readFull(buf, int64(q.hdr.L1TableOffset)); err != nil {
+		return fmt.Errorf("%s: reading L1 table: %w", q.h.name, err)
+	}
+	q.l1 = make([]uint64, n)
+	for i := range q.l1 {
+		q.l1[i] = binary.BigEndian.Uint64(buf[i*8:])
+	}
+	return nil
+}
+
+func (q *qcow2Layer) size() int64 { return q.size_ }
+
+func (q *qcow2Layer) close() error {
+	err := q.h.close()
+	if q.data != q.h {
+		if e := q.data.close(); err == nil {
+			err = e
+		}
+	}
+	return err
+}
+
+// l2Table returns the L2 table at host offset off (validated by the caller).
+func (q *qcow2Layer) l2Table(off int64) ([]byte, error) {
+	if t, ok := q.l2.get(off); ok {
+		return t, nil
+	}
+	t := make([]byte, q.csize)
+	if err := q.h.readFull(t, off); err != nil {
+		return nil, fmt.Errorf("%s: reading L2 table at %#x: %w", q.h.name, off, err)
+	}
+	q.l2.put(off, t)
+	return t, nil
+}
+
+func (q *qcow2Layer) entry(t []byte, i int64) (e, bm uint64) {
+	e = binary.BigEndian.Uint64(t[i*q.esize:])
+	if q.extL2 {
+		bm = binary.BigEndian.Uint64(t[i*q.esize+8:])
+	}
+	return e, bm
+}
+
+// subType is QEMU's qcow2_get_subcluster_type().
+func (q *qcow2Layer) subType(e, bm uint64, sc int) scType {
+	if e&oflagCompressed != 0 {
+		return scCompressed
+	}
+	allocated := e&l2eOffsetMask != 0 || (q.hasDataFile && e&oflagCopied != 0)
+	if !q.extL2 {
+		switch {
+		case e&oflagZero != 0 && e&l2eOffsetMask != 0:
+			return scZeroAlloc
+		case e&oflagZero != 0:
+			return scZeroPlain
+		case allocated:
+			return scNormal
+		}
+		return scUnallocPlain
+	}
+	zero := bm&(1<<(32+sc)) != 0
+	if allocated {
+		switch {
+		case (bm>>32)&bm&0xffffffff != 0:
+			return scInvalid
+		case zero:
+			return scZeroAlloc
+		case bm&(1<<sc) != 0:
+			return scNormal
+		}
+		return scUnallocAlloc
+	}
+	switch {
+	case bm&0xffffffff != 0:
+		return scInvalid
+	case zero:
+		return scZeroPlain
+	}
+	return scUnallocPlain
+}
+
+// rangeType is QEMU's qcow2_get_subcluster_range_type(): the type of
+// subcluster from and how many subclusters from there share it.
+func (q *qcow2Layer) rangeType(e, bm uint64, from int) (scType, int) {
+	t := q.subType(e, bm, from)
+	if !q.extL2 || t == scCompressed || t == scInvalid {
+		return t, q.scPerCluster - from
+	}
+	n := 1
+	for sc := from + 1; sc < q.scPerCluster && q.subType(e, bm, sc) == t; sc++ {
+		n++
+	}
+	return t, n
+}
+
+// mapping is one layer-local run: [off, off+length) all of type typ.
+type mapping struct {
+	typ    scType
+	length int64
+	host   int64  // host offset of off: scNormal, scZeroAlloc, scUnallocAlloc
+	l2e    uint64 // scCompressed: the L2 entry
+}
+
+// lookup is QEMU's qcow2_get_host_offset() with
+// count_contiguous_subclusters(): the longest run starting at off, within
+// one L2 table, of one subcluster type (and, where there is a host
+// offset, contiguous on the host). Unallocated L1 ranges are skipped
+// wholesale. off < size, length > 0.
+func (q *qcow2Layer) lookup(off, length int64) (mapping, error) {
+	cover := q.csize * q.l2Entries // guest bytes per L2 table
+	l1i := off / cover
+	if l1i >= int64(len(q.l1)) || q.l1[l1i]&l1eOffsetMask == 0 {
+		end := (l1i + 1) * cover
+		for end < off+length {
+			j := end / cover
+			if j < int64(len(q.l1)) && q.l1[j]&l1eOffsetMask != 0 {
+				break
+			}
+			end += cover
+		}
+		return mapping{typ: scUnallocPlain, length: min(end, off+length) - off}, nil
+	}
+	l1At := int64(q.hdr.L1TableOffset) + l1i*8
+	l2off := int64(q.l1[l1i] & l1eOffsetMask)
+	if l2off%q.csize != 0 {
+		return mapping{}, corrupt(q.h.name, l1At, l1i, "L2 table offset %#x unaligned", l2off)
+	}
+	if l2off > q.fileLen-q.csize {
+		return mapping{}, corrupt(q.h.name, l1At, l1i, "L2 table offset %#x past the end of the file (%d bytes)", l2off, q.fileLen)
+	}
+	t, err := q.l2Table(l2off)
+	if err != nil {
+		return mapping{}, err
+	}
+	l2i := (off >> q.cbits) & (q.l2Entries - 1)
+	inC := off & (q.csize - 1)
+	sc := int(inC >> q.scBits)
+	e, bm := q.entry(t, l2i)
+	entryAt := l2off + l2i*q.esize
+	typ, n := q.rangeType(e, bm, sc)
+	m := mapping{typ: typ}
+	switch typ {
+	case scInvalid:
+		return m, corrupt(q.h.name, entryAt, l2i, "invalid subcluster allocation bitmap %#016x for L2 entry %#016x", bm, e)
+	case scCompressed:
+		if q.hasDataFile {
+			return m, corrupt(q.h.name, entryAt, l2i, "compressed cluster in an image with an external data file")
+		}
+		m.l2e = e & l2eCompressedMask
+		m.length = min(q.csize-inC, length)
+		return m, nil
+	case scNormal, scZeroAlloc, scUnallocAlloc:
+		if err := q.checkHostCluster(e, typ, off&^(q.csize-1), entryAt, l2i); err != nil {
+			return m, err
+		}
+		m.host = int64(e&l2eOffsetMask) + inC
+	}
+	// Extend over following clusters of the same table while the type
+	// stays the same (and host clusters stay contiguous).
+	checkHost := typ == scNormal || typ == scZeroAlloc || typ == scUnallocAlloc
+	expect := e & l2eOffsetMask
+	subs := sc + n // subclusters covered, counted from the first cluster's start
+	limit := min(q.l2Entries-l2i, (inC+length+q.csize-1)>>q.cbits)
+	for i := int64(1); i < limit && sc+n == q.scPerCluster; i++ {
+		e2, bm2 := q.entry(t, l2i+i)
+		t2, n2 := q.rangeType(e2, bm2, 0)
+		if t2 != typ {
+			break
+		}
+		if checkHost {
+			expect += uint64(q.csize)
+			if e2&l2eOffsetMask != expect || q.checkHostCluster(e2, t2, off&^(q.csize-1)+i*q.csize, 0, 0) != nil {
+				break // a later lookup reports any error there
+			}
+		}
+		sc, n = 0, n2
+		subs += n2
+	}
+	m.length = min(int64(subs)<<q.scBits-inC, length)
+	return m, nil
+}
+
+// checkHostCluster validates the host cluster of an allocated L2 entry.
+func (q *qcow2Layer) checkHostCluster(e uint64, typ scType, guest, entryAt, idx int64) error {
+	hc := int64(e & l2eOffsetMask)
+	if hc%q.csize != 0 {
+		return corrupt(q.h.name, entryAt, idx, "cluster offset %#x unaligned", hc)
+	}
+	if q.hasDataFile && hc != guest {
+		return corrupt(q.h.name, entryAt, idx, "external data file cluster offset %#x does not match guest offset %#x", hc, guest)
+	}
+	if typ == scNormal && hc >= q.dataLen {
+		return corrupt(q.h.name, entryAt, idx, "data cluster offset %#x past the end of %s (%d bytes)", hc, q.data.name, q.dataLen)
+	}
+	return nil
+}
+
+// status is qcow2_co_block_status() plus the generic block layer's view of
+// one node (bdrv_co_block_status()).
+func (q *qcow2Layer) status(off, length int64) (layerStatus, error) {
+	m, err := q.lookup(off, length)
+	if err != nil {
+		return layerStatus{}, err
+	}
+	st := layerStatus{length: m.length}
+	switch m.typ {
+	case scNormal:
+		st.alloc, st.data, st.hasOffset = true, true, true
+	case scZeroAlloc:
+		st.alloc, st.zero, st.hasOffset = true, true, true
+	case scUnallocAlloc:
+		st.hasOffset = true
+	case scZeroPlain:
+		st.alloc, st.zero = true, true
+	case scCompressed:
+		st.alloc, st.data = true, true
+	}
+	if st.hasOffset {
+		st.offset, st.file = m.host, q.data.name
+	}
+	if st.data && st.hasOffset && q.metadataPreallocated() {
+		// BDRV_BLOCK_RECURSE: ask the host file whether the clusters
+		// the metadata references are really there.
+		n, hostData := q.data.extent(m.host, m.length)
+		st.length = n
+		if !hostData {
+			st.zero = true
+		}
+	}
+	return st, nil
+}
+
+func (q *qcow2Layer) read(p []byte, off int64) (int, bool, error) {
+	m, err := q.lookup(off, int64(len(p)))
+	if err != nil {
+		return 0, false, err
+	}
+	buf := p[:m.length]
+	switch m.typ {
+	case scUnallocPlain, scUnallocAlloc:
+		return len(buf), true, nil
+	case scZeroPlain, scZeroAlloc:
+		clear(buf)
+	case scNormal:
+		if err := q.data.readFull(buf, m.host); err != nil {
+			return 0, false, fmt.Errorf("%s: reading data at %#x: %w", q.data.name, m.host, err)
+		}
+	case scCompressed:
+		c, err := q.compressedCluster(m.l2e)
+		if err != nil {
+			return 0, false, err
+		}
+		copy(buf, c[off&(q.csize-1):])
+	}
+	return len(buf), false, nil
+}
+
+// compressedCluster returns the decompressed cluster of a compressed L2
+// entry (QEMU's qcow2_parse_compressed_l2_entry() and
+// qcow2_co_pread_compressed()).
+func (q *qcow2Layer) compressedCluster(e uint64) ([]byte, error) {
+	coff := int64(e & q.coffMask)
+	if c, ok := q.zc.get(uint64(coff)); ok {
+		return c, nil
+	}
+	nsect := int64((e>>q.csizeShift)&q.csizeMask) + 1
+	clen := nsect*512 - coff&511 // at most twice the cluster size
+	if coff >= q.fileLen || coff+clen > (q.fileLen+511)&^511 {
+		return nil, corrupt(q.h.name, coff, -1, "compressed cluster (%d bytes at %#x) past the end of the file (%d bytes)", clen, coff, q.fileLen)
+	}
+	in := make([]byte, clen)
+	if err := q.h.readFull(in, coff); err != nil {
+		return nil, err
+	}
+	out := make([]byte, q.csize)
+	if err := decompress(q.hdr.Compression, in, out); err != nil {
+		return nil, corrupt(q.h.name, coff, -1, "compressed cluster (%d bytes, %s): %v", clen, q.hdr.Compression, err)
+	}
+	q.zc.put(uint64(coff), out)
+	return out, nil
+}
+
+// metadataPreallocated is QEMU's qcow2_detect_metadata_preallocation():
+// true when clearly more clusters have a refcount than the file has
+// allocated on the host. Errors count as "no", as in QEMU.
+func (q *qcow2Layer) metadataPreallocated() bool {
+	q.preOnce.Do(func() {
+		fileLen, err := q.h.length()
+		if err != nil {
+			return
+		}
+		realClusters := q.h.allocated() / q.csize
+		threshold := max(realClusters*10/9, realClusters+2)
+		end := ((fileLen+511)&^511 + q.csize - 1) / q.csize
+		count, err := q.countRefcounts(end, threshold)
+		q.pre = err == nil && count >= threshold
+	})
+	return q.pre
+}
+
+// countRefcounts counts clusters below end with a nonzero refcount,
+// stopping once limit is reached.
+func (q *qcow2Layer) countRefcounts(end, limit int64) (int64, error) {
+	order := q.hdr.RefcountOrder
+	perBlock := q.csize * 8 >> order
+	entries := int64(q.hdr.RefcountTableClusters) * q.csize / 8
+	rt := make([]byte, entries*8) // bounded by ParseHeader
+	if err := q.h.readFull(rt, int64(q.hdr.RefcountTableOffset)); err != nil {
+		return 0, err
+	}
+	block := make([]byte, q.csize)
+	var count int64
+	for b := int64(0); b < entries && b*perBlock < end && count < limit; b++ {
+		off := int64(binary.BigEndian.Uint64(rt[b*8:]) & reftOffsetMask)
+		if off == 0 {
+			continue
+		}
+		if off%q.csize != 0 || off > q.fileLen-q.csize {
+			return 0, corrupt(q.h.name, int64(q.hdr.RefcountTableOffset)+b*8, b, "refcount block offset %#x invalid", off)
+		}
+		if err := q.h.readFull(block, off); err != nil {
+			return 0, err
+		}
+		n := min(perBlock, end-b*perBlock)
+		for i := int64(0); i < n; i++ {
+			if refcountAt(block, i, order) != 0 {
+				count++
+			}
+		}
+	}
+	return count, nil
+}
+
+// refcountAt reads entry i of a refcount block with 2^order-bit entries
+// (sub-byte entries are packed least significant bits first, as in QEMU).
+func refcountAt(b []byte, i int64, order uint32) uint64 {
+	switch order {
+	case 0, 1, 2:
+		bits := int64(1) << order
+		per := 8 / bits
+		return uint64(b[i/per]>>((i%per)*bits)) & (1<<bits - 1)
+	case 3:
+		return uint64(b[i])
+	case 4:
+		return uint64(binary.BigEndian.Uint16(b[i*2:]))
+	case 5:
+		return uint64(binary.BigEndian.Uint32(b[i*4:]))
+	}
+	return binary.BigEndian.Uint64(b[i*8:])
+}
+
+func (q *qcow2Layer) info() LayerInfo {
+	li := LayerInfo{
+		Depth: q.depth, Filename: q.h.name, Format: "qcow2",
+		VirtualSize: q.size_, ActualSize: q.h.allocated(), ClusterSize: q.csize,
+		Version: int(q.hdr.Version), BackingFile: q.hdr.BackingFile, BackingFormat: q.hdr.BackingFormat,
+		DataFileRaw:  q.hdr.AutoclearFeatures&AutoclearDataFileRaw != 0,
+		Compression:  q.hdr.Compression.String(),
+		ExtendedL2:   q.extL2,
+		RefcountBits: 1 << q.hdr.RefcountOrder,
+		Snapshots:    int(q.hdr.NbSnapshots),
+		Features:     q.hdr.Features(),
+		Dirty:        q.hdr.IncompatibleFeatures&IncompatDirty != 0,
+		Corrupt:      q.hdr.IncompatibleFeatures&IncompatCorrupt != 0,
+	}
+	if q.hasDataFile {
+		li.DataFile = q.data.name
+	}
+	for _, b := range q.bms {
+		li.Bitmaps = append(li.Bitmaps, b.info)
+	}
+	return li
+}
