@@ -1,0 +1,613 @@
+package nbdserver
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"sync"
+	"time"
+)
+
+// ClientOptions control the client handshake.
+type ClientOptions struct {
+	ExportName        string
+	StructuredReplies bool // false for connections handed to the kernel
+	ExtendedHeaders   bool // implies StructuredReplies; falls back to them if refused
+	MetaContexts      []string
+	TLS               *tls.Config
+}
+
+// Client limits: option replies and reply chunks larger than these are
+// protocol violations.
+const (
+	maxOptReplyLen  = 64 << 10
+	maxClientChunk  = 64 << 20
+	clientReadChunk = 32 << 20
+)
+
+// ServerError is an error reply from the server.
+type ServerError struct {
+	Op    string
+	Reply Reply  // option reply error, during the handshake
+	Errno Errno  // transmission error
+	Msg   string // the server's message, if any
+}
+
+func (e *ServerError) Error() string {
+	s := "nbd: " + e.Op + ": "
+	if e.Reply != 0 {
+		s += e.Reply.String()
+	} else {
+		s += e.Errno.String()
+	}
+	if e.Msg != "" {
+		s += ": " + e.Msg
+	}
+	return s
+}
+
+// Client is a synchronous NBD client: one request at a time.
+type Client struct {
+	mu     sync.Mutex // guards conn, r, cookie and requests on the wire
+	conn   net.Conn
+	r      *bufio.Reader
+	cookie uint64
+
+	size     int64
+	flags    uint16
+	mode     replyMode
+	contexts map[string]uint32 // negotiated meta contexts by name
+	maxBlock uint32
+}
+
+// NewClient performs the fixed newstyle handshake (ending with NBD_OPT_GO)
+// on c. On failure c is closed.
+func NewClient(ctx context.Context, c net.Conn, opts ClientOptions) (*Client, error) {
+	cl := &Client{conn: c, r: bufio.NewReader(c), contexts: map[string]uint32{}}
+	if d, ok := ctx.Deadline(); ok {
+		c.SetDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	err := cl.handshake(opts)
+	if !stop() {
+		err = errors.Join(err, ctx.Err())
+	}
+	if err != nil {
+		cl.conn.Close()
+		return nil, err
+	}
+	c.SetDeadline(time.Time{})
+	return cl, nil
+}
+
+// Dial connects to an NBD URI and performs the handshake. Options in the
+// URI (export name, TLS) fill the fields left zero in opts.
+func Dial(ctx context.Context, uri string, opts ClientOptions) (*Client, error) {
+	u, err := ParseURI(uri)
+	if err != nil {
+		return nil, err
+	}
+	if opts.ExportName == "" {
+		opts.ExportName = u.Export
+	}
+	if u.TLS && opts.TLS == nil {
+		if opts.TLS, err = u.TLSConfig(); err != nil {
+			return nil, err
+		}
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, u.Network, u.Address)
+	if err != nil {
+		return nil, err
+	}
+	return NewClient(ctx, c, opts)
+}
+
+func (c *Client) handshake(opts ClientOptions) error {
+	var hello [18]byte
+	if _, err := io.ReadFull(c.r, hello[:]); err != nil {
+		return fmt.Errorf("nbd: reading server greeting: %w", err)
+	}
+	if be.Uint64(hello[:]) != nbdMagic || be.Uint64(hello[8:]) != optsMagic {
+		return fmt.Errorf("%w: not a newstyle NBD server", errBadMagic)
+	}
+	sflags := be.Uint16(hello[16:])
+	if sflags&flagFixedNewstyle == 0 {
+		return errors.New("nbd: server does not support fixed newstyle negotiation")
+	}
+	cflags := uint32(clientFlagFixedNewstyle)
+	noZeroes := sflags&flagNoZeroes != 0
+	if noZeroes {
+		cflags |= clientFlagNoZeroes
+	}
+	if _, err := c.conn.Write(be.AppendUint32(nil, cflags)); err != nil {
+		return err
+	}
+	if opts.TLS != nil {
+		if err := c.startTLS(opts.TLS); err != nil {
+			return err
+		}
+	}
+	if err := c.negotiateMode(opts); err != nil {
+		return err
+	}
+	if len(opts.MetaContexts) > 0 {
+		if c.mode == modeSimple {
+			return errors.New("nbd: meta contexts need structured replies")
+		}
+		if err := c.setMetaContexts(opts.ExportName, opts.MetaContexts); err != nil {
+			return err
+		}
+	}
+	return c.optGo(opts.ExportName, noZeroes)
+}
+
+// sendOption sends one option with data.
+func (c *Client) sendOption(opt Option, data []byte) error {
+	b := optHeader{opt: opt, length: uint32(len(data))}.append(nil)
+	_, err := c.conn.Write(append(b, data...))
+	return err
+}
+
+// readOptReply reads one option reply to opt, bounding its length.
+func (c *Client) readOptReply(opt Option) (optReply, []byte, error) {
+	var hb [optReplyHeaderLen]byte
+	if _, err := io.ReadFull(c.r, hb[:]); err != nil {
+		return optReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
+	}
+	h, err := decodeOptReply(hb[:])
+	if err != nil {
+		return h, nil, err
+	}
+	if h.opt != opt {
+		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", errBadReply, h.opt, opt)
+	}
+	if h.length > maxOptReplyLen {
+		return h, nil, fmt.Errorf("%w: option reply of %d bytes", errTooLong, h.length)
+	}
+	data := make([]byte, h.length)
+	if _, err := io.ReadFull(c.r, data); err != nil {
+		return h, nil, err
+	}
+	if h.typ.IsError() {
+		return h, data, &ServerError{Op: opt.String(), Reply: h.typ, Msg: string(data)}
+	}
+	return h, data, nil
+}
+
+// simpleOption sends an option without data that expects NBD_REP_ACK.
+func (c *Client) simpleOption(opt Option) error {
+	if err := c.sendOption(opt, nil); err != nil {
+		return err
+	}
+	h, _, err := c.readOptReply(opt)
+	if err != nil {
+		return err
+	}
+	if h.typ != RepAck {
+		return fmt.Errorf("%w: %v answered %v", errBadReply, opt, h.typ)
+	}
+	return nil
+}
+
+func (c *Client) startTLS(cfg *tls.Config) error {
+	if err := c.simpleOption(OptStartTLS); err != nil {
+		return err
+	}
+	tc := tls.Client(c.conn, cfg)
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("nbd: TLS handshake: %w", err)
+	}
+	c.conn, c.r = tc, bufio.NewReader(tc)
+	return nil
+}
+
+// negotiateMode asks for extended headers and/or structured replies.
+func (c *Client) negotiateMode(opts ClientOptions) error {
+	if opts.ExtendedHeaders {
+		err := c.simpleOption(OptExtendedHeaders)
+		var se *ServerError
+		switch {
+		case err == nil:
+			c.mode = modeExtended
+			return nil
+		case !errors.As(err, &se):
+			return err
+		}
+		opts.StructuredReplies = true
+	}
+	if opts.StructuredReplies {
+		if err := c.simpleOption(OptStructuredReply); err != nil {
+			return err
+		}
+		c.mode = modeStructured
+	}
+	return nil
+}
+
+func (c *Client) setMetaContexts(export string, names []string) error {
+	data := metaContextRequest{export: export, queries: names}.append(nil)
+	if err := c.sendOption(OptSetMetaContext, data); err != nil {
+		return err
+	}
+	for {
+		h, data, err := c.readOptReply(OptSetMetaContext)
+		if err != nil {
+			return err
+		}
+		switch h.typ {
+		case RepAck:
+			for _, n := range names {
+				if _, ok := c.contexts[n]; !ok {
+					return fmt.Errorf("nbd: server does not offer metadata context %q", n)
+				}
+			}
+			return nil
+		case RepMetaContext:
+			if len(data) < 4 {
+				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", errBadReply)
+			}
+			c.contexts[string(data[4:])] = be.Uint32(data)
+		}
+	}
+}
+
+// optGo enters transmission with NBD_OPT_GO, or NBD_OPT_EXPORT_NAME when
+// the server does not know NBD_OPT_GO.
+func (c *Client) optGo(export string, noZeroes bool) error {
+	data := infoRequest{export: export, infos: []uint16{infoBlockSize}}.append(nil)
+	if err := c.sendOption(OptGo, data); err != nil {
+		return err
+	}
+	gotExport := false
+	for {
+		h, data, err := c.readOptReply(OptGo)
+		var se *ServerError
+		if errors.As(err, &se) && se.Reply == RepErrUnsup {
+			return c.exportName(export, noZeroes)
+		}
+		if err != nil {
+			return err
+		}
+		switch h.typ {
+		case RepAck:
+			if !gotExport {
+				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", errBadReply)
+			}
+			return nil
+		case RepInfo:
+			gotExport = c.parseInfo(data) || gotExport
+		}
+	}
+}
+
+// parseInfo records an NBD_REP_INFO; it reports whether it was
+// NBD_INFO_EXPORT.
+func (c *Client) parseInfo(b []byte) bool {
+	if len(b) < 2 {
+		return false
+	}
+	switch be.Uint16(b) {
+	case infoExport:
+		if len(b) >= 12 {
+			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), be.Uint16(b[10:])
+			return true
+		}
+	case infoBlockSize:
+		if len(b) >= 14 {
+			c.maxBlock = be.Uint32(b[10:])
+		}
+	}
+	return false
+}
+
+func (c *Client) exportName(export string, noZeroes bool) error {
+	if err := c.sendOption(OptExportName, []byte(export)); err != nil {
+		return err
+	}
+	n := 10
+	if !noZeroes {
+		n += 124
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(c.r, b); err != nil {
+		return fmt.Errorf("nbd: NBD_OPT_EXPORT_NAME %q: %w", export, err)
+	}
+	c.size, c.flags = int64(be.Uint64(b)&math.MaxInt64), be.Uint16(b[8:])
+	return nil
+}
+
+// Size is the export size.
+func (c *Client) Size() int64 { return c.size }
+
+// TransmissionFlags are the flags the server advertised.
+func (c *Client) TransmissionFlags() uint16 { return c.flags }
+
+// Conn is the connection after the handshake.
+func (c *Client) Conn() net.Conn { return c.conn }
+
+// Close sends NBD_CMD_DISC and closes the connection.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cookie++
+	c.conn.Write(request{typ: CmdDisc, cookie: c.cookie}.append(nil, c.mode == modeExtended))
+	return c.conn.Close()
+}
+
+// request sends one request and calls chunk for each reply chunk (or once
+// with the simple reply's header) until the reply is done. Caller holds mu.
+func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader) error) error {
+	c.cookie++
+	req.cookie = c.cookie
+	ext := c.mode == modeExtended
+	if _, err := c.conn.Write(append(req.append(nil, ext), payload...)); err != nil {
+		return err
+	}
+	var failure error
+	for {
+		h, err := c.readReplyHeader()
+		if err != nil {
+			return err
+		}
+		if h.cookie != req.cookie {
+			return fmt.Errorf("%w: cookie %d, want %d", errBadReply, h.cookie, req.cookie)
+		}
+		if h.magic != simpleReplyMagic && h.length > maxClientChunk {
+			return fmt.Errorf("%w: chunk of %d bytes", errTooLong, h.length)
+		}
+		if err := chunk(h); err != nil {
+			var se *ServerError
+			if !errors.As(err, &se) {
+				return err // the stream is out of sync
+			}
+			failure = err
+		}
+		if h.magic == simpleReplyMagic || h.flags&replyFlagDone != 0 {
+			return failure
+		}
+	}
+}
+
+func (c *Client) readReplyHeader() (replyHeader, error) {
+	var b [extendedReplyLen]byte
+	if _, err := io.ReadFull(c.r, b[:4]); err != nil {
+		return replyHeader{}, err
+	}
+	n := replyHeaderLen(be.Uint32(b[:]))
+	if n == 0 {
+		return replyHeader{}, fmt.Errorf("%w: reply magic %#x", errBadMagic, be.Uint32(b[:]))
+	}
+	if _, err := io.ReadFull(c.r, b[4:n]); err != nil {
+		return replyHeader{}, err
+	}
+	return decodeReplyHeader(b[:n])
+}
+
+// readPayload reads a chunk's payload (bounded by roundTrip).
+func (c *Client) readPayload(h replyHeader) ([]byte, error) {
+	b := make([]byte, h.length)
+	_, err := io.ReadFull(c.r, b)
+	return b, err
+}
+
+// errorChunk turns an error chunk into a ServerError.
+func (c *Client) errorChunk(op string, h replyHeader) error {
+	b, err := c.readPayload(h)
+	if err != nil {
+		return err
+	}
+	errno, msg, err := decodeErrorPayload(b)
+	if err != nil {
+		return err
+	}
+	return &ServerError{Op: op, Errno: errno, Msg: msg}
+}
+
+// ReadAt reads len(p) bytes at off, in requests no larger than the
+// server's maximum block size.
+func (c *Client) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > c.size {
+		return 0, fmt.Errorf("nbd: read at %d outside the export", off)
+	}
+	want := len(p)
+	if int64(len(p)) > c.size-off {
+		p = p[:c.size-off]
+	}
+	step := clientReadChunk
+	if c.maxBlock > 0 && int(c.maxBlock) < step {
+		step = int(c.maxBlock)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	done := 0
+	for done < len(p) {
+		n := min(step, len(p)-done)
+		if err := c.read(p[done:done+n], off+int64(done)); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	if done < want {
+		return done, io.EOF
+	}
+	return done, nil
+}
+
+// read issues one NBD_CMD_READ.
+func (c *Client) read(p []byte, off int64) error {
+	req := request{typ: CmdRead, offset: uint64(off), length: uint64(len(p))}
+	var got int64
+	err := c.roundTrip(req, nil, func(h replyHeader) error {
+		if h.magic == simpleReplyMagic {
+			if h.errno != 0 {
+				return &ServerError{Op: "NBD_CMD_READ", Errno: h.errno}
+			}
+			got = int64(len(p))
+			_, err := io.ReadFull(c.r, p)
+			return err
+		}
+		return c.readChunk(h, p, off, &got)
+	})
+	if err == nil && got != int64(len(p)) {
+		err = fmt.Errorf("%w: read reply covered %d of %d bytes", errBadReply, got, len(p))
+	}
+	return err
+}
+
+// readChunk handles one structured chunk of a read reply.
+func (c *Client) readChunk(h replyHeader, p []byte, off int64, got *int64) error {
+	switch h.typ {
+	case replyTypeNone:
+		return nil
+	case replyTypeError, replyTypeErrorOffset:
+		return c.errorChunk("NBD_CMD_READ", h)
+	case replyTypeOffsetData:
+		if h.length < offsetDataHdrLen {
+			return fmt.Errorf("%w: short OFFSET_DATA", errBadReply)
+		}
+		var ob [8]byte
+		if _, err := io.ReadFull(c.r, ob[:]); err != nil {
+			return err
+		}
+		start, n := int64(be.Uint64(ob[:]))-off, int64(h.length-offsetDataHdrLen)
+		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
+			return fmt.Errorf("%w: OFFSET_DATA outside the request", errBadReply)
+		}
+		*got += n
+		_, err := io.ReadFull(c.r, p[start:start+n])
+		return err
+	case replyTypeOffsetHole:
+		b, err := c.readPayload(h)
+		if err != nil {
+			return err
+		}
+		if len(b) != offsetHoleLen {
+			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", errBadReply, len(b))
+		}
+		start, n := int64(be.Uint64(b))-off, int64(be.Uint32(b[8:]))
+		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
+			return fmt.Errorf("%w: OFFSET_HOLE outside the request", errBadReply)
+		}
+		clear(p[start : start+n])
+		*got += n
+		return nil
+	}
+	if _, err := c.readPayload(h); err != nil {
+		return err
+	}
+	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", errBadReply, h.typ)
+}
+
+// HasContext reports whether the meta context name was negotiated.
+func (c *Client) HasContext(name string) bool {
+	_, ok := c.contexts[name]
+	return ok
+}
+
+// BlockStatus calls fn for the extents of the negotiated context over
+// [off, off+length), clipped to the export, issuing as many requests as
+// the server needs. Adjacent extents are not merged.
+func (c *Client) BlockStatus(ctx context.Context, context string, off, length int64, fn func(off, length int64, flags uint32) error) error {
+	id, ok := c.contexts[context]
+	if !ok {
+		return fmt.Errorf("nbd: metadata context %q was not negotiated", context)
+	}
+	end := min(off+length, c.size)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for off < end {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n, err := c.blockStatus(id, off, end-off, fn)
+		if err != nil {
+			return err
+		}
+		if n <= 0 {
+			return fmt.Errorf("%w: block status made no progress at %d", errBadReply, off)
+		}
+		off += n
+	}
+	return nil
+}
+
+// blockStatus issues one NBD_CMD_BLOCK_STATUS and returns how far its
+// extents reached.
+func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
+	ext := c.mode == modeExtended
+	req := request{typ: CmdBlockStatus, offset: uint64(off), length: uint64(length)}
+	if !ext {
+		req.length = uint64(min(length, 1<<31))
+	}
+	var payload []byte
+	if ext && len(c.contexts) > 1 && c.flags&FlagBlockStatusPayload != 0 {
+		payload = blockStatusPayload{length: req.length, ids: []uint32{id}}.append(nil)
+		req.flags |= CmdFlagPayloadLen
+		req.length = uint64(len(payload))
+	}
+	var done int64
+	var userErr error // fn's error: the rest of the reply is still read
+	seen := false
+	err := c.roundTrip(req, payload, func(h replyHeader) error {
+		if h.magic == simpleReplyMagic {
+			if h.errno != 0 {
+				return &ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.errno}
+			}
+			return nil
+		}
+		switch h.typ {
+		case replyTypeError, replyTypeErrorOffset:
+			return c.errorChunk("NBD_CMD_BLOCK_STATUS", h)
+		case replyTypeNone:
+			return nil
+		}
+		b, err := c.readPayload(h)
+		if err != nil {
+			return err
+		}
+		if (h.typ == replyTypeBlockStatusExt) != ext || (h.typ != replyTypeBlockStatus && h.typ != replyTypeBlockStatusExt) {
+			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", errBadReply, h.typ)
+		}
+		cid, es, err := decodeBlockStatus(b, ext)
+		if err != nil || cid != id {
+			return err
+		}
+		if seen {
+			return fmt.Errorf("%w: two block status chunks for context %d", errBadReply, id)
+		}
+		seen = true
+		done, userErr = deliverExtents(es, off, length, fn)
+		return nil
+	})
+	if err == nil {
+		err = userErr
+	}
+	if err == nil && !seen {
+		err = fmt.Errorf("%w: no block status chunk for context %d", errBadReply, id)
+	}
+	return done, err
+}
+
+// deliverExtents passes extents to fn, clipping the last to the request.
+func deliverExtents(es []extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
+	var done int64
+	for _, e := range es {
+		if e.length == 0 {
+			return done, fmt.Errorf("%w: zero-length extent", errBadReply)
+		}
+		n := int64(min(e.length, uint64(length-done)))
+		if err := fn(off+done, n, uint32(e.flags)); err != nil {
+			return done, err
+		}
+		if done += n; done >= length {
+			break
+		}
+	}
+	return done, nil
+}

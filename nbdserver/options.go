@@ -1,0 +1,401 @@
+package nbdserver
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/nbdgw/nbdgw/metactx"
+)
+
+// Option data limits. NBD names and queries are at most 4 KiB
+// (NBD_MAX_STRING_SIZE); meta context options carry several of them.
+const (
+	maxOptionLen     = 64 << 10 // larger options get NBD_REP_ERR_TOO_BIG
+	maxOptionDiscard = 1 << 20  // larger ones drop the connection
+)
+
+// errAborted ends the handshake without a complaint worth logging.
+var errAborted = errors.New("nbd: client aborted the handshake")
+
+// negotiation is the option haggling state of one connection.
+type negotiation struct {
+	srv  *Server
+	conn net.Conn // replaced by the TLS connection after STARTTLS
+	r    *bufio.Reader
+
+	noZeroes bool
+	tls      bool
+	mode     replyMode
+	contexts []string // negotiated meta contexts; the id is the index
+	ctxFor   *Export  // export the contexts were negotiated for
+
+	opt  Option // option being answered
+	data []byte // its data
+}
+
+// run performs the handshake and returns the transmission session.
+func (n *negotiation) run() (*session, error) {
+	n.conn.SetDeadline(time.Now().Add(n.srv.cfg.HandshakeTimeout))
+	n.r = bufio.NewReaderSize(n.conn, 4096)
+	hello := be.AppendUint64(nil, nbdMagic)
+	hello = be.AppendUint64(hello, optsMagic)
+	hello = be.AppendUint16(hello, flagFixedNewstyle|flagNoZeroes)
+	if _, err := n.conn.Write(hello); err != nil {
+		return nil, err
+	}
+	var cf [4]byte
+	if _, err := io.ReadFull(n.r, cf[:]); err != nil {
+		return nil, err
+	}
+	flags := be.Uint32(cf[:])
+	if flags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
+		return nil, fmt.Errorf("unknown client flags %#x", flags)
+	}
+	n.noZeroes = flags&clientFlagNoZeroes != 0
+	for {
+		sess, err := n.option()
+		if err != nil || sess != nil {
+			if sess != nil {
+				n.conn.SetDeadline(time.Time{})
+			}
+			return sess, err
+		}
+	}
+}
+
+// option reads and answers one option. It returns a session when the
+// option entered the transmission phase.
+func (n *negotiation) option() (*session, error) {
+	var hb [optHeaderLen]byte
+	if _, err := io.ReadFull(n.r, hb[:]); err != nil {
+		return nil, err
+	}
+	h, err := decodeOptHeader(hb[:])
+	if err != nil {
+		return nil, err
+	}
+	n.opt, n.data = h.opt, nil
+	if h.length > maxOptionLen {
+		if h.length > maxOptionDiscard || h.opt == OptExportName {
+			return nil, fmt.Errorf("%v: %d bytes of option data", h.opt, h.length)
+		}
+		if _, err := io.CopyN(io.Discard, n.r, int64(h.length)); err != nil {
+			return nil, err
+		}
+		return nil, n.replyErr(RepErrTooBig, "option data too long")
+	}
+	n.data = make([]byte, h.length)
+	if _, err := io.ReadFull(n.r, n.data); err != nil {
+		return nil, err
+	}
+	if n.srv.cfg.TLSRequired && !n.tls {
+		switch h.opt {
+		case OptStartTLS, OptAbort:
+		case OptExportName:
+			return nil, errors.New("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")
+		default:
+			return nil, n.replyErr(RepErrTLSReqd, "TLS is required")
+		}
+	}
+	switch h.opt {
+	case OptExportName:
+		return n.optExportName()
+	case OptAbort:
+		n.reply(RepAck, nil)
+		return nil, errAborted
+	case OptList:
+		return nil, n.optList()
+	case OptStartTLS:
+		return nil, n.optStartTLS()
+	case OptInfo, OptGo:
+		return n.optInfo()
+	case OptStructuredReply:
+		return nil, n.optStructuredReply()
+	case OptExtendedHeaders:
+		return nil, n.optExtendedHeaders()
+	case OptListMetaContext, OptSetMetaContext:
+		return nil, n.optMetaContext()
+	}
+	return nil, n.replyErr(RepErrUnsup, "unsupported option "+h.opt.String())
+}
+
+// reply sends one option reply.
+func (n *negotiation) reply(typ Reply, data []byte) error {
+	b := optReply{opt: n.opt, typ: typ, length: uint32(len(data))}.append(make([]byte, 0, optReplyHeaderLen+len(data)))
+	_, err := n.conn.Write(append(b, data...))
+	return err
+}
+
+// replyErr sends an error reply with a message for humans.
+func (n *negotiation) replyErr(typ Reply, msg string) error {
+	return n.reply(typ, []byte(msg))
+}
+
+// optExportName answers NBD_OPT_EXPORT_NAME: no reply on failure, the
+// connection just closes.
+func (n *negotiation) optExportName() (*session, error) {
+	name := string(n.data)
+	exp := n.srv.export(name)
+	if exp == nil {
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: unknown export %q", name)
+	}
+	n.dropContextsUnless(exp)
+	flags := transmissionFlags(n.mode, len(n.contexts) > 0)
+	b := be.AppendUint64(nil, uint64(exp.Image.Size()))
+	b = be.AppendUint16(b, flags)
+	if !n.noZeroes {
+		b = append(b, make([]byte, 124)...)
+	}
+	if _, err := n.conn.Write(b); err != nil {
+		return nil, err
+	}
+	return n.session(exp, flags), nil
+}
+
+// optList answers NBD_OPT_LIST with every export.
+func (n *negotiation) optList() error {
+	if len(n.data) != 0 {
+		return n.replyErr(RepErrInvalid, "NBD_OPT_LIST takes no data")
+	}
+	for _, e := range n.srv.cfg.Exports {
+		b := appendString(nil, e.Name)
+		b = append(b, e.Description...)
+		if err := n.reply(RepServer, b); err != nil {
+			return err
+		}
+	}
+	return n.reply(RepAck, nil)
+}
+
+// optStartTLS upgrades the connection. All negotiated state is reset, as
+// the spec requires.
+func (n *negotiation) optStartTLS() error {
+	switch {
+	case len(n.data) != 0:
+		return n.replyErr(RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
+	case n.srv.cfg.TLS == nil:
+		return n.replyErr(RepErrPolicy, "TLS not configured")
+	case n.tls:
+		return n.replyErr(RepErrInvalid, "TLS already negotiated")
+	}
+	if n.r.Buffered() != 0 {
+		return errors.New("NBD_OPT_STARTTLS: client sent data before the TLS handshake")
+	}
+	if err := n.reply(RepAck, nil); err != nil {
+		return err
+	}
+	tc := tls.Server(n.conn, n.srv.cfg.TLS)
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	n.conn, n.tls = tc, true
+	n.r = bufio.NewReaderSize(tc, 4096)
+	n.mode, n.contexts, n.ctxFor = modeSimple, nil, nil
+	return nil
+}
+
+// optInfo answers NBD_OPT_INFO and NBD_OPT_GO.
+func (n *negotiation) optInfo() (*session, error) {
+	req, err := decodeInfoRequest(n.data)
+	if err != nil {
+		return nil, n.replyErr(RepErrInvalid, err.Error())
+	}
+	exp := n.srv.export(req.export)
+	if exp == nil {
+		return nil, n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.export))
+	}
+	payload := len(n.contexts) > 0 && n.ctxFor == exp
+	if n.opt == OptInfo {
+		payload = true // QEMU advertises it on INFO once extended headers are on
+	}
+	flags := transmissionFlags(n.mode, payload)
+	if err := n.sendInfos(exp, req, flags); err != nil {
+		return nil, err
+	}
+	if err := n.reply(RepAck, nil); err != nil {
+		return nil, err
+	}
+	if n.opt == OptInfo {
+		return nil, nil
+	}
+	n.dropContextsUnless(exp)
+	return n.session(exp, flags), nil
+}
+
+// sendInfos sends NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE and the requested
+// name and description.
+func (n *negotiation) sendInfos(exp *Export, req infoRequest, flags uint16) error {
+	b := be.AppendUint16(nil, infoExport)
+	b = be.AppendUint64(b, uint64(exp.Image.Size()))
+	b = be.AppendUint16(b, flags)
+	if err := n.reply(RepInfo, b); err != nil {
+		return err
+	}
+	for _, t := range req.infos {
+		var b []byte
+		switch t {
+		case infoName:
+			b = append(be.AppendUint16(nil, infoName), exp.Name...)
+		case infoDescription:
+			if exp.Description == "" {
+				continue
+			}
+			b = append(be.AppendUint16(nil, infoDescription), exp.Description...)
+		default:
+			continue
+		}
+		if err := n.reply(RepInfo, b); err != nil {
+			return err
+		}
+	}
+	b = be.AppendUint16(nil, infoBlockSize)
+	b = be.AppendUint32(b, 1)
+	b = be.AppendUint32(b, 4096)
+	b = be.AppendUint32(b, uint32(n.srv.cfg.MaxRequest))
+	return n.reply(RepInfo, b)
+}
+
+// optStructuredReply answers NBD_OPT_STRUCTURED_REPLY.
+func (n *negotiation) optStructuredReply() error {
+	switch {
+	case len(n.data) != 0:
+		return n.replyErr(RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+	case n.mode == modeExtended:
+		return n.replyErr(RepErrExtHeaderReqd, "extended headers already negotiated")
+	case n.mode == modeStructured:
+		return n.replyErr(RepErrInvalid, "structured replies already negotiated")
+	}
+	n.mode = modeStructured
+	return n.reply(RepAck, nil)
+}
+
+// optExtendedHeaders answers NBD_OPT_EXTENDED_HEADERS. Extended headers
+// imply structured replies.
+func (n *negotiation) optExtendedHeaders() error {
+	switch {
+	case len(n.data) != 0:
+		return n.replyErr(RepErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
+	case n.mode == modeExtended:
+		return n.replyErr(RepErrInvalid, "extended headers already negotiated")
+	}
+	n.mode = modeExtended
+	return n.reply(RepAck, nil)
+}
+
+// optMetaContext answers NBD_OPT_LIST_META_CONTEXT and
+// NBD_OPT_SET_META_CONTEXT.
+func (n *negotiation) optMetaContext() error {
+	if n.opt == OptSetMetaContext {
+		n.contexts, n.ctxFor = nil, nil
+	}
+	if n.mode < modeStructured {
+		return n.replyErr(RepErrInvalid, "structured replies must be negotiated first")
+	}
+	req, err := decodeMetaContextRequest(n.data)
+	if err != nil {
+		if errors.Is(err, errTooLong) {
+			return n.replyErr(RepErrTooBig, err.Error())
+		}
+		return n.replyErr(RepErrInvalid, err.Error())
+	}
+	exp := n.srv.export(req.export)
+	if exp == nil {
+		return n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.export))
+	}
+	names := metactx.Names(exp.Image)
+	var chosen []string
+	if n.opt == OptListMetaContext {
+		chosen = listContexts(names, req.queries)
+	} else {
+		chosen = setContexts(names, req.queries)
+	}
+	for i, name := range chosen {
+		id := uint32(0) // ids of LIST replies mean nothing
+		if n.opt == OptSetMetaContext {
+			id = uint32(i)
+		}
+		if err := n.reply(RepMetaContext, append(be.AppendUint32(nil, id), name...)); err != nil {
+			return err
+		}
+	}
+	if n.opt == OptSetMetaContext {
+		n.contexts, n.ctxFor = chosen, exp
+	}
+	return n.reply(RepAck, nil)
+}
+
+// listContexts answers LIST queries: none lists all; "base:", "qemu:" and
+// "qemu:dirty-bitmap:" list their families; anything else must match a
+// name exactly.
+func listContexts(names, queries []string) []string {
+	if len(queries) == 0 {
+		return names
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, q := range queries {
+		for _, name := range names {
+			if matchesQuery(name, q) && !seen[name] {
+				seen[name] = true
+				out = append(out, name)
+			}
+		}
+	}
+	return out
+}
+
+func matchesQuery(name, q string) bool {
+	switch q {
+	case "base:", "qemu:", metactx.DirtyBitmapPrefix:
+		return strings.HasPrefix(name, q)
+	}
+	return name == q
+}
+
+// setContexts selects the contexts named exactly by SET queries, once
+// each, in query order. An empty list selects none.
+func setContexts(names, queries []string) []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, q := range queries {
+		if seen[q] {
+			continue
+		}
+		for _, name := range names {
+			if name == q {
+				seen[q] = true
+				out = append(out, name)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// dropContextsUnless forgets contexts negotiated for another export.
+func (n *negotiation) dropContextsUnless(exp *Export) {
+	if n.ctxFor != exp {
+		n.contexts, n.ctxFor = nil, nil
+	}
+}
+
+// session builds the transmission session after a successful GO or
+// EXPORT_NAME.
+func (n *negotiation) session(exp *Export, flags uint16) *session {
+	return &session{
+		srv:      n.srv,
+		conn:     n.conn,
+		r:        n.r,
+		exp:      exp,
+		mode:     n.mode,
+		contexts: n.contexts,
+		flags:    flags,
+		slots:    make(chan struct{}, n.srv.cfg.MaxInFlight),
+	}
+}

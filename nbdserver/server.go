@@ -1,0 +1,236 @@
+package nbdserver
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// Export is one named image the server offers.
+type Export struct {
+	Name, Description string
+	Image             *qcow2.Image
+}
+
+// Config configures a Server. Zero limits take the defaults below.
+type Config struct {
+	Exports     []*Export   // the first one is the default export ("" maps to it)
+	TLS         *tls.Config // nil: no STARTTLS
+	TLSRequired bool
+	Logf        func(format string, args ...any) // nil: discard
+
+	MaxConnections   int           // concurrent connections (DefaultMaxConnections)
+	MaxInFlight      int           // requests in flight per connection (DefaultMaxInFlight)
+	MaxRequest       int           // largest READ/WRITE payload (DefaultMaxRequest)
+	HandshakeTimeout time.Duration // whole option haggling (DefaultHandshakeTimeout)
+}
+
+// Defaults of the Config limits.
+const (
+	DefaultMaxConnections   = 256
+	DefaultMaxInFlight      = 16
+	DefaultMaxRequest       = 32 << 20 // like QEMU's NBD_MAX_BUFFER_SIZE
+	DefaultHandshakeTimeout = time.Minute
+)
+
+// Server serves exports over NBD. It is safe for concurrent use.
+type Server struct {
+	cfg  Config
+	slot chan struct{} // one token per open connection
+
+	mu        sync.Mutex // guards listeners, conns, closed
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]struct{}
+	closed    bool
+
+	wg sync.WaitGroup // connection goroutines
+}
+
+// ErrServerClosed is returned by Serve after Close.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// NewServer returns a server for cfg.
+func NewServer(cfg Config) *Server {
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
+	}
+	if cfg.MaxConnections <= 0 {
+		cfg.MaxConnections = DefaultMaxConnections
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = DefaultMaxInFlight
+	}
+	if cfg.MaxRequest <= 0 {
+		cfg.MaxRequest = DefaultMaxRequest
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	return &Server{
+		cfg:       cfg,
+		slot:      make(chan struct{}, cfg.MaxConnections),
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[net.Conn]struct{}{},
+	}
+}
+
+// Serve accepts connections on l until ctx is done or Close is called.
+// It closes l.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	if !s.track(l) {
+		l.Close()
+		return ErrServerClosed
+	}
+	defer s.untrack(l)
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		select {
+		case s.slot <- struct{}{}:
+		default:
+			s.cfg.Logf("nbd: %v: too many connections (%d), refusing", c.RemoteAddr(), s.cfg.MaxConnections)
+			c.Close()
+			continue
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() { <-s.slot }()
+			s.ServeConn(ctx, c)
+		}()
+	}
+}
+
+// ServeConn runs the handshake and the transmission phase on c and
+// closes c when done.
+func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
+	if !s.trackConn(c) {
+		c.Close()
+		return
+	}
+	defer s.untrackConn(c)
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	defer c.Close()
+
+	n := &negotiation{srv: s, conn: c}
+	sess, err := n.run()
+	if err != nil {
+		if !errors.Is(err, errAborted) {
+			s.cfg.Logf("nbd: %v: handshake: %v", c.RemoteAddr(), err)
+		}
+		return
+	}
+	if err := sess.serve(); err != nil {
+		s.cfg.Logf("nbd: %v: %v", c.RemoteAddr(), err)
+	}
+}
+
+// Close stops all listeners, closes all connections and waits for their
+// goroutines.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+func (s *Server) track(l net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.listeners[l] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(l net.Listener) {
+	s.mu.Lock()
+	delete(s.listeners, l)
+	s.mu.Unlock()
+}
+
+func (s *Server) trackConn(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrackConn(c net.Conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// export finds an export by name; "" is the default export.
+func (s *Server) export(name string) *Export {
+	if len(s.cfg.Exports) == 0 {
+		return nil
+	}
+	if name == "" {
+		return s.cfg.Exports[0]
+	}
+	for _, e := range s.cfg.Exports {
+		if e.Name == name {
+			return e
+		}
+	}
+	return nil
+}
+
+// transmissionFlags returns the flags advertised for exp in mode. payload
+// says whether NBD_FLAG_BLOCK_STATUS_PAYLOAD may be set.
+func transmissionFlags(mode replyMode, payload bool) uint16 {
+	f := uint16(FlagHasFlags | FlagReadOnly | FlagSendFlush | FlagCanMultiConn | FlagSendCache)
+	if mode >= modeStructured {
+		f |= FlagSendDF
+	}
+	if mode == modeExtended && payload {
+		f |= FlagBlockStatusPayload
+	}
+	return f
+}
+
+func (e *Export) String() string { return fmt.Sprintf("export %q", e.Name) }
+
+// qcow2Extent names the engine's extent type for the read path.
+type qcow2Extent = qcow2.Extent

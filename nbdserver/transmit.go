@@ -1,0 +1,403 @@
+package nbdserver
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"runtime/debug"
+	"sync"
+
+	"github.com/nbdgw/nbdgw/metactx"
+)
+
+// Reply size limits.
+const (
+	// maxExtentBytes bounds the descriptors of one block status chunk,
+	// like QEMU's 1 MiB (NBD_MAX_BLOCK_STATUS_EXTENTS * 8).
+	maxExtentBytes = 1 << 20
+	// maxStatusPayload bounds a block status payload; larger ones drop
+	// the connection.
+	maxStatusPayload = 64 << 10
+)
+
+// session is the transmission phase of one connection.
+type session struct {
+	srv      *Server
+	conn     net.Conn
+	r        *bufio.Reader
+	exp      *Export
+	mode     replyMode
+	contexts []string // negotiated meta contexts; the id is the index
+	flags    uint16   // transmission flags advertised
+
+	slots chan struct{}  // one token per request in flight
+	wg    sync.WaitGroup // requests in flight
+
+	sendMu  sync.Mutex // guards writes to conn and sendErr
+	sendErr error
+}
+
+// serve reads requests until NBD_CMD_DISC, EOF or a protocol violation,
+// then waits for the requests in flight.
+func (s *session) serve() error {
+	defer s.wg.Wait()
+	hdr := make([]byte, requestLen)
+	if s.mode == modeExtended {
+		hdr = make([]byte, extendedRequestLen)
+	}
+	for {
+		if _, err := io.ReadFull(s.r, hdr); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return err
+		}
+		req, err := decodeRequest(hdr, s.mode == modeExtended)
+		if err != nil {
+			return err
+		}
+		if req.typ == CmdDisc {
+			return nil
+		}
+		if err := s.readPayload(&req); err != nil {
+			return err
+		}
+		s.slots <- struct{}{}
+		s.wg.Add(1)
+		go s.handle(req)
+	}
+}
+
+// readPayload consumes the payload that follows a request header: the
+// data of a write (thrown away: the export is read-only) or, in extended
+// mode, a payload announced by NBD_CMD_FLAG_PAYLOAD_LEN. Only lengths
+// within the limits are read; anything larger drops the connection.
+func (s *session) readPayload(req *request) error {
+	hasPayload := req.typ == CmdWrite ||
+		(s.mode == modeExtended && req.flags&CmdFlagPayloadLen != 0)
+	if !hasPayload {
+		return nil
+	}
+	limit := uint64(s.srv.cfg.MaxRequest)
+	if req.typ == CmdBlockStatus {
+		limit = maxStatusPayload
+	}
+	if req.length > limit {
+		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.typ, req.length, limit)
+	}
+	if req.typ != CmdBlockStatus {
+		req.discard = true
+		_, err := io.CopyN(io.Discard, s.r, int64(req.length))
+		return err
+	}
+	req.payload = make([]byte, req.length)
+	_, err := io.ReadFull(s.r, req.payload)
+	return err
+}
+
+// handle answers one request on its own goroutine. A panic is recovered
+// and answered with NBD_EIO.
+func (s *session) handle(req request) {
+	defer func() { <-s.slots; s.wg.Done() }()
+	defer func() {
+		if p := recover(); p != nil {
+			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.typ, p, debug.Stack())
+			s.send(s.errReply(&req, EIO, "internal server error"))
+		}
+	}()
+	s.send(s.dispatch(&req))
+}
+
+// dispatch validates the request flags common to all commands and calls
+// the command's handler. The reply it returns is complete.
+func (s *session) dispatch(req *request) net.Buffers {
+	allowed := uint16(0)
+	switch req.typ {
+	case CmdRead:
+		if s.mode >= modeStructured {
+			allowed = CmdFlagDF
+		}
+	case CmdBlockStatus:
+		allowed = CmdFlagReqOne
+		if s.mode == modeExtended {
+			allowed |= CmdFlagPayloadLen
+		}
+	case CmdWrite, CmdWriteZeroes, CmdTrim:
+		return s.errReply(req, EPERM, "export is read-only")
+	}
+	if req.discard || req.flags&^allowed != 0 {
+		return s.errReply(req, EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.flags, req.typ))
+	}
+	switch req.typ {
+	case CmdRead:
+		return s.cmdRead(req)
+	case CmdFlush:
+		return s.okReply(req)
+	case CmdCache:
+		return s.cmdCache(req)
+	case CmdBlockStatus:
+		return s.cmdBlockStatus(req)
+	}
+	return s.errReply(req, EINVAL, "unsupported command "+req.typ.String())
+}
+
+// inBounds checks [off, off+length) against the export size.
+func (s *session) inBounds(off, length uint64) bool {
+	size := uint64(s.exp.Image.Size())
+	return off <= size && length <= size-off
+}
+
+// cmdCache answers NBD_CMD_CACHE: nothing to prefetch that the host page
+// cache would not, so it only validates the range.
+func (s *session) cmdCache(req *request) net.Buffers {
+	if !s.inBounds(req.offset, req.length) {
+		return s.errReply(req, EINVAL, "cache request beyond the end of the export")
+	}
+	return s.okReply(req)
+}
+
+// send writes a whole reply under the send lock. After a write error the
+// connection is closed, which ends the request loop.
+func (s *session) send(bufs net.Buffers) {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.sendErr != nil {
+		return
+	}
+	if _, err := bufs.WriteTo(s.conn); err != nil {
+		s.sendErr = err
+		s.conn.Close()
+	}
+}
+
+// okReply is a success without payload.
+func (s *session) okReply(req *request) net.Buffers {
+	if s.mode == modeExtended {
+		return net.Buffers{appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0)}
+	}
+	return net.Buffers{appendSimpleReply(nil, 0, req.cookie)}
+}
+
+// errReply is an error reply: a simple reply without structured replies,
+// else an NBD_REPLY_TYPE_ERROR chunk carrying msg.
+func (s *session) errReply(req *request, errno Errno, msg string) net.Buffers {
+	if s.mode == modeSimple {
+		return net.Buffers{appendSimpleReply(nil, errno, req.cookie)}
+	}
+	if len(msg) > 4096 {
+		msg = msg[:4096]
+	}
+	b := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeError, req.cookie, req.offset, uint64(errorPayloadHdrLen+len(msg)))
+	b = be.AppendUint32(b, uint32(errno))
+	b = be.AppendUint16(b, uint16(len(msg)))
+	return net.Buffers{append(b, msg...)}
+}
+
+// cmdRead answers NBD_CMD_READ. With structured replies, ranges the
+// engine reports as reading zeroes go out as NBD_REPLY_TYPE_OFFSET_HOLE
+// unless the client set NBD_CMD_FLAG_DF.
+func (s *session) cmdRead(req *request) net.Buffers {
+	if req.length > uint64(s.srv.cfg.MaxRequest) {
+		return s.errReply(req, EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.length, s.srv.cfg.MaxRequest))
+	}
+	if !s.inBounds(req.offset, req.length) {
+		return s.errReply(req, EINVAL, "read beyond the end of the export")
+	}
+	if req.length == 0 {
+		if s.mode == modeSimple {
+			return s.okReply(req)
+		}
+		return net.Buffers{appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0)}
+	}
+	off, n := int64(req.offset), int64(req.length)
+	segs := []readSegment{{off: off, length: n}}
+	if s.mode != modeSimple && req.flags&CmdFlagDF == 0 {
+		segs = s.readSegments(off, n)
+	}
+	buf := make([]byte, n)
+	for _, sg := range segs {
+		if sg.zero {
+			continue
+		}
+		p := buf[sg.off-off : sg.off-off+sg.length]
+		if k, err := s.exp.Image.ReadAt(p, sg.off); k < len(p) {
+			return s.errReply(req, EIO, fmt.Sprintf("read at %d: %v", sg.off, err))
+		}
+	}
+	if s.mode == modeSimple {
+		return net.Buffers{appendSimpleReply(nil, 0, req.cookie), buf}
+	}
+	out := make(net.Buffers, 0, 2*len(segs))
+	for i, sg := range segs {
+		var flags uint16
+		if i == len(segs)-1 {
+			flags = replyFlagDone
+		}
+		if sg.zero {
+			b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetHole, req.cookie, req.offset, offsetHoleLen)
+			b = be.AppendUint64(b, uint64(sg.off))
+			out = append(out, be.AppendUint32(b, uint32(sg.length)))
+			continue
+		}
+		b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, req.cookie, req.offset, uint64(offsetDataHdrLen+sg.length))
+		out = append(out, be.AppendUint64(b, uint64(sg.off)), buf[sg.off-off:sg.off-off+sg.length])
+	}
+	return out
+}
+
+// readSegment is a run of a read that is either data or known zeroes.
+type readSegment struct {
+	off, length int64
+	zero        bool
+}
+
+// minHole is the smallest zero run sent as a hole: smaller ones are not
+// worth a chunk header of their own.
+const minHole = 4096
+
+// readSegments splits [off, off+n) into data and zero runs by the
+// engine's block status. If the status fails, the whole range is data:
+// the read itself reports the error.
+func (s *session) readSegments(off, n int64) []readSegment {
+	var segs []readSegment
+	add := func(sg readSegment) {
+		if sg.zero && sg.length < minHole {
+			sg.zero = false
+		}
+		if k := len(segs) - 1; k >= 0 && segs[k].zero == sg.zero {
+			segs[k].length += sg.length
+			return
+		}
+		segs = append(segs, sg)
+	}
+	err := s.exp.Image.BlockStatus(off, n, func(e qcow2Extent) error {
+		start, end := max(e.Start, off), min(e.Start+e.Length, off+n)
+		if end > start {
+			add(readSegment{off: start, length: end - start, zero: e.Zero})
+		}
+		return nil
+	})
+	var covered int64
+	for _, sg := range segs {
+		covered += sg.length
+	}
+	if err != nil || covered != n {
+		return []readSegment{{off: off, length: n}}
+	}
+	return segs
+}
+
+// errStop ends a metadata walk once a chunk is full.
+var errStop = errors.New("stop")
+
+// cmdBlockStatus answers NBD_CMD_BLOCK_STATUS with one chunk per
+// selected context, each with at least one extent.
+func (s *session) cmdBlockStatus(req *request) net.Buffers {
+	if len(s.contexts) == 0 {
+		return s.errReply(req, EINVAL, "no metadata context negotiated")
+	}
+	ids, length, err := s.statusSelection(req)
+	if err != nil {
+		return s.errReply(req, EINVAL, err.Error())
+	}
+	if length == 0 || !s.inBounds(req.offset, length) {
+		return s.errReply(req, EINVAL, "block status range empty or beyond the end of the export")
+	}
+	out := make(net.Buffers, 0, len(ids))
+	for i, id := range ids {
+		var flags uint16
+		if i == len(ids)-1 {
+			flags = replyFlagDone
+		}
+		chunk, err := s.statusChunk(req, id, length, flags)
+		if err != nil {
+			return s.errReply(req, EIO, err.Error())
+		}
+		out = append(out, chunk)
+	}
+	return out
+}
+
+// statusSelection returns the contexts to answer and the effect length:
+// every negotiated context and the request length, or those the block
+// status payload names and its effect length.
+func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
+	if req.flags&CmdFlagPayloadLen == 0 {
+		ids := make([]uint32, len(s.contexts))
+		for i := range ids {
+			ids[i] = uint32(i)
+		}
+		return ids, req.length, nil
+	}
+	p, err := decodeBlockStatusPayload(req.payload)
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(p.ids) == 0 {
+		return nil, 0, errors.New("block status payload names no context")
+	}
+	var ids []uint32
+	seen := map[uint32]bool{}
+	for _, id := range p.ids {
+		if int64(id) >= int64(len(s.contexts)) {
+			return nil, 0, fmt.Errorf("metadata context id %d was not negotiated", id)
+		}
+		if !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	return ids, p.length, nil
+}
+
+// statusChunk builds the BLOCK_STATUS (32-bit) or BLOCK_STATUS_EXT
+// (extended headers) chunk of context id over [req.offset, +length),
+// stopping after one extent with NBD_CMD_FLAG_REQ_ONE or when the
+// descriptors reach maxExtentBytes.
+func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint16) ([]byte, error) {
+	ext := s.mode == modeExtended
+	hdr, desc, typ := blockStatusHdrLen, descriptorLen, uint16(replyTypeBlockStatus)
+	maxLen := uint64(math.MaxUint32)
+	if ext {
+		hdr, desc, typ = blockStatusExtHdr, extDescriptorLen, replyTypeBlockStatusExt
+		maxLen = math.MaxInt64
+	}
+	limit := maxExtentBytes / desc
+	if req.flags&CmdFlagReqOne != 0 {
+		limit = 1
+	}
+	var body []byte
+	count := 0
+	err := metactx.Walk(s.exp.Image, s.contexts[id], int64(req.offset), int64(length), func(off, n int64, f uint32) error {
+		if uint64(n) > maxLen {
+			n = int64(maxLen &^ 0xfff)
+			count = limit - 1 // a clipped extent ends the chunk
+		}
+		if ext {
+			body = be.AppendUint64(body, uint64(n))
+			body = be.AppendUint64(body, uint64(f))
+		} else {
+			body = be.AppendUint32(body, uint32(n))
+			body = be.AppendUint32(body, f)
+		}
+		if count++; count >= limit {
+			return errStop
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errStop) {
+		return nil, fmt.Errorf("block status of %s: %w", s.contexts[id], err)
+	}
+	if len(body) == 0 {
+		return nil, fmt.Errorf("block status of %s: no extents", s.contexts[id])
+	}
+	b := appendChunkHeader(make([]byte, 0, extendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.cookie, req.offset, uint64(hdr+len(body)))
+	b = be.AppendUint32(b, id)
+	if ext {
+		b = be.AppendUint32(b, uint32(len(body)/desc))
+	}
+	return append(b, body...), nil
+}
