@@ -23,6 +23,7 @@ var commands = map[string]command{
 	"map":  {"map [--output=json|human] [--context NAME] [--no-backing] IMAGE|NBD-URI", cmdMap},
 	"info": {"info [--output=json|human] [--no-backing] IMAGE", cmdInfo},
 	"mount": {"mount [--no-backing] [--writable] IMAGE MOUNTPOINT", cmdMount},
+	"serve": {"serve [--socket PATH | --listen HOST:PORT] [--export-name NAME] [--no-backing] [--writable] [--snapshot] [--tls-creds DIR [--tls-required]] IMAGE", cmdServe},
 }
 
 // errUsage makes main print the usage and exit 2 (flag errors are reported
