@@ -20,10 +20,13 @@ type command struct {
 
 // commands is the dispatch table. Each subcommand lives in its own file.
 var commands = map[string]command{
-	"map":  {"map [--output=json|human] [--context NAME] [--no-backing] IMAGE|NBD-URI", cmdMap},
-	"info": {"info [--output=json|human] [--no-backing] IMAGE", cmdInfo},
-	"mount": {"mount [--no-backing] [--writable] IMAGE MOUNTPOINT", cmdMount},
-	"serve": {"serve [--socket PATH | --listen HOST:PORT] [--export-name NAME] [--no-backing] [--writable] [--snapshot] [--tls-creds DIR [--tls-required]] IMAGE", cmdServe},
+	"map":    {"map [--output=json|human] [--context NAME] [--no-backing] IMAGE|NBD-URI", cmdMap},
+	"info":   {"info [--output=json|human] [--no-backing] IMAGE", cmdInfo},
+	"mount":  {"mount [--no-backing] [--writable] IMAGE MOUNTPOINT", cmdMount},
+	"attach": {"attach [--device /dev/nbdN] [--connections N] [--writable] IMAGE|NBD-URI", cmdAttach},
+	"detach": {"detach /dev/nbdN", cmdDetach},
+	"list":   {"list", cmdList},
+	"serve":  {"serve [--socket PATH | --listen HOST:PORT] [--export-name NAME] [--no-backing] [--writable] [--snapshot] [--tls-creds DIR [--tls-required]] IMAGE", cmdServe},
 }
 
 // errUsage makes main print the usage and exit 2 (flag errors are reported

@@ -1,0 +1,152 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/nbdgw/nbdgw/kernel"
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// isNBDURI tells an NBD URI from an image path.
+func isNBDURI(s string) bool {
+	for _, p := range []string{"nbd://", "nbds://", "nbd+unix://", "nbds+unix://"} {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
+}
+
+func cmdAttach(args []string) error {
+	fs := newFlags("attach")
+	device := fs.String("device", "", "attach to /dev/nbdN (default: the kernel picks a free device)")
+	conns := fs.Int("connections", 1, "number of connections serving the device")
+	writable := fs.Bool("writable", false, "leave the device writable")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return errUsage
+	}
+	target := pos[0]
+	index := kernel.AnyIndex
+	if *device != "" {
+		if index, err = kernel.ParseDevice(*device); err != nil {
+			return fmt.Errorf("--device: %w", err)
+		}
+	}
+	if *conns < 1 {
+		return fmt.Errorf("--connections %d: want at least 1", *conns)
+	}
+	cfg := kernel.AttachConfig{
+		Index:       index,
+		Connections: *conns,
+		Writable:    *writable,
+		Logf:        func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw attach: "+f+"\n", a...) },
+	}
+	if isNBDURI(target) {
+		cfg.URI, cfg.Name = target, target
+	} else {
+		if *writable {
+			return fmt.Errorf("--writable: %w", kernel.ErrWritesUnsupported)
+		}
+		img, err := qcow2.Open(target, qcow2.Options{})
+		if err != nil {
+			return err
+		}
+		defer img.Close()
+		cfg.Image = img
+		if cfg.Name, err = filepath.Abs(target); err != nil {
+			cfg.Name = target
+		}
+	}
+
+	c, err := kernel.Open(kernel.Options{})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	a, err := kernel.Attach(ctx, c, cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Println(a.Path())
+	return a.Wait(ctx)
+}
+
+func cmdDetach(args []string) error {
+	fs := newFlags("detach")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return errUsage
+	}
+	index, err := kernel.ParseDevice(pos[0])
+	if err != nil {
+		return err
+	}
+	c, err := kernel.Open(kernel.Options{NoModuleLoad: true})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.Disconnect(index)
+}
+
+func cmdList(args []string) error {
+	fs := newFlags("list")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 0 {
+		return errUsage
+	}
+	c, err := kernel.Open(kernel.Options{NoModuleLoad: true})
+	if err != nil {
+		if errors.Is(err, kernel.ErrNotSupported) {
+			return fmt.Errorf("no nbd devices: %w", err)
+		}
+		return err
+	}
+	defer c.Close()
+	devs, err := c.Status(-1)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tCONNECTED\tPID\tSIZE\tRO\tBACKEND")
+	dash := func(s string, ok bool) string {
+		if !ok {
+			return "-"
+		}
+		return s
+	}
+	for _, d := range devs {
+		in := kernel.DeviceInfo(int(d.Index))
+		conn, ro := "no", "-"
+		if d.Connected {
+			conn = "yes"
+			ro = strconv.FormatBool(in.ReadOnly)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", kernel.DevicePath(int(d.Index)), conn,
+			dash(strconv.Itoa(in.PID), in.PID > 0),
+			dash(strconv.FormatInt(in.Size, 10), d.Connected && in.Size > 0),
+			ro, dash(in.Backend, in.Backend != ""))
+	}
+	return tw.Flush()
+}

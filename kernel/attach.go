@@ -1,0 +1,447 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// ErrWritesUnsupported answers a writable attach of a local image until
+// the engine can write.
+var ErrWritesUnsupported = errors.New("writes are not supported yet")
+
+// AttachConfig says what to attach and how.
+type AttachConfig struct {
+	// Image is served in-process over socketpairs; or
+	Image *qcow2.Image
+	// URI names a remote NBD export (nbd://, nbd+unix://) whose
+	// connections are handed to the kernel after the handshake.
+	URI string
+	// Name identifies the backend in /sys/block/nbdN/backend as
+	// "nbdgw:Name" (the image path or the URI).
+	Name string
+	// Index is the device number, or AnyIndex.
+	Index int
+	// Connections is the number of sockets serving the device (default 1).
+	Connections int
+	// Writable leaves the read-only flag off.
+	Writable bool
+	// Timeout is the per-request timeout (0: kernel default).
+	Timeout time.Duration
+	// DeadConnTimeout is how long I/O waits for a dead remote connection
+	// to be replaced (URI only; default 60s).
+	DeadConnTimeout time.Duration
+	// Logf reports reconnections and server errors; nil discards.
+	Logf func(format string, args ...any)
+}
+
+// BackendPrefix starts the backend identifier of devices attached by nbdgw.
+const BackendPrefix = "nbdgw:"
+
+// maxConnections bounds --connections.
+const maxConnections = 64
+
+// handshakeTimeout bounds each client handshake.
+const handshakeTimeout = 30 * time.Second
+
+// pollInterval is how often Wait checks that the device is still ours.
+const pollInterval = 500 * time.Millisecond
+
+// Attachment is a device attached by Attach.
+type Attachment struct {
+	Index int // N of /dev/nbdN
+
+	c       *Conn
+	cfg     AttachConfig
+	backend string
+	srv     *nbdserver.Server // local image only
+	cancel  context.CancelFunc
+	served  chan struct{}  // closed when all local server connections ended; nil for a URI
+	wg      sync.WaitGroup // local server connections
+	watcher *Watcher       // URI only
+}
+
+// Path returns /dev/nbdN.
+func (a *Attachment) Path() string { return DevicePath(a.Index) }
+
+// Attach negotiates cfg.Connections connections without structured
+// replies or extended headers (the kernel driver understands simple
+// replies only) and hands them to the kernel with CONNECT. On error no
+// device is left configured.
+func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error) {
+	fail := func(err error) (*Attachment, error) {
+		return nil, &Error{Op: "attach", Index: normIndex(cfg.Index), Err: err}
+	}
+	if cfg.Connections == 0 {
+		cfg.Connections = 1
+	}
+	if cfg.Connections < 0 || cfg.Connections > maxConnections {
+		return fail(fmt.Errorf("--connections %d: want 1..%d", cfg.Connections, maxConnections))
+	}
+	if (cfg.Image == nil) == (cfg.URI == "") {
+		return fail(errors.New("need exactly one of an image and an NBD URI"))
+	}
+	if cfg.Image != nil && cfg.Writable {
+		return fail(fmt.Errorf("--writable: %w", ErrWritesUnsupported))
+	}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
+	}
+	if cfg.URI != "" && cfg.DeadConnTimeout == 0 {
+		cfg.DeadConnTimeout = 60 * time.Second
+	}
+	if cfg.Index >= 0 {
+		if max, ok := MaxIndex(); ok && cfg.Index > max {
+			return fail(fmt.Errorf("%w: the driver allows /dev/nbd0../dev/nbd%d", ErrIndexRange, max))
+		}
+		if d, err := c.Status(cfg.Index); err == nil && len(d) == 1 && d[0].Connected {
+			return fail(ErrBusy)
+		}
+	}
+	a := &Attachment{
+		Index:   -1,
+		c:       c,
+		cfg:     cfg,
+		backend: BackendPrefix + cfg.Name,
+		served:  make(chan struct{}),
+	}
+	var serveCtx context.Context
+	serveCtx, a.cancel = context.WithCancel(context.Background())
+
+	var (
+		clients []*nbdserver.Client
+		err     error
+	)
+	if cfg.Image != nil {
+		clients, err = a.serveLocal(ctx, serveCtx)
+	} else {
+		a.served = nil // nothing of ours serves the device
+		clients, err = dialAll(ctx, cfg.URI, cfg.Connections)
+	}
+	closeAll := func() {
+		for _, cl := range clients {
+			cl.Conn().Close()
+		}
+	}
+	if err != nil {
+		closeAll()
+		a.shutdown()
+		return fail(err)
+	}
+	size, flags := clients[0].Size(), uint64(clients[0].TransmissionFlags())
+	if cfg.Connections > 1 && flags&FlagCanMultiConn == 0 {
+		closeAll()
+		a.shutdown()
+		return fail(fmt.Errorf("the server does not allow multiple connections (no NBD_FLAG_CAN_MULTI_CONN); use --connections 1"))
+	}
+	if size <= 0 {
+		closeAll()
+		a.shutdown()
+		return fail(fmt.Errorf("export size is %d: nothing to attach", size))
+	}
+	if !cfg.Writable {
+		flags |= FlagReadOnly
+	}
+	if cfg.URI != "" {
+		a.watcher, err = c.WatchLinkDead()
+		if err != nil {
+			closeAll()
+			a.shutdown()
+			return fail(err)
+		}
+	}
+	var conns []syscall.RawConn
+	for _, cl := range clients {
+		rc, err := rawConn(cl.Conn())
+		if err != nil {
+			closeAll()
+			a.shutdown()
+			return fail(err)
+		}
+		conns = append(conns, rc)
+	}
+	// Hold every descriptor open (inside Control) while the kernel takes
+	// its references during CONNECT.
+	idx, cerr := withFDs(conns, func(fds []int) (int, error) {
+		return c.Connect(ConnectConfig{
+			Index:             cfg.Index,
+			Size:              uint64(size),
+			ServerFlags:       flags,
+			Timeout:           cfg.Timeout,
+			DeadConnTimeout:   cfg.DeadConnTimeout,
+			Sockets:           fds,
+			BackendIdentifier: a.backend,
+		})
+	}, nil)
+	// The kernel holds its own references now (or refused them): our
+	// copies go. Closing does not shut the sockets down.
+	closeAll()
+	if cerr != nil {
+		a.shutdown()
+		return nil, cerr
+	}
+	a.Index = idx
+	return a, nil
+}
+
+func normIndex(i int) int {
+	if i < 0 {
+		return -1
+	}
+	return i
+}
+
+// serveLocal starts one in-process server connection per socketpair and
+// returns the negotiated client ends.
+func (a *Attachment) serveLocal(ctx, serveCtx context.Context) ([]*nbdserver.Client, error) {
+	a.srv = nbdserver.NewServer(nbdserver.Config{
+		Exports: []*nbdserver.Export{{Name: "", Image: a.cfg.Image}},
+		Logf:    a.cfg.Logf,
+	})
+	var clients []*nbdserver.Client
+	defer func() {
+		go func() { a.wg.Wait(); close(a.served) }()
+	}()
+	for i := 0; i < a.cfg.Connections; i++ {
+		srvEnd, cliEnd, err := socketpair()
+		if err != nil {
+			return clients, err
+		}
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			a.srv.ServeConn(serveCtx, srvEnd)
+		}()
+		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+		cl, err := nbdserver.NewClient(hctx, cliEnd, nbdserver.ClientOptions{})
+		cancel()
+		if err != nil {
+			return clients, fmt.Errorf("handshake with the in-process server: %w", err)
+		}
+		clients = append(clients, cl)
+	}
+	return clients, nil
+}
+
+// socketpair returns both ends of a unix stream socketpair as net.Conns.
+func socketpair() (net.Conn, net.Conn, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, os.NewSyscallError("socketpair", err)
+	}
+	var conns [2]net.Conn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), fmt.Sprintf("socketpair-%d", i))
+		c, err := net.FileConn(f) // dups fd
+		f.Close()
+		if err != nil {
+			if i == 1 {
+				conns[0].Close()
+			} else {
+				unix.Close(fds[1])
+			}
+			return nil, nil, err
+		}
+		conns[i] = c
+	}
+	return conns[0], conns[1], nil
+}
+
+// dialAll opens n connections to uri.
+func dialAll(ctx context.Context, uri string, n int) ([]*nbdserver.Client, error) {
+	u, err := nbdserver.ParseURI(uri)
+	if err != nil {
+		return nil, err
+	}
+	if u.TLS {
+		return nil, fmt.Errorf("%s: the kernel's nbd driver cannot speak TLS; serve the image locally or use nbd:// / nbd+unix://", uri)
+	}
+	var clients []*nbdserver.Client
+	for i := 0; i < n; i++ {
+		cl, err := dialOne(ctx, uri)
+		if err != nil {
+			return clients, err
+		}
+		clients = append(clients, cl)
+	}
+	return clients, nil
+}
+
+func dialOne(ctx context.Context, uri string) (*nbdserver.Client, error) {
+	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	defer cancel()
+	cl, err := nbdserver.Dial(hctx, uri, nbdserver.ClientOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", uri, err)
+	}
+	return cl, nil
+}
+
+func rawConn(c net.Conn) (syscall.RawConn, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("connection %T has no file descriptor to hand to the kernel", c)
+	}
+	return sc.SyscallConn()
+}
+
+// withFDs calls fn with the descriptors of conns, each held by its
+// RawConn.Control for the duration of the call.
+func withFDs(conns []syscall.RawConn, fn func([]int) (int, error), fds []int) (int, error) {
+	if len(conns) == 0 {
+		return fn(fds)
+	}
+	var (
+		idx  int
+		ferr error
+	)
+	err := conns[0].Control(func(fd uintptr) {
+		idx, ferr = withFDs(conns[1:], fn, append(fds, int(fd)))
+	})
+	if err != nil {
+		return -1, err
+	}
+	return idx, ferr
+}
+
+// shutdown stops the local server and waits for its connections.
+func (a *Attachment) shutdown() {
+	a.cancel()
+	if a.srv != nil {
+		a.srv.Close()
+	}
+	a.wg.Wait()
+	if a.watcher != nil {
+		a.watcher.Close()
+	}
+}
+
+// ours reports whether the device is still connected by this process
+// with our backend: after a detach, the index may be reused by someone
+// else, whom we must not disconnect.
+func (a *Attachment) ours() bool {
+	d, err := a.c.Status(a.Index)
+	if err != nil || len(d) != 1 || !d[0].Connected {
+		return false
+	}
+	in := DeviceInfo(a.Index)
+	// PID 0: no sysfs to ask; trust STATUS.
+	return (in.PID == 0 || in.PID == os.Getpid()) && (in.Backend == "" || in.Backend == a.backend)
+}
+
+// Wait serves the device until it is disconnected (nbdgw detach) or ctx
+// is done; then it disconnects the device if it is still ours and stops
+// serving. A remote connection that dies is redialled and handed to the
+// kernel with RECONFIGURE.
+func (a *Attachment) Wait(ctx context.Context) error {
+	defer a.shutdown()
+	dead := make(chan int, 16)
+	if a.watcher != nil {
+		go func() {
+			for {
+				idx, err := a.watcher.Next()
+				if err != nil {
+					return
+				}
+				if idx == a.Index {
+					select {
+					case dead <- idx:
+					default:
+					}
+				}
+			}
+		}()
+	}
+	tick := time.NewTicker(pollInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return a.detach()
+		case <-a.served:
+			// Every in-process connection ended: the kernel disconnected,
+			// or our server failed; leave nothing half-configured.
+			if a.ours() {
+				a.cfg.Logf("all connections to %s ended; disconnecting it", a.Path())
+				return a.detach()
+			}
+			return nil
+		case <-tick.C:
+			if !a.ours() {
+				return nil
+			}
+		case <-dead:
+			if err := a.reconnect(ctx); err != nil {
+				a.cfg.Logf("%s: %v", a.Path(), err)
+			}
+		}
+	}
+}
+
+// reconnect replaces a dead remote connection.
+func (a *Attachment) reconnect(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	deadline := time.Now().Add(a.cfg.DeadConnTimeout)
+	for {
+		cl, err := dialOne(ctx, a.cfg.URI)
+		if err == nil {
+			rc, rerr := rawConn(cl.Conn())
+			if rerr != nil {
+				cl.Conn().Close()
+				return rerr
+			}
+			_, err = withFDs([]syscall.RawConn{rc}, func(fds []int) (int, error) {
+				return 0, a.c.Reconfigure(ReconfigureConfig{
+					Index:             uint32(a.Index),
+					Sockets:           fds,
+					BackendIdentifier: a.backend,
+				})
+			}, nil)
+			cl.Conn().Close()
+			if err == nil {
+				a.cfg.Logf("%s: replaced a dead connection to %s", a.Path(), a.cfg.URI)
+				return nil
+			}
+			return fmt.Errorf("reconnect: %w", err)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("reconnect to %s: %w", a.cfg.URI, err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// detach disconnects the device if it is still ours and waits for the
+// in-process connections to end.
+func (a *Attachment) detach() error {
+	var err error
+	if a.ours() {
+		err = a.c.Disconnect(a.Index)
+		if errors.Is(err, ErrNotConnected) || errors.Is(err, ErrNoDevice) {
+			err = nil
+		}
+	}
+	if a.served == nil {
+		return err
+	}
+	select {
+	case <-a.served:
+	case <-time.After(10 * time.Second):
+		a.cfg.Logf("%s: connections still open 10s after the disconnect; closing them", a.Path())
+	}
+	return err
+}
