@@ -1,0 +1,473 @@
+package nbdserver
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+var modes = []struct {
+	name string
+	opts ClientOptions
+	want replyMode
+}{
+	{"simple", ClientOptions{}, modeSimple},
+	{"structured", ClientOptions{StructuredReplies: true}, modeStructured},
+	{"extended", ClientOptions{ExtendedHeaders: true}, modeExtended},
+}
+
+// TestClientServer reads the whole export and maps every context through
+// our client and server in each reply mode, against the engine.
+func TestClientServer(t *testing.T) {
+	img, _ := chainImage(t)
+	_, uri := startServer(t, Config{Exports: []*Export{{Name: "top", Image: img}}})
+	want := make([]byte, img.Size())
+	if _, err := img.ReadAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	names := metactx.Names(img)
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			opts := m.opts
+			if m.want != modeSimple {
+				opts.MetaContexts = names
+			}
+			c, err := Dial(context.Background(), uri, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if c.mode != m.want {
+				t.Fatalf("mode %v, want %v", c.mode, m.want)
+			}
+			if c.Size() != img.Size() {
+				t.Fatalf("size %d, want %d", c.Size(), img.Size())
+			}
+			if f := c.TransmissionFlags(); f&FlagReadOnly == 0 || f&FlagCanMultiConn == 0 {
+				t.Errorf("flags %#x lack READ_ONLY or CAN_MULTI_CONN", f)
+			}
+			got := make([]byte, img.Size())
+			if _, err := c.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatal("export content differs from the engine's")
+			}
+			if m.want == modeSimple {
+				return
+			}
+			for _, name := range names {
+				var spans []span
+				err := c.BlockStatus(context.Background(), name, 0, c.Size(), func(off, n int64, f uint32) error {
+					spans = append(spans, span{off, n, f})
+					return nil
+				})
+				if err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+				if got, want := coalesce(spans), engineMap(t, img, name); !slices.Equal(got, want) {
+					t.Errorf("%s:\n got %v\nwant %v", name, got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestReadSegments checks that reads of zero ranges become holes and
+// that DF turns them off, by driving NBD_CMD_READ by hand.
+func TestReadHoles(t *testing.T) {
+	img, _ := chainImage(t)
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	rc := dialRaw(t, uri)
+	rc.final(OptStructuredReply, nil)
+	rc.goExport()
+	for _, tc := range []struct {
+		flags     uint16
+		wantHoles bool
+	}{{0, true}, {CmdFlagDF, false}} {
+		rc.write(request{typ: CmdRead, flags: tc.flags, cookie: 7, offset: 0, length: 4 << 20}.append(nil, false))
+		got := make([]byte, 4<<20)
+		holes := 0
+		for {
+			h, p := rc.reply()
+			switch h.typ {
+			case replyTypeOffsetData:
+				copy(got[be.Uint64(p):], p[8:])
+			case replyTypeOffsetHole:
+				holes++
+			default:
+				t.Fatalf("chunk type %d", h.typ)
+			}
+			if h.flags&replyFlagDone != 0 {
+				break
+			}
+		}
+		want := make([]byte, 4<<20)
+		img.ReadAt(want, 0)
+		if !bytes.Equal(got, want) {
+			t.Errorf("flags %#x: content differs", tc.flags)
+		}
+		if (holes > 0) != tc.wantHoles {
+			t.Errorf("flags %#x: %d hole chunks", tc.flags, holes)
+		}
+	}
+}
+
+// TestExtendedWholeExport maps a large sparse export with many extents in
+// one BLOCK_STATUS round trip with extended headers; 32-bit mode needs
+// several, each under 4 GiB.
+func TestExtendedWholeExport(t *testing.T) {
+	needTool(t, "qemu-img", "qemu-io")
+	p := filepath.Join(t.TempDir(), "big.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "64G")
+	var cmds []string
+	for i := range 64 {
+		cmds = append(cmds, "-c", fmt.Sprintf("write -P 1 %d 64k", int64(i)<<30))
+	}
+	run(t, "qemu-io", append(cmds, p)...)
+	img, err := qcow2.Open(p, qcow2.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	for _, tc := range []struct {
+		opts       ClientOptions
+		roundTrips int
+	}{
+		{ClientOptions{ExtendedHeaders: true}, 1},
+		{ClientOptions{StructuredReplies: true}, 32}, // 2 GiB requests
+	} {
+		tc.opts.MetaContexts = []string{metactx.BaseAllocation}
+		c, err := Dial(context.Background(), uri, tc.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		trips, extents := 0, 0
+		for off := int64(0); off < c.Size(); trips++ {
+			c.mu.Lock()
+			n, err := c.blockStatus(0, off, c.Size()-off, func(_, _ int64, _ uint32) error { extents++; return nil })
+			c.mu.Unlock()
+			if err != nil {
+				t.Fatal(err)
+			}
+			off += n
+		}
+		c.Close()
+		if trips != tc.roundTrips || extents != 128 {
+			t.Errorf("mode %v: %d round trips, %d extents; want %d, 128", c.mode, trips, extents, tc.roundTrips)
+		}
+	}
+}
+
+// TestBlockStatusPayload selects contexts per request with
+// NBD_CMD_FLAG_PAYLOAD_LEN, and checks REQ_ONE and the errors.
+func TestBlockStatusPayload(t *testing.T) {
+	img, _ := chainImage(t)
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	rc := dialRaw(t, uri)
+	if got := rc.final(OptExtendedHeaders, nil); got != RepAck {
+		t.Fatalf("EXTENDED_HEADERS: %v", got)
+	}
+	set := metaContextRequest{queries: []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation}}.append(nil)
+	if got := rc.final(OptSetMetaContext, set); got != RepAck {
+		t.Fatalf("SET_META_CONTEXT: %v", got)
+	}
+	r, p := rc.option(OptGo, infoRequest{}.append(nil))
+	var flags uint16
+	for i, h := range r {
+		if h.typ == RepInfo && be.Uint16(p[i]) == infoExport {
+			flags = be.Uint16(p[i][10:])
+		}
+	}
+	if flags&FlagBlockStatusPayload == 0 {
+		t.Fatalf("flags %#x lack NBD_FLAG_BLOCK_STATUS_PAYLOAD", flags)
+	}
+	size := uint64(img.Size())
+	tests := []struct {
+		name    string
+		flags   uint16
+		payload []byte
+		wantIDs []uint32 // chunks expected, in order
+		wantOne bool
+		errno   Errno
+	}{
+		{"all", 0, nil, []uint32{0, 1, 2}, false, 0},
+		{"one id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{1}}.append(nil), []uint32{1}, false, 0},
+		{"two ids, dup", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 0, 2}}.append(nil), []uint32{2, 0}, false, 0},
+		{"req one", CmdFlagPayloadLen | CmdFlagReqOne, blockStatusPayload{size, []uint32{0}}.append(nil), []uint32{0}, true, 0},
+		{"unknown id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 9}}.append(nil), nil, false, EINVAL},
+		{"no ids", CmdFlagPayloadLen, blockStatusPayload{size, nil}.append(nil), nil, false, EINVAL},
+		{"odd payload", CmdFlagPayloadLen, []byte{0, 0, 0, 0, 0, 0, 1, 0, 0}, nil, false, EINVAL},
+		{"beyond end", CmdFlagPayloadLen, blockStatusPayload{size + 1, []uint32{0}}.append(nil), nil, false, EINVAL},
+	}
+	for i, tc := range tests {
+		req := request{typ: CmdBlockStatus, flags: tc.flags, cookie: uint64(i), length: size}
+		if tc.payload != nil {
+			req.length = uint64(len(tc.payload))
+		}
+		rc.write(append(req.append(nil, true), tc.payload...))
+		var ids []uint32
+		for {
+			h, p := rc.reply()
+			if h.cookie != uint64(i) {
+				t.Fatalf("%s: cookie %d", tc.name, h.cookie)
+			}
+			switch h.typ {
+			case replyTypeError:
+				errno, _, _ := decodeErrorPayload(p)
+				if errno != tc.errno {
+					t.Errorf("%s: error %v, want %v", tc.name, errno, tc.errno)
+				}
+			case replyTypeBlockStatusExt:
+				id, es, err := decodeBlockStatus(p, true)
+				if err != nil {
+					t.Fatalf("%s: %v", tc.name, err)
+				}
+				ids = append(ids, id)
+				if tc.wantOne && len(es) != 1 {
+					t.Errorf("%s: %d extents with REQ_ONE", tc.name, len(es))
+				}
+			default:
+				t.Fatalf("%s: chunk type %d", tc.name, h.typ)
+			}
+			if h.flags&replyFlagDone != 0 {
+				break
+			}
+		}
+		if tc.errno == 0 && !slices.Equal(ids, tc.wantIDs) {
+			t.Errorf("%s: chunks for %v, want %v", tc.name, ids, tc.wantIDs)
+		}
+	}
+}
+
+// TestCommandErrors checks per-request errors that leave the connection
+// usable, in each mode.
+func TestCommandErrors(t *testing.T) {
+	img := rawImage(t, 1<<20)
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			rc := dialRaw(t, uri)
+			switch m.want {
+			case modeStructured:
+				rc.final(OptStructuredReply, nil)
+			case modeExtended:
+				rc.final(OptExtendedHeaders, nil)
+			}
+			rc.goExport()
+			ext := m.want == modeExtended
+			tests := []struct {
+				req     request
+				payload []byte
+				errno   Errno
+			}{
+				{request{typ: CmdWrite, length: 512}, make([]byte, 512), EPERM},
+				{request{typ: CmdTrim, length: 512}, nil, EPERM},
+				{request{typ: CmdWriteZeroes, length: 512}, nil, EPERM},
+				{request{typ: CmdRead, offset: 1 << 20, length: 1}, nil, EINVAL},
+				{request{typ: CmdRead, length: 64 << 20}, nil, EINVAL},
+				{request{typ: CmdRead, flags: CmdFlagFUA, length: 1}, nil, EINVAL},
+				{request{typ: CmdCache, offset: 1<<20 - 1, length: 2}, nil, EINVAL},
+				{request{typ: CmdBlockStatus, length: 512}, nil, EINVAL}, // no contexts
+				{request{typ: 42}, nil, EINVAL},
+				{request{typ: CmdFlush}, nil, 0},
+				{request{typ: CmdCache, length: 4096}, nil, 0},
+			}
+			for i, tc := range tests {
+				tc.req.cookie = uint64(100 + i)
+				rc.write(append(tc.req.append(nil, ext), tc.payload...))
+				h, p := rc.reply()
+				var errno Errno
+				switch {
+				case h.magic == simpleReplyMagic:
+					errno = h.errno
+				case h.typ == replyTypeError:
+					errno, _, _ = decodeErrorPayload(p)
+				case h.typ != replyTypeNone:
+					t.Fatalf("%v: chunk type %d", tc.req.typ, h.typ)
+				}
+				if h.cookie != tc.req.cookie || errno != tc.errno {
+					t.Errorf("%v: cookie %d errno %v, want %d %v", tc.req.typ, h.cookie, errno, tc.req.cookie, tc.errno)
+				}
+			}
+		})
+	}
+}
+
+// TestNegotiation checks the option replies, including misuse.
+func TestNegotiation(t *testing.T) {
+	img, _ := chainImage(t)
+	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Description: "first", Image: img}, {Name: "b", Image: img}}})
+	list := func(q ...string) []byte { return metaContextRequest{export: "a", queries: q}.append(nil) }
+	type step struct {
+		opt  Option
+		data []byte
+		want Reply
+		ctxs []string // META_CONTEXT names expected before the ACK
+	}
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"unknown option", []step{{Option(99), []byte("xyz"), RepErrUnsup, nil}}},
+		{"peek export", []step{{OptPeekExport, nil, RepErrUnsup, nil}}},
+		{"structured twice", []step{{OptStructuredReply, nil, RepAck, nil}, {OptStructuredReply, nil, RepErrInvalid, nil}}},
+		{"structured after extended", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptStructuredReply, nil, RepErrExtHeaderReqd, nil}}},
+		{"extended twice", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptExtendedHeaders, nil, RepErrInvalid, nil}}},
+		{"extended after structured", []step{{OptStructuredReply, nil, RepAck, nil}, {OptExtendedHeaders, nil, RepAck, nil}}},
+		{"structured with data", []step{{OptStructuredReply, []byte{1}, RepErrInvalid, nil}}},
+		{"meta context before structured", []step{{OptSetMetaContext, list(metactx.BaseAllocation), RepErrInvalid, nil}}},
+		{"list all", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list(), RepAck, metactx.Names(img)}}},
+		{"list qemu:", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("qemu:"), RepAck, metactx.Names(img)[1:]}}},
+		{"list bitmaps", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("qemu:dirty-bitmap:"), RepAck, []string{"qemu:dirty-bitmap:b0"}}}},
+		{"list base:", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("base:"), RepAck, []string{metactx.BaseAllocation}}}},
+		{"list unknown", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("x:y"), RepAck, nil}}},
+		{"set exact", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptSetMetaContext, list(metactx.JointAllocation, "qemu:", metactx.JointAllocation, "qemu:dirty-bitmap:b0"), RepAck, []string{metactx.JointAllocation, "qemu:dirty-bitmap:b0"}}}},
+		{"set unknown export", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, metaContextRequest{export: "zz"}.append(nil), RepErrUnknown, nil}}},
+		{"meta context garbage", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, []byte{0, 0, 0, 9, 1}, RepErrInvalid, nil}}},
+		{"info unknown export", []step{{OptInfo, infoRequest{export: "zz"}.append(nil), RepErrUnknown, nil}}},
+		{"info garbage", []step{{OptInfo, []byte{0, 0, 0, 1, 'a', 0, 3}, RepErrInvalid, nil}}},
+		{"info ok", []step{{OptInfo, infoRequest{export: "b", infos: []uint16{infoName, infoDescription}}.append(nil), RepAck, nil}}},
+		{"list with data", []step{{OptList, []byte{1}, RepErrInvalid, nil}}},
+		{"starttls without creds", []step{{OptStartTLS, nil, RepErrPolicy, nil}}},
+		{"too big", []step{{OptInfo, make([]byte, 100<<10), RepErrTooBig, nil}, {OptInfo, infoRequest{}.append(nil), RepAck, nil}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := dialRaw(t, uri)
+			for _, s := range tc.steps {
+				r, p := rc.option(s.opt, s.data)
+				if got := r[len(r)-1].typ; got != s.want {
+					t.Fatalf("%v: %v, want %v", s.opt, got, s.want)
+				}
+				var ctxs []string
+				for i, h := range r {
+					if h.typ == RepMetaContext {
+						ctxs = append(ctxs, string(p[i][4:]))
+					}
+				}
+				if s.want == RepAck && !slices.Equal(ctxs, s.ctxs) {
+					t.Errorf("%v: contexts %q, want %q", s.opt, ctxs, s.ctxs)
+				}
+			}
+			// The connection still works after every step.
+			rc.goExport()
+		})
+	}
+}
+
+// TestListAndInfo checks NBD_OPT_LIST and the INFO replies.
+func TestListAndInfo(t *testing.T) {
+	img := rawImage(t, 1<<20)
+	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Description: "first", Image: img}, {Name: "b", Image: img}}})
+	rc := dialRaw(t, uri)
+	r, p := rc.option(OptList, nil)
+	var names []string
+	for i, h := range r {
+		if h.typ == RepServer {
+			n, _, err := cutString(p[i], 4096)
+			if err != nil {
+				t.Fatal(err)
+			}
+			names = append(names, n)
+		}
+	}
+	if !slices.Equal(names, []string{"a", "b"}) {
+		t.Errorf("LIST: %q", names)
+	}
+	r, p = rc.option(OptInfo, infoRequest{export: "", infos: []uint16{infoName, infoDescription}}.append(nil))
+	got := map[uint16]string{}
+	for i, h := range r {
+		if h.typ == RepInfo {
+			got[be.Uint16(p[i])] = string(p[i][2:])
+		}
+	}
+	if got[infoName] != "a" || got[infoDescription] != "first" || len(got[infoExport]) != 10 || len(got[infoBlockSize]) != 12 {
+		t.Errorf("INFO replies %v", got)
+	}
+}
+
+// TestExportName enters transmission with the old NBD_OPT_EXPORT_NAME.
+func TestExportName(t *testing.T) {
+	img := rawImage(t, 1<<20)
+	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Image: img}}})
+	rc := dialRaw(t, uri)
+	rc.write(append(optHeader{opt: OptExportName, length: 1}.append(nil), 'a'))
+	var b [10]byte
+	rc.read(b[:])
+	if be.Uint64(b[:]) != 1<<20 || be.Uint16(b[8:])&FlagHasFlags == 0 {
+		t.Fatalf("EXPORT_NAME reply %x", b)
+	}
+	rc.write(request{typ: CmdRead, cookie: 1, length: 16}.append(nil, false))
+	h, _ := rc.reply()
+	if h.magic != simpleReplyMagic || h.errno != 0 {
+		t.Fatalf("read reply %+v", h)
+	}
+	// An unknown name closes the connection without a reply.
+	rc = dialRaw(t, uri)
+	rc.write(append(optHeader{opt: OptExportName, length: 1}.append(nil), 'z'))
+	if _, err := rc.r.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Fatalf("after unknown EXPORT_NAME: %v", err)
+	}
+}
+
+// TestPipelined sends many reads before reading any reply; every reply
+// comes back once with the right data.
+func TestPipelined(t *testing.T) {
+	img, _ := chainImage(t)
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, MaxInFlight: 4})
+	rc := dialRaw(t, uri)
+	rc.final(OptStructuredReply, nil)
+	rc.goExport()
+	const n = 64
+	go func() {
+		var b []byte
+		for i := range n {
+			b = request{typ: CmdRead, cookie: uint64(i), offset: uint64(i) * 64 << 10, length: 64 << 10, flags: CmdFlagDF}.append(b, false)
+		}
+		rc.c.Write(b)
+	}()
+	seen := map[uint64]bool{}
+	for range n {
+		h, p := rc.reply()
+		if seen[h.cookie] || h.typ != replyTypeOffsetData {
+			t.Fatalf("reply %+v (seen %v)", h, seen[h.cookie])
+		}
+		seen[h.cookie] = true
+		want := make([]byte, 64<<10)
+		img.ReadAt(want, int64(h.cookie)*64<<10)
+		if !bytes.Equal(p[8:], want) {
+			t.Fatalf("cookie %d: wrong data", h.cookie)
+		}
+	}
+}
+
+// TestServerClose ends Serve and open connections.
+func TestServerClose(t *testing.T) {
+	img := rawImage(t, 1<<20)
+	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close hangs")
+	}
+	if _, err := c.ReadAt(make([]byte, 1), 0); err == nil {
+		t.Fatal("read after Close succeeded")
+	}
+}
