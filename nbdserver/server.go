@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -137,7 +138,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	n := &negotiation{srv: s, conn: c}
 	sess, err := n.run()
 	if err != nil {
-		if !errors.Is(err, errAborted) {
+		if !errors.Is(err, errAborted) && !errors.Is(err, io.EOF) {
 			s.cfg.Logf("nbd: %v: handshake: %v", c.RemoteAddr(), err)
 		}
 		return

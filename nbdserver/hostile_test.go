@@ -1,0 +1,124 @@
+package nbdserver
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nbdgw/nbdgw/metactx"
+)
+
+// TestHostileClients runs misbehaving clients against the server while a
+// well-behaved client keeps reading and mapping; the good client must
+// never see an error or wrong data, and the server must keep accepting.
+func TestHostileClients(t *testing.T) {
+	img := rawImage(t, 4<<20)
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, Logf: func(string, ...any) {}})
+	u, _ := ParseURI(uri)
+	want := make([]byte, img.Size())
+	img.ReadAt(want, 0)
+
+	stop := make(chan struct{})
+	var reads atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, err := Dial(context.Background(), uri, ClientOptions{ExtendedHeaders: true, MetaContexts: []string{metactx.BaseAllocation}})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 256<<10)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			off := int64(i%16) * int64(len(buf))
+			if _, err := c.ReadAt(buf, off); err != nil || !bytes.Equal(buf, want[off:off+int64(len(buf))]) {
+				t.Errorf("good client read at %d: %v", off, err)
+				return
+			}
+			if err := c.BlockStatus(context.Background(), metactx.BaseAllocation, 0, c.Size(), func(_, _ int64, _ uint32) error { return nil }); err != nil {
+				t.Errorf("good client block status: %v", err)
+				return
+			}
+			reads.Add(1)
+		}
+	}()
+
+	greeting := be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	goExt := append(optHeader{opt: OptExtendedHeaders}.append(nil), optHeader{opt: OptGo, length: 6}.append(nil)...)
+	goExt = append(goExt, 0, 0, 0, 0, 0, 0)
+	transmit := func(b ...[]byte) []byte {
+		out := append(append([]byte{}, greeting...), goExt...)
+		for _, x := range b {
+			out = append(out, x...)
+		}
+		return out
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	garbage := make([]byte, 4096)
+	for i := range garbage {
+		garbage[i] = byte(rng.Uint32())
+	}
+	hostile := map[string][]byte{
+		"garbage":                  garbage,
+		"bad option magic":         append(append([]byte{}, greeting...), garbage[:64]...),
+		"huge option":              append(append([]byte{}, greeting...), optHeader{opt: OptInfo, length: 0xffffffff}.append(nil)...),
+		"huge export name":         append(append([]byte{}, greeting...), optHeader{opt: OptExportName, length: 1 << 30}.append(nil)...),
+		"unknown client flags":     be.AppendUint32(nil, 0xff),
+		"bad request magic":        transmit(garbage[:32]),
+		"huge write":               transmit(request{typ: CmdWrite, length: 1 << 40}.append(nil, true)),
+		"huge read":                transmit(request{typ: CmdRead, length: 1 << 40}.append(nil, true)),
+		"huge status payload":      transmit(request{typ: CmdBlockStatus, flags: CmdFlagPayloadLen, length: 1 << 30}.append(nil, true)),
+		"huge payload on flush":    transmit(request{typ: CmdFlush, flags: CmdFlagPayloadLen, length: 1 << 40}.append(nil, true)),
+		"unknown commands":         transmit(request{typ: 99}.append(nil, true), request{typ: 0xffff, flags: 0xffff}.append(nil, true)),
+		"half a header":            transmit(request{typ: CmdRead, length: 512}.append(nil, true)[:20]),
+		"half a write":             transmit(request{typ: CmdWrite, length: 1 << 20}.append(nil, true), garbage),
+		"disconnect with reads":    transmit(bytes.Repeat(request{typ: CmdRead, length: 1 << 20}.append(nil, true), 64)),
+		"disconnect mid-handshake": greeting[:2],
+	}
+	for round := 0; round < 3; round++ {
+		for name, b := range hostile {
+			c, err := net.Dial(u.Network, u.Address)
+			if err != nil {
+				t.Fatalf("%s: dial: %v", name, err)
+			}
+			go func() { // drain whatever the server answers
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				buf := make([]byte, 64<<10)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+				}
+			}()
+			c.Write(b)
+			if round == 2 {
+				time.Sleep(5 * time.Millisecond)
+			}
+			c.Close()
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if reads.Load() == 0 {
+		t.Error("the good client never completed a read")
+	}
+	// The server still serves new clients.
+	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+}

@@ -1,0 +1,71 @@
+package nbdserver
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
+)
+
+// TestTLS connects over TLS with and without a client certificate, and
+// checks that a TLS-only server refuses everything before STARTTLS.
+func TestTLS(t *testing.T) {
+	withClient, caOnly := t.TempDir(), t.TempDir()
+	if err := testcerts.Write(withClient, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := testcerts.Write(caOnly, false); err != nil {
+		t.Fatal(err)
+	}
+	img := rawImage(t, 1<<20)
+	for _, dir := range []string{withClient, caOnly} {
+		srvTLS, err := LoadServerTLS(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS, TLSRequired: true})
+
+		c, err := Dial(context.Background(), "nbds+unix:///?tls-hostname=localhost&tls-certificates="+dir+"&socket="+uri[len("nbd+unix:///?socket="):],
+			ClientOptions{ExtendedHeaders: true, MetaContexts: []string{metactx.BaseAllocation}})
+		if err != nil {
+			t.Fatalf("%s: %v", dir, err)
+		}
+		buf := make([]byte, 4096)
+		if _, err := c.ReadAt(buf, 0); err != nil || buf[0] != 1 {
+			t.Errorf("TLS read: %v %x", err, buf[:4])
+		}
+		c.Close()
+
+		_, err = Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+		var se *ServerError
+		if !errors.As(err, &se) || se.Reply != RepErrTLSReqd {
+			t.Errorf("plain client on TLS-only server: %v", err)
+		}
+		rc := dialRaw(t, uri)
+		for _, opt := range []Option{OptList, OptInfo, OptGo, OptStructuredReply} {
+			if got := rc.final(opt, nil); got != RepErrTLSReqd {
+				t.Errorf("%v before STARTTLS: %v", opt, got)
+			}
+		}
+	}
+	// A client certificate from another CA is refused.
+	other := t.TempDir()
+	if err := testcerts.Write(other, true); err != nil {
+		t.Fatal(err)
+	}
+	srvTLS, err := LoadServerTLS(caOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS})
+	cliTLS, err := LoadClientTLS(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cliTLS.InsecureSkipVerify = true // only the server's check is tested
+	if _, err := Dial(context.Background(), uri, ClientOptions{TLS: cliTLS}); err == nil {
+		t.Error("client certificate from a foreign CA accepted")
+	}
+}
