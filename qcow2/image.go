@@ -152,10 +152,10 @@ func Open(path string, opts Options) (*Image, error) {
 		seen[key] = true
 		l, backing, backingFmt, err := openLayer(name, format, depth, img.warn)
 		if err != nil {
-			img.Close()
 			if depth > 1 {
-				return nil, fmt.Errorf("opening backing file (depth %d) of %s: %w", depth, img.layers[len(img.layers)-1].info().Filename, err)
+				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", name, depth, img.layers[len(img.layers)-1].info().Filename, err)
 			}
+			img.Close()
 			return nil, err
 		}
 		img.layers = append(img.layers, l)
