@@ -53,14 +53,3 @@ func (c *lru[K]) put(k K, v []byte) {
 		c.used -= int64(len(ent.val))
 	}
 }
-
-// drop forgets k (used when a cached table is rewritten).
-func (c *lru[K]) drop(k K) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e, ok := c.items[k]; ok {
-		c.ll.Remove(e)
-		delete(c.items, k)
-		c.used -= int64(len(e.Value.(*lruEntry[K]).val))
-	}
-}

@@ -361,6 +361,16 @@ func (q *qcow2Layer) lookup(off, length int64) (mapping, error) {
 	subs := sc + n // subclusters covered, counted from the first cluster's start
 	limit := min(q.l2Entries-l2i, (inC+length+q.csize-1)>>q.cbits)
 	for i := int64(1); i < limit && sc+n == q.scPerCluster; i++ {
+		if typ == scUnallocPlain {
+			// Fast path: an all-zero entry (and bitmap) is unallocated.
+			z := zeroEntries(t[(l2i+i)*q.esize:(l2i+limit)*q.esize]) / q.esize
+			if z > 0 {
+				subs += int(z) * q.scPerCluster
+				i += z - 1
+				sc, n = 0, q.scPerCluster
+				continue
+			}
+		}
 		e2, bm2 := q.entry(t, l2i+i)
 		t2, n2 := q.rangeType(e2, bm2, 0)
 		if t2 != typ {
@@ -377,6 +387,20 @@ func (q *qcow2Layer) lookup(off, length int64) (mapping, error) {
 	}
 	m.length = min(int64(subs)<<q.scBits-inC, length)
 	return m, nil
+}
+
+// zeroEntries counts the leading zero bytes of b, in whole 8-byte words.
+func zeroEntries(b []byte) int64 {
+	i := 0
+	for ; i+32 <= len(b); i += 32 {
+		le := binary.LittleEndian
+		if le.Uint64(b[i:])|le.Uint64(b[i+8:])|le.Uint64(b[i+16:])|le.Uint64(b[i+24:]) != 0 {
+			break
+		}
+	}
+	for ; i+8 <= len(b) && binary.LittleEndian.Uint64(b[i:]) == 0; i += 8 {
+	}
+	return int64(i)
 }
 
 // checkHostCluster validates the host cluster of an allocated L2 entry.
