@@ -4,6 +4,7 @@
 package qemumap
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -21,6 +22,10 @@ type Entry struct {
 	Offset        int64
 	Filename      string // "" when QEMU's is NULL
 }
+
+// errCompressed is qemu-img's refusal to print human output for data it
+// cannot map to a host offset.
+var errCompressed = errors.New("file contains external, encrypted or compressed clusters")
 
 // mergeable is qemu-img's entry_mergeable().
 func (c *Entry) mergeable(n *Entry) bool {
@@ -109,7 +114,7 @@ func (m *Writer) dump(e, next *Entry) error {
 		}
 	} else {
 		if e.Data && !e.HasOffset {
-			return fmt.Errorf("File contains external, encrypted or compressed clusters.")
+			return errCompressed
 		}
 		if e.Data && !e.Zero {
 			b = appendHex16(b, e.Start)
