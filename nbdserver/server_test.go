@@ -138,7 +138,7 @@ func TestExtendedWholeExport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer img.Close()
+	t.Cleanup(func() { img.Close() }) // after the server stops
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
 	for _, tc := range []struct {
 		opts       ClientOptions
