@@ -69,6 +69,9 @@ type Attachment struct {
 	served  chan struct{}  // closed when all local server connections ended; nil for a URI
 	wg      sync.WaitGroup // local server connections
 	watcher *Watcher       // URI only
+	// connector is /sys/block/nbdN/pid right after CONNECT: the kernel
+	// records the thread that sent CONNECT (a thread id, not our pid).
+	connector int
 }
 
 // Path returns /dev/nbdN.
@@ -191,6 +194,7 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 		return nil, cerr
 	}
 	a.Index = idx
+	a.connector = deviceInfo(idx).PID
 	return a, nil
 }
 
@@ -334,9 +338,8 @@ func (a *Attachment) ours() bool {
 	if err != nil || len(d) != 1 || !d[0].Connected {
 		return false
 	}
-	in := DeviceInfo(a.Index)
-	// PID 0: no sysfs to ask; trust STATUS.
-	return (in.PID == 0 || in.PID == os.Getpid()) && (in.Backend == "" || in.Backend == a.backend)
+	in := deviceInfo(a.Index)
+	return in.PID == a.connector && (in.Backend == "" || in.Backend == a.backend)
 }
 
 // Wait serves the device until it is disconnected (nbdgw detach) or ctx

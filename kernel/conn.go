@@ -144,7 +144,9 @@ func connectErr(err error, idx int) error {
 	return err
 }
 
-// Disconnect asks the kernel to disconnect device index.
+// Disconnect asks the kernel to disconnect device index. The kernel
+// answers success for a device that is not connected, so STATUS is asked
+// first to report ErrNoDevice or ErrNotConnected.
 func (c *Conn) Disconnect(index int) error {
 	fail := func(err error) error { return &Error{Op: "disconnect", Index: index, Err: err} }
 	if index < 0 {
@@ -154,19 +156,17 @@ func (c *Conn) Disconnect(index int) error {
 	if err != nil {
 		return fail(err)
 	}
+	d, err := c.Status(index)
+	if err != nil {
+		return fail(err)
+	}
+	switch {
+	case len(d) == 0:
+		return fail(ErrNoDevice)
+	case !d[0].Connected:
+		return fail(ErrNotConnected)
+	}
 	if _, err := c.execute(CmdDisconnect, b, netlink.Request|netlink.Acknowledge); err != nil {
-		if errors.Is(err, unix.EINVAL) {
-			// Either the device does not exist or it is not configured;
-			// ask which, for a clear message.
-			if d, serr := c.Status(index); serr == nil {
-				if len(d) == 0 {
-					return fail(fmt.Errorf("%w: %w", ErrNoDevice, err))
-				}
-				if !d[0].Connected {
-					return fail(fmt.Errorf("%w: %w", ErrNotConnected, err))
-				}
-			}
-		}
 		return fail(err)
 	}
 	return nil

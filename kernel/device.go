@@ -69,6 +69,9 @@ type Info struct {
 	Size int64
 	// PID of the process that connected the device (0: none).
 	PID int
+	// Thread is the thread that sent CONNECT, as the kernel records it in
+	// /sys/block/nbdN/pid (it equals PID in a single-threaded client).
+	Thread int
 	// Backend is NBD_ATTR_BACKEND_IDENTIFIER as given to CONNECT.
 	Backend string
 	// ReadOnly reports the block device's read-only flag.
@@ -78,6 +81,33 @@ type Info struct {
 // DeviceInfo reads /sys/block/nbdN. Missing files leave zero values: the
 // pid and backend files only exist while the device is connected.
 func DeviceInfo(index int) Info {
+	in := deviceInfo(index)
+	in.Thread = in.PID
+	if in.PID > 0 {
+		in.PID = threadGroup(in.PID)
+	}
+	return in
+}
+
+// threadGroup returns the process a thread belongs to (itself when /proc
+// cannot tell, e.g. after the thread exited).
+func threadGroup(tid int) int {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(tid), "status"))
+	if err != nil {
+		return tid
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			if p, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && p > 0 {
+				return p
+			}
+		}
+	}
+	return tid
+}
+
+// deviceInfo is DeviceInfo with the raw thread id in PID.
+func deviceInfo(index int) Info {
 	dir := filepath.Join(sysfsRoot, "block", "nbd"+strconv.Itoa(index))
 	read := func(name string) string {
 		b, err := os.ReadFile(filepath.Join(dir, name))
