@@ -52,25 +52,33 @@ var ErrMountpoint = errors.New("unusable mount point")
 // CheckMountpoint reports why dir cannot be mounted on: missing, not a
 // directory, not empty, or a dead FUSE mount left by a killed server.
 func CheckMountpoint(dir string) error {
+	err := checkMountpoint(dir)
+	if errors.Is(err, syscall.ENOTCONN) {
+		// The kernel may answer stat from its cache, and fail only
+		// the open: whichever step met the dead connection, say so.
+		return fmt.Errorf("%w: %s is a FUSE mount whose server is gone (run `fusermount3 -u %s` first)", ErrMountpoint, dir, dir)
+	}
+	return err
+}
+
+func checkMountpoint(dir string) error {
 	fi, err := os.Stat(dir)
 	switch {
-	case errors.Is(err, syscall.ENOTCONN):
-		return fmt.Errorf("%w: %s is a FUSE mount whose server is gone (run `fusermount3 -u %s` first)", ErrMountpoint, dir, dir)
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("%w: %s does not exist", ErrMountpoint, dir)
 	case err != nil:
-		return fmt.Errorf("%w: %v", ErrMountpoint, err)
+		return fmt.Errorf("%w: %w", ErrMountpoint, err)
 	case !fi.IsDir():
 		return fmt.Errorf("%w: %s is not a directory", ErrMountpoint, dir)
 	}
 	f, err := os.Open(dir)
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrMountpoint, err)
+		return fmt.Errorf("%w: %w", ErrMountpoint, err)
 	}
 	defer f.Close()
 	names, err := f.Readdirnames(1)
 	if err != nil && err != io.EOF {
-		return fmt.Errorf("%w: %v", ErrMountpoint, err)
+		return fmt.Errorf("%w: %w", ErrMountpoint, err)
 	}
 	if len(names) > 0 {
 		return fmt.Errorf("%w: %s is not empty", ErrMountpoint, dir)
