@@ -1,0 +1,99 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// repoRoot finds the directory holding go.mod above the test's directory.
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("go.mod not found above the test directory")
+		}
+		dir = parent
+	}
+}
+
+// TestVM runs scripts/vmtest.sh: nbdgw attach/detach/list against the nbd
+// driver of Debian's cloud kernel booted under qemu-system-x86_64. The
+// guest prints "ok"/"not ok" lines and NBDGW-VMTEST: PASS or FAIL.
+func TestVM(t *testing.T) {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		t.Skipf("the VM test boots an amd64 Debian kernel; this is %s/%s", runtime.GOOS, runtime.GOARCH)
+	}
+	if testing.Short() {
+		t.Skip("-short: the VM test boots a kernel (about 30s)")
+	}
+	// The tools the script needs, by Debian package.
+	tools := []struct{ cmd, pkg string }{
+		{"qemu-system-x86_64", "qemu-system-x86"},
+		{"qemu-img", "qemu-utils"},
+		{"busybox", "busybox-static"},
+		{"cpio", "cpio"},
+		{"depmod", "kmod"},
+		{"mkfs.ext4", "e2fsprogs"},
+		{"debugfs", "e2fsprogs"},
+		{"dpkg-deb", "dpkg"},
+		{"apt-get", "apt"},
+	}
+	var missing []string
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool.cmd); err != nil {
+			if _, err := os.Stat(filepath.Join("/usr/sbin", tool.cmd)); err == nil {
+				continue
+			}
+			missing = append(missing, tool.cmd+" ("+tool.pkg+")")
+		}
+	}
+	if len(missing) > 0 {
+		t.Skipf("the VM test needs: %s", strings.Join(missing, ", "))
+	}
+
+	timeout := 5 * time.Minute
+	if d, ok := t.Deadline(); ok && time.Until(d)-10*time.Second < timeout {
+		timeout = time.Until(d) - 10*time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	root := repoRoot(t)
+	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "scripts", "vmtest.sh"))
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "NBDGW_VM_NO_INSTALL=1")
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = &out
+	start := time.Now()
+	err := cmd.Run()
+	console := out.String()
+
+	// Report the guest's checks and timings either way.
+	keep := regexp.MustCompile(`^(ok|not ok) - |^vmtest|NBDGW-VMTEST`)
+	for _, line := range strings.Split(console, "\n") {
+		if keep.MatchString(line) {
+			t.Log(line)
+		}
+	}
+	t.Logf("vmtest.sh took %v", time.Since(start).Round(time.Second))
+	if err != nil || !strings.Contains(console, "\nNBDGW-VMTEST: PASS") {
+		t.Logf("full output:\n%s", console)
+		t.Fatalf("vmtest.sh: %v; the guest did not report PASS", err)
+	}
+}
