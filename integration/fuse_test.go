@@ -264,6 +264,18 @@ func TestFUSEMount(t *testing.T) {
 		}
 	})
 	t.Run("partition-ext4", func(t *testing.T) { fusePartitionExt4(t, bin) })
+	t.Run("no-backing", func(t *testing.T) {
+		m := fuseStart(t, bin, top, "--no-backing")
+		raw := filepath.Join(t.TempDir(), "top-alone.raw")
+		fuseRun(t, "qemu-img", "convert", "-O", "raw", fuseLayerSpec(top), raw)
+		if got, want := fuseSHA(t, filepath.Join(m.dir, "disk")), fuseSHA(t, raw); got != want {
+			t.Errorf("--no-backing disk sha256 %s, qemu-img convert %s", got, want)
+		}
+		if _, err := os.Stat(filepath.Join(m.dir, "layers", "2")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("--no-backing: layers/2: %v, want it absent", err)
+		}
+	})
+	t.Run("many-extents", func(t *testing.T) { fuseManyExtents(t, bin, work) })
 	t.Run("lifecycle", func(t *testing.T) { fuseLifecycle(t, bin, top) })
 	t.Run("bad-input", func(t *testing.T) { fuseBadInput(t, bin, top) })
 	t.Run("chain-unchanged", func(t *testing.T) {
@@ -615,6 +627,26 @@ func fusePartitionExt4(t *testing.T, bin string) {
 	if !bytes.Equal(part, whole[1<<20:1<<20+40960*512]) {
 		t.Errorf("partitions/p1 is not bytes [1MiB, 21MiB) of the disk (%d bytes)", len(part))
 	}
+	// SEEK_DATA/SEEK_HOLE of the partition are block status shifted by
+	// its start.
+	img, err := qcow2.Open(qc, qcow2.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	var want [][2]int64
+	const pStart, pLen = 1 << 20, 40960 * 512
+	if err := metactx.Walk(img, metactx.BaseAllocation, pStart, pLen, func(off, n int64, flags uint32) error {
+		if flags&metactx.StateHole == 0 {
+			want = append(want, [2]int64{off - pStart, off - pStart + n})
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got := fuseDataRanges(t, p1); fmt.Sprint(got) != fmt.Sprint(want) || len(want) == 0 {
+		t.Errorf("SEEK_DATA/SEEK_HOLE on p1: %v, block status: %v", got, want)
+	}
 	if _, err := os.Stat(filepath.Join(m.dir, "partitions", "p2")); err != nil {
 		t.Errorf("partitions/p2: %v", err)
 	}
@@ -712,5 +744,65 @@ func fuseBadInput(t *testing.T, bin, top string) {
 				}
 			}
 		})
+	}
+}
+
+// fuseManyExtents maps an image of 131072 extents (512-byte clusters,
+// every other one allocated) through the mount: cat of the map files
+// equals nbdgw map --context and nbdinfo over qemu-nbd, in one pass and
+// read back from the start.
+func fuseManyExtents(t *testing.T, bin, work string) {
+	raw := filepath.Join(work, "striped.raw")
+	f, err := os.Create(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 64 << 20
+	buf := make([]byte, size)
+	for off := 0; off < size; off += 1024 {
+		for i := off; i < off+512; i++ {
+			buf[i] = 0x5a
+		}
+	}
+	if _, err := f.Write(buf); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	qc := filepath.Join(work, "striped.qcow2")
+	fuseRun(t, "qemu-img", "convert", "-S", "512", "-O", "qcow2", "-o", "cluster_size=512", raw, qc)
+	m := fuseStart(t, bin, qc)
+	for _, ctx := range []string{metactx.BaseAllocation, metactx.AllocationDepth} {
+		file := filepath.Join(m.dir, "maps", fuseMapFile(ctx))
+		out, err := exec.Command("cat", file).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if lines := bytes.Count(out, []byte("\n")); lines != size/512 {
+			t.Errorf("%s: %d lines, want %d", file, lines, size/512)
+		}
+		if cli := fuseRun(t, bin, "map", "--context", ctx, qc); !bytes.Equal(out, cli) {
+			t.Errorf("%s (%d bytes) differs from nbdgw map --context (%d bytes)", file, len(out), len(cli))
+		}
+		if q := fuseRun(t, "nbdinfo", "--map="+ctx, "--", "[", "qemu-nbd", "-r", "-A", "-f", "qcow2", qc, "]"); !bytes.Equal(out, q) {
+			t.Errorf("%s (%d bytes) differs from nbdinfo over qemu-nbd (%d bytes)", file, len(out), len(q))
+		}
+		// One open file read twice from offset 0.
+		g, err := os.Open(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for pass := range 2 {
+			if _, err := g.Seek(0, io.SeekStart); err != nil {
+				t.Fatal(err)
+			}
+			again, err := io.ReadAll(g)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(again, out) {
+				t.Errorf("%s pass %d: re-read differs", file, pass)
+			}
+		}
+		g.Close()
 	}
 }
