@@ -156,11 +156,10 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 		flags |= FlagReadOnly
 	}
 	if cfg.URI != "" {
-		a.watcher, err = c.WatchLinkDead()
-		if err != nil {
-			closeAll()
-			a.shutdown()
-			return fail(err)
+		// Without the multicast group the device still works; only a dead
+		// connection cannot be replaced.
+		if a.watcher, err = c.WatchLinkDead(); err != nil {
+			cfg.Logf("%v: a dead connection will not be replaced", err)
 		}
 	}
 	var conns []syscall.RawConn

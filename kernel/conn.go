@@ -244,6 +244,9 @@ func (c *Conn) WatchLinkDead() (*Watcher, error) {
 	if !found {
 		return fail(fmt.Errorf("the kernel's nbd family has no %q multicast group", mcGroupName))
 	}
+	if c.dial == nil {
+		return fail(errors.New("no way to open a second netlink socket"))
+	}
 	nc, err := c.dial()
 	if err != nil {
 		return fail(err)
