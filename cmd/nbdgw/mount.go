@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -86,6 +87,7 @@ func unmountOnSignal(srv *fusefs.Server, done <-chan struct{}, sig os.Signal) er
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	fmt.Fprintf(os.Stderr, "nbdgw mount: %v: cannot unmount (%v); still serving: close the files in use and signal again\n", sig, err)
+	msg := strings.Join(strings.Fields(err.Error()), " ") // fusermount's message spans lines
+	fmt.Fprintf(os.Stderr, "nbdgw mount: %v: cannot unmount (%s); still serving: close the files in use and signal again\n", sig, msg)
 	return nil
 }
