@@ -42,14 +42,12 @@ missing=()
 for c in "${!need[@]}"; do
 	command -v "$c" >/dev/null 2>&1 || missing+=("${need[$c]}")
 done
+# A dynamic busybox cannot run alone in the initramfs (ldd fails on a
+# static executable).
+is_static() { ! ldd "$1" >/dev/null 2>&1; }
 bb=$(command -v busybox || true)
-if [ -n "$bb" ] && ! LC_ALL=C file -L "$bb" 2>/dev/null | grep -q 'statically linked'; then
-	# A dynamic busybox cannot run alone in the initramfs.
-	if [ -x /bin/busybox ] && LC_ALL=C file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
-		bb=/bin/busybox
-	else
-		missing+=(busybox-static)
-	fi
+if [ -n "$bb" ] && ! is_static "$bb"; then
+	missing+=(busybox-static)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
 	mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -274,7 +272,19 @@ else
 	notok "attach --connections 2"
 fi
 
-# 3. An NBD URI served by nbdgw serve; the server dies and comes back:
+# 3. attach killed with SIGKILL: the device stays configured with dead
+#    sockets; detach must still clean it up.
+if start_attach /tmp/a4.log /images/base.qcow2; then
+	kill -9 $pid
+	wait $pid 2>/dev/null
+	check "after SIGKILL of attach, detach $dev cleans up" nbdgw detach "$dev"
+	i=0; while [ "$(connected_count)" != 0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	check "no device connected after that detach" [ "$(connected_count)" = 0 ]
+else
+	notok "attach base.qcow2"
+fi
+
+# 4. An NBD URI served by nbdgw serve; the server dies and comes back:
 #    LINK_DEAD -> redial -> RECONFIGURE, the device survives.
 if nbdgw serve --help 2>&1 | grep -q socket; then
 	nbdgw serve --socket /tmp/nbd.sock /images/overlay.qcow2 2>/tmp/serve.log &
@@ -303,6 +313,7 @@ else
 	echo "# skip: nbdgw serve --socket not available"
 fi
 
+for f in /tmp/a*.log; do sed "s|^|# $f: |" "$f"; done
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "vmtest-guest: checks took $(awk "BEGIN{print $t1-$t0}")s"
 if [ $fails = 0 ]; then
@@ -324,7 +335,7 @@ console=$work/console.log
 t_boot=$(date +%s)
 set +e
 timeout "$vm_timeout" qemu-system-x86_64 \
-	-accel "$accel" -m 1024 -smp 2 -nographic -no-reboot \
+	-accel "$accel" -m 1024 -smp 2 -nographic -no-reboot -net none \
 	-kernel "$vmlinuz" -initrd "$work/initrd.gz" \
 	-append "console=ttyS0 panic=-1 quiet loglevel=4" </dev/null 2>&1 | tee "$console"
 qrc=${PIPESTATUS[0]}
