@@ -156,14 +156,19 @@ func parseMBR(r io.ReaderAt, mbr []byte, size int64) ([]Partition, error) {
 // partition [first, first+firstSize), as Linux's parse_extended() does:
 // the data entries of each EBR are logical partitions relative to that EBR,
 // its first extended entry links to the next EBR relative to the
-// container. The chain is bounded in length, so a loop ends.
+// container. The chain is bounded in length and may not revisit an EBR.
 func parseExtended(r io.ReaderAt, size, first, firstSize int64, next int, add func(int, int64, int64)) (int, error) {
 	this, thisSize := first, firstSize
 	sec := make([]byte, sectorSize)
+	seen := map[int64]bool{}
 	for range maxEBRChain {
-		if next > maxPartitions || this < 0 || this > size-sectorSize {
+		// A link back to an EBR already read is a loop: stop there,
+		// as libblkid does (Linux would repeat partitions up to its
+		// limit).
+		if next > maxPartitions || this < 0 || this > size-sectorSize || seen[this] {
 			return next, nil
 		}
+		seen[this] = true
 		if err := readFull(r, sec, this); err != nil {
 			return next, err
 		}

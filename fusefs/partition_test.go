@@ -55,12 +55,16 @@ func TestPartitionsAgainstPartx(t *testing.T) {
 		size   int64
 		script string
 		extra  []string // a second sfdisk script, appended
+		zero   int64    // if > 0, the sector at this LBA is zeroed afterwards
+		raw    func() []byte
 	}{
+		{name: "mbr-ebr-loop", size: 1 << 20, raw: ebrLoop},
 		{name: "mbr-one", size: 16 << 20, script: "label: dos\n,,83\n"},
 		{name: "mbr-four", size: 32 << 20, script: "label: dos\n,4M,83\n,4M,82\n,4M,7\n,,83\n"},
 		{name: "mbr-gap", size: 32 << 20, script: "label: dos\nstart=8192,size=2048,type=83\nstart=40960,size=4096,type=c\n"},
 		{name: "mbr-logical", size: 64 << 20, script: "label: dos\n,10M,83\n,40M,5\n,,83\n", extra: []string{",5M,83\n,5M,83\n,,83\n"}},
 		{name: "gpt", size: 64 << 20, script: "label: gpt\n,10M\n,1M\n,,\n"},
+		{name: "gpt-backup-header", size: 64 << 20, script: "label: gpt\n,10M\n,1M\n,,\n", zero: 1},
 		{name: "gpt-sparse-numbers", size: 64 << 20, script: "label: gpt\n5: start=4096,size=2048\n,2M\n"},
 		{name: "none", size: 4 << 20, script: ""},
 	}
@@ -76,8 +80,24 @@ func TestPartitionsAgainstPartx(t *testing.T) {
 			if tc.script != "" {
 				sfdisk(t, file, tc.script)
 			}
+			if tc.raw != nil {
+				if err := os.WriteFile(file, tc.raw(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
 			for _, s := range tc.extra {
 				sfdisk(t, file, s, "--append", "-N", "5")
+			}
+			if tc.zero > 0 {
+				f, err := os.OpenFile(file, os.O_WRONLY, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err = f.WriteAt(make([]byte, 512), tc.zero*512)
+				f.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
 			}
 			want := partxPartitions(t, file)
 			f, err := os.Open(file)
@@ -95,7 +115,7 @@ func TestPartitionsAgainstPartx(t *testing.T) {
 			if !equalParts(got, want) {
 				t.Errorf("Partitions = %+v\npartx says %+v", got, want)
 			}
-			if tc.script != "" && len(want) == 0 {
+			if (tc.script != "" || tc.raw != nil) && len(want) == 0 {
 				t.Errorf("partx found no partitions: the test makes no point")
 			}
 		})
@@ -147,7 +167,7 @@ func TestPartitionsBounded(t *testing.T) {
 		{"cut-at-end", mbr([3]uint32{0x83, 1024, 0xffffffff}), []Partition{{1, 1024 * 512, size - 1024*512, "mbr"}}},
 		{"zero-size", mbr([3]uint32{0x83, 10, 0}), nil},
 		{"bad-boot-flag", func() []byte { b := mbr([3]uint32{0x83, 1, 10}); b[mbrTableAt] = 0x12; return b }(), nil},
-		{"ebr-loop", mbr([3]uint32{0x05, 2, 100}), nil},
+		{"ebr-missing", mbr([3]uint32{0x05, 2, 100}), nil},
 		{"gpt-garbage", mbr([3]uint32{0xee, 1, 0xffffffff}), nil},
 	}
 	for _, tc := range tests {
@@ -227,4 +247,21 @@ func TestGPTSeedParses(t *testing.T) {
 	if !equalParts(got, want) {
 		t.Errorf("got %+v, want %+v", got, want)
 	}
+}
+
+// ebrLoop is a 1 MiB disk whose extended partition holds one EBR that
+// links back to itself after one logical partition.
+func ebrLoop() []byte {
+	b := make([]byte, 1<<20)
+	entry := func(sector int64, i int, typ byte, start, n uint32) {
+		e := b[sector*512+mbrTableAt+16*int64(i):]
+		e[4] = typ
+		binary.LittleEndian.PutUint32(e[8:], start)
+		binary.LittleEndian.PutUint32(e[12:], n)
+		binary.LittleEndian.PutUint16(b[sector*512+mbrSignatureAt:], 0xAA55)
+	}
+	entry(0, 0, 0x05, 2, 100)
+	entry(2, 0, 0x83, 1, 10)
+	entry(2, 1, 0x05, 0, 100)
+	return b
 }
