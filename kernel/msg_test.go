@@ -6,6 +6,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 )
 
 func TestDecodeStatus(t *testing.T) {
@@ -138,6 +139,23 @@ func TestMaxIndex(t *testing.T) {
 		got, ok := maxIndexFor(tt.maxPart)
 		if got != tt.want || ok != tt.ok {
 			t.Errorf("maxIndexFor(%q) = %d, %v; want %d, %v", tt.maxPart, got, ok, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestModuleFlags(t *testing.T) {
+	tests := []struct {
+		path string
+		want int
+	}{
+		{"/lib/modules/6.1.0-56-cloud-amd64/kernel/drivers/block/nbd.ko", 0},
+		{"/lib/modules/6.12.48+deb13-amd64/kernel/drivers/block/nbd.ko.xz", unix.MODULE_INIT_COMPRESSED_FILE},
+		{"/lib/modules/x/kernel/drivers/block/nbd.ko.zst", unix.MODULE_INIT_COMPRESSED_FILE},
+		{"/lib/modules/x/kernel/drivers/block/nbd.ko.gz", unix.MODULE_INIT_COMPRESSED_FILE},
+	}
+	for _, tt := range tests {
+		if got := moduleFlags(tt.path); got != tt.want {
+			t.Errorf("moduleFlags(%q) = %d, want %d", tt.path, got, tt.want)
 		}
 	}
 }
