@@ -29,7 +29,6 @@ type diskNode struct {
 
 	blocksOnce sync.Once
 	blocks     uint64 // 512-byte units of allocated data; set by blocksOnce
-	blocksErr  error  // set by blocksOnce
 }
 
 var (
@@ -80,11 +79,17 @@ func (n *diskNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off i
 }
 
 func (n *diskNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	n.blocksOnce.Do(func() { n.blocks, n.blocksErr = n.allocatedBlocks() })
-	if n.blocksErr != nil {
-		n.tree.logf("block status: %v", n.blocksErr)
-		return syscall.EIO
-	}
+	n.blocksOnce.Do(func() {
+		var err error
+		if n.blocks, err = n.allocatedBlocks(); err != nil {
+			// Failing stat would hide the whole file (lookups need
+			// attributes) when only some metadata is bad: report it
+			// fully allocated instead, and let reads fail where
+			// they must.
+			n.tree.logf("block status of [%d, +%d): %v; reporting it fully allocated", n.base, n.size, err)
+			n.blocks = uint64((n.size + 511) / 512)
+		}
+	})
 	n.tree.fileAttr(&out.Attr, 0o444, uint64(n.size))
 	out.Blocks = n.blocks
 	return 0

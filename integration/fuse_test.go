@@ -276,6 +276,7 @@ func TestFUSEMount(t *testing.T) {
 		}
 	})
 	t.Run("many-extents", func(t *testing.T) { fuseManyExtents(t, bin, work) })
+	t.Run("corrupt-l2-entry", func(t *testing.T) { fuseCorrupt(t, bin) })
 	t.Run("lifecycle", func(t *testing.T) { fuseLifecycle(t, bin, top) })
 	t.Run("bad-input", func(t *testing.T) { fuseBadInput(t, bin, top) })
 	t.Run("chain-unchanged", func(t *testing.T) {
@@ -804,5 +805,65 @@ func fuseManyExtents(t *testing.T, bin, work string) {
 			}
 		}
 		g.Close()
+	}
+}
+
+// fuseCorrupt points one L2 entry of a qcow2 past the end of the file.
+// The mount must still come up with the right size (stat must not fail:
+// lookups need it), the intact cluster must read back, and the broken one
+// must read as QEMU reads it (zeros: file-posix pads past EOF) or fail
+// with EIO, never return other bytes.
+func fuseCorrupt(t *testing.T, bin string) {
+	dir := t.TempDir()
+	qc := filepath.Join(dir, "corrupt.qcow2")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", qc, "64M")
+	fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 32M 64k", qc)
+	f, err := os.OpenFile(qc, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := func(off int64) uint64 {
+		var b [8]byte
+		if _, err := f.ReadAt(b[:], off); err != nil {
+			t.Fatal(err)
+		}
+		return uint64(b[0])<<56 | uint64(b[1])<<48 | uint64(b[2])<<40 | uint64(b[3])<<32 |
+			uint64(b[4])<<24 | uint64(b[5])<<16 | uint64(b[6])<<8 | uint64(b[7])
+	}
+	l1 := int64(be(40))
+	l2 := int64(be(l1) & 0x00fffffffffffe00)
+	entry := l2 + 8*(32<<20)/65536
+	if be(entry)&0x00fffffffffffe00 == 0 {
+		t.Fatalf("no L2 entry for 32M at %#x", entry)
+	}
+	bad := []byte{0x80, 0, 1, 0, 0, 0, 0, 0} // copied, 1 TiB: past the end
+	if _, err := f.WriteAt(bad, entry); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	m := fuseStart(t, bin, qc)
+	disk := filepath.Join(m.dir, "disk")
+	fi, err := os.Stat(disk)
+	if err != nil || fi.Size() != 64<<20 {
+		t.Fatalf("stat of disk over a corrupt image: %v, %v", fi, err)
+	}
+	g, err := os.Open(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	buf := make([]byte, 64<<10)
+	if _, err := g.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, bytes.Repeat([]byte{1}, len(buf))) {
+		t.Errorf("intact cluster: %v", err)
+	}
+	_, err = g.ReadAt(buf, 32<<20)
+	if err == nil && !bytes.Equal(buf, make([]byte, len(buf))) {
+		t.Errorf("broken cluster read without error but not as zeros")
+	} else if err != nil && !errors.Is(err, syscall.EIO) {
+		t.Errorf("broken cluster: %v, want EIO or QEMU's zeros", err)
+	}
+	if _, err := g.ReadAt(buf, 0); err != nil {
+		t.Errorf("mount unusable after the bad read: %v", err)
 	}
 }
