@@ -62,5 +62,9 @@
 // # Error handling
 //
 // Engine errors on read, seek or map generation are logged through
-// Config.Logf and returned to the caller as EIO.
+// Config.Logf and returned to the caller as EIO. Stat never fails: a disk
+// file whose block status cannot be computed is reported fully allocated
+// (and the error logged), because a failing stat would hide the file and
+// with it the ranges that still read fine. A partition table that cannot
+// be read leaves partitions/ empty.
 package fusefs
