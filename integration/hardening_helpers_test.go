@@ -1,0 +1,627 @@
+package integration
+
+// Helpers shared by the hardening, load and forensic tests: running the
+// nbdgw binary with a deadline and a memory figure, serving and mounting
+// it as a child process, and a raw NBD wire encoder for hostile clients.
+// Everything here is prefixed "hard" so it never collides with the other
+// test files of this package.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// hardMaxRSS is the memory bound every nbdgw process must stay under
+// (maximum resident set size, from getrusage of the reaped child).
+const hardMaxRSS = 300 << 20
+
+// hardRequire skips unless every tool is installed.
+func hardRequire(t testing.TB, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed: %v", tool, err)
+		}
+	}
+}
+
+var (
+	hardBinOnce sync.Once
+	hardBinPath string
+	hardBinErr  error
+)
+
+// hardBinary builds nbdgw once per test binary into a temporary
+// directory (removed when the process exits only if the OS cleans /tmp:
+// go build output is small and the build is cached).
+func hardBinary(t testing.TB) string {
+	t.Helper()
+	hardBinOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "nbdgw-hardening-")
+		if err != nil {
+			hardBinErr = err
+			return
+		}
+		hardBinPath = filepath.Join(dir, "nbdgw")
+		out, err := exec.Command("go", "build", "-o", hardBinPath, "github.com/nbdgw/nbdgw/cmd/nbdgw").CombinedOutput()
+		if err != nil {
+			hardBinErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if hardBinErr != nil {
+		t.Fatal(hardBinErr)
+	}
+	return hardBinPath
+}
+
+// hardResult is one finished process.
+type hardResult struct {
+	args     []string
+	stdout   []byte
+	stderr   []byte
+	code     int   // exit status; -1 if killed
+	rss      int64 // maximum resident set size in bytes
+	timedOut bool
+	elapsed  time.Duration
+}
+
+func (r hardResult) String() string {
+	return fmt.Sprintf("%q: exit %d, rss %d MiB, %v, timed out %v\nstderr: %s", r.args, r.code, r.rss>>20, r.elapsed.Round(time.Millisecond), r.timedOut, hardClip(r.stderr))
+}
+
+func hardClip(b []byte) string {
+	if len(b) > 2000 {
+		return string(b[:2000]) + "..."
+	}
+	return string(b)
+}
+
+// hardExec runs name args with a deadline and reports its status and
+// peak memory.
+func hardExec(timeout time.Duration, name string, args ...string) hardResult {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.WaitDelay = 2 * time.Second
+	start := time.Now()
+	err := cmd.Run()
+	r := hardResult{args: append([]string{filepath.Base(name)}, args...), stdout: stdout.Bytes(), stderr: stderr.Bytes(), elapsed: time.Since(start)}
+	r.timedOut = ctx.Err() != nil
+	r.code = cmd.ProcessState.ExitCode()
+	if err != nil && r.code == 0 {
+		r.code = -1
+	}
+	r.rss = hardRSS(cmd.ProcessState)
+	return r
+}
+
+func hardRSS(ps *os.ProcessState) int64 {
+	if ps == nil {
+		return 0
+	}
+	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
+		return ru.Maxrss * 1024
+	}
+	return 0
+}
+
+// hardSane fails t if a process panicked, hung or used too much memory.
+func hardSane(t testing.TB, r hardResult) {
+	t.Helper()
+	if bytes.Contains(r.stderr, []byte("panic:")) || bytes.Contains(r.stderr, []byte("goroutine ")) {
+		t.Errorf("PANIC in %s", r)
+	}
+	if r.timedOut {
+		t.Errorf("HANG: %s", r)
+	}
+	if r.rss > hardMaxRSS {
+		t.Errorf("MEMORY: %s (limit %d MiB)", r, hardMaxRSS>>20)
+	}
+}
+
+// hardMentions fails t unless msg contains every want (case-insensitive).
+func hardMentions(t testing.TB, what string, msg []byte, want []string) {
+	t.Helper()
+	low := strings.ToLower(string(msg))
+	for _, w := range want {
+		if !strings.Contains(low, strings.ToLower(w)) {
+			t.Errorf("%s: error does not mention %q:\n%s", what, w, hardClip(msg))
+		}
+	}
+}
+
+// hardProc is a long-running nbdgw (serve or mount).
+type hardProc struct {
+	cmd    *exec.Cmd
+	stderr *hardBuffer
+	exited chan struct{}
+	err    error
+	state  *os.ProcessState
+}
+
+// hardBuffer is a bytes.Buffer safe for a writer goroutine and readers.
+type hardBuffer struct {
+	mu sync.Mutex // guards b
+	b  bytes.Buffer
+}
+
+func (b *hardBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *hardBuffer) Bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]byte(nil), b.b.Bytes()...)
+}
+
+func hardStart(t testing.TB, bin string, args ...string) *hardProc {
+	t.Helper()
+	p := &hardProc{stderr: &hardBuffer{}, exited: make(chan struct{})}
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Stderr = p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		p.state = p.cmd.ProcessState
+		close(p.exited)
+	}()
+	return p
+}
+
+// stop sends SIGTERM and waits (SIGKILL after 10 s, reported as a hang).
+func (p *hardProc) stop(t testing.TB) hardResult {
+	t.Helper()
+	select {
+	case <-p.exited:
+	default:
+		p.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	r := hardResult{args: p.cmd.Args}
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+		r.timedOut = true
+		p.cmd.Process.Kill()
+		<-p.exited
+	}
+	r.stderr = p.stderr.Bytes()
+	r.code = p.state.ExitCode()
+	r.rss = hardRSS(p.state)
+	return r
+}
+
+// hardServeProc is a running `nbdgw serve --socket`.
+type hardServeProc struct {
+	*hardProc
+	socket, uri string
+}
+
+// hardServe starts nbdgw serve on a unix socket in a new temporary
+// directory and waits until it accepts connections. If the process exits
+// first, it returns nil and the result.
+func hardServe(t testing.TB, bin string, args ...string) (*hardServeProc, hardResult) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "hsrv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "s")
+	p := hardStart(t, bin, append([]string{"serve", "--socket", sock}, args...)...)
+	s := &hardServeProc{hardProc: p, socket: sock, uri: "nbd+unix:///?socket=" + sock}
+	t.Cleanup(func() { s.stop(t) })
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		select {
+		case <-p.exited:
+			return nil, s.stop(t)
+		default:
+		}
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return s, hardResult{}
+		}
+		if time.Now().After(deadline) {
+			r := s.stop(t)
+			r.timedOut = true
+			return nil, r
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// hardMountProc is a running `nbdgw mount`.
+type hardMountProc struct {
+	*hardProc
+	dir string
+}
+
+func hardMounted(dir string) bool {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if fields := strings.Fields(s.Text()); len(fields) > 4 && fields[4] == dir {
+			return true
+		}
+	}
+	return false
+}
+
+// hardFUSE reports why FUSE mounts cannot be made here, or "".
+func hardFUSE() string {
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		return "no /dev/fuse"
+	}
+	if _, err := exec.LookPath("fusermount3"); err != nil {
+		return "fusermount3 not installed"
+	}
+	return ""
+}
+
+// hardMount runs nbdgw mount IMAGE DIR and waits for the mount. If the
+// process exits first, it returns nil and the result.
+func hardMount(t testing.TB, bin string, args ...string) (*hardMountProc, hardResult) {
+	t.Helper()
+	base, err := os.MkdirTemp("", "hmnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(base, "m")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := hardStart(t, bin, append(append([]string{"mount"}, args...), dir)...)
+	m := &hardMountProc{hardProc: p, dir: dir}
+	t.Cleanup(func() {
+		m.stop(t)
+		if hardMounted(dir) {
+			exec.Command("fusermount3", "-u", "-z", dir).Run()
+		}
+		os.RemoveAll(base)
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for !hardMounted(dir) {
+		select {
+		case <-p.exited:
+			return nil, m.stop(t)
+		default:
+		}
+		if time.Now().After(deadline) {
+			r := m.stop(t)
+			r.timedOut = true
+			return nil, r
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return m, hardResult{}
+}
+
+// stop unmounts with SIGTERM (fusermount3 -u -z if that hangs).
+func (m *hardMountProc) stop(t testing.TB) hardResult {
+	t.Helper()
+	select {
+	case <-m.exited:
+	default:
+		m.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-m.exited:
+		case <-time.After(10 * time.Second):
+			exec.Command("fusermount3", "-u", "-z", m.dir).Run()
+		}
+	}
+	return m.hardProc.stop(t)
+}
+
+// hardReadFile reads a file with a deadline: a read that blocks in FUSE
+// must not hang the test.
+func hardReadFile(path string, timeout time.Duration) ([]byte, error) {
+	type res struct {
+		b   []byte
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		b, err := os.ReadFile(path)
+		ch <- res{b, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.b, r.err
+	case <-time.After(timeout):
+		return nil, fmt.Errorf("HANG: reading %s took more than %v", path, timeout)
+	}
+}
+
+// hardQemuRaw converts image to raw with qemu-img and returns the bytes.
+func hardQemuRaw(t testing.TB, image string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "qemu.raw")
+	r := hardExec(60*time.Second, "qemu-img", "convert", "-O", "raw", image, out)
+	if r.code != 0 {
+		t.Fatalf("qemu-img convert: %s", r)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// hardPIDFiles lists the files process pid holds open with their
+// open(2) flags, from /proc/PID/fd and /proc/PID/fdinfo.
+func hardPIDFiles(pid int) (map[string][]uint64, error) {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]uint64{}
+	for _, fd := range fds {
+		target, err := os.Readlink(filepath.Join(dir, fd.Name()))
+		if err != nil {
+			continue
+		}
+		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				if f, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64); err == nil {
+					out[target] = append(out[target], f)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// --- raw NBD wire (nbd-proto.md), for clients that misbehave on purpose ---
+
+const (
+	hardNBDMagic      = 0x4e42444d41474943 // "NBDMAGIC"
+	hardOptsMagic     = 0x49484156454f5054 // "IHAVEOPT"
+	hardReplyMagic    = 0x0003e889045565a9
+	hardReqMagic      = 0x25609513
+	hardExtReqMagic   = 0x21e41c71
+	hardSimpleMagic   = 0x67446698
+	hardChunkMagic    = 0x668e33ef
+	hardExtChunkMagic = 0x6e8a278c
+
+	hardOptExportName   = 1
+	hardOptAbort        = 2
+	hardOptList         = 3
+	hardOptStartTLS     = 5
+	hardOptGo           = 7
+	hardOptStructured   = 8
+	hardOptSetMeta      = 10
+	hardOptExtended     = 11
+	hardRepAck          = 1
+	hardRepErrTLSReqd   = 0x80000005
+	hardCmdRead         = 0
+	hardCmdWrite        = 1
+	hardCmdDisc         = 2
+	hardCmdFlush        = 3
+	hardCmdTrim         = 4
+	hardCmdCache        = 5
+	hardCmdWriteZeroes  = 6
+	hardCmdBlockStatus  = 7
+	hardClientFixed     = 1
+	hardClientNoZeroes  = 2
+	hardEPERM           = 1
+	hardEINVAL          = 22
+	hardReplyTypeError  = 1<<15 | 1
+	hardReplyFlagDone   = 1
+	hardReplyTypeNone   = 0
+	hardReplyTypeData   = 1
+	hardReplyTypeHole   = 2
+	hardReplyTypeStatus = 5
+)
+
+var hardBE = binary.BigEndian
+
+func hardOpt(opt uint32, data []byte) []byte {
+	b := hardBE.AppendUint64(nil, hardOptsMagic)
+	b = hardBE.AppendUint32(b, opt)
+	b = hardBE.AppendUint32(b, uint32(len(data)))
+	return append(b, data...)
+}
+
+func hardReq(ext bool, flags, typ uint16, cookie, off, length uint64) []byte {
+	magic := uint32(hardReqMagic)
+	if ext {
+		magic = hardExtReqMagic
+	}
+	b := hardBE.AppendUint32(nil, magic)
+	b = hardBE.AppendUint16(b, flags)
+	b = hardBE.AppendUint16(b, typ)
+	b = hardBE.AppendUint64(b, cookie)
+	b = hardBE.AppendUint64(b, off)
+	if ext {
+		return hardBE.AppendUint64(b, length)
+	}
+	return hardBE.AppendUint32(b, uint32(length))
+}
+
+// hardGoData is NBD_OPT_GO for the default export with no info requests.
+func hardGoData() []byte { return []byte{0, 0, 0, 0, 0, 0} }
+
+// hardMetaData is the data of NBD_OPT_SET_META_CONTEXT for export "".
+func hardMetaData(names ...string) []byte {
+	b := hardBE.AppendUint32(nil, 0)
+	b = hardBE.AppendUint32(b, uint32(len(names)))
+	for _, n := range names {
+		b = hardBE.AppendUint32(b, uint32(len(n)))
+		b = append(b, n...)
+	}
+	return b
+}
+
+// hardRawConn is a hand-driven NBD connection.
+type hardRawConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+// hardDialRaw connects and reads the server greeting.
+func hardDialRaw(network, addr string) (*hardRawConn, error) {
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	rc := &hardRawConn{Conn: c, r: bufio.NewReader(c)}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	var hello [18]byte
+	if _, err := io.ReadFull(rc.r, hello[:]); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("greeting: %w", err)
+	}
+	if hardBE.Uint64(hello[:]) != hardNBDMagic || hardBE.Uint64(hello[8:]) != hardOptsMagic {
+		c.Close()
+		return nil, errors.New("bad greeting")
+	}
+	c.SetDeadline(time.Time{})
+	return rc, nil
+}
+
+// optReply reads one option reply: type and data (at most 64 KiB).
+func (rc *hardRawConn) optReply() (uint32, []byte, error) {
+	var h [20]byte
+	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	if hardBE.Uint64(h[:]) != hardReplyMagic {
+		return 0, nil, errors.New("bad option reply magic")
+	}
+	n := hardBE.Uint32(h[16:])
+	if n > 64<<10 {
+		return 0, nil, fmt.Errorf("option reply of %d bytes", n)
+	}
+	d := make([]byte, n)
+	_, err := io.ReadFull(rc.r, d)
+	return hardBE.Uint32(h[12:]), d, err
+}
+
+// finalReply reads option replies up to the first that is not
+// NBD_REP_INFO/NBD_REP_META_CONTEXT/NBD_REP_SERVER and returns its type.
+func (rc *hardRawConn) finalReply() (uint32, error) {
+	for {
+		typ, _, err := rc.optReply()
+		if err != nil {
+			return 0, err
+		}
+		if typ != 2 && typ != 3 && typ != 4 {
+			return typ, nil
+		}
+	}
+}
+
+// hardHandshake negotiates (fixed newstyle, no zeroes), optionally
+// structured replies or extended headers and meta contexts, then GO.
+func hardHandshake(network, addr string, mode uint32, contexts ...string) (*hardRawConn, error) {
+	rc, err := hardDialRaw(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	rc.SetDeadline(time.Now().Add(10 * time.Second))
+	defer rc.SetDeadline(time.Time{})
+	b := hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes)
+	if mode != 0 {
+		b = append(b, hardOpt(mode, nil)...)
+	}
+	if len(contexts) > 0 {
+		b = append(b, hardOpt(hardOptSetMeta, hardMetaData(contexts...))...)
+	}
+	b = append(b, hardOpt(hardOptGo, hardGoData())...)
+	if _, err := rc.Write(b); err != nil {
+		rc.Close()
+		return nil, err
+	}
+	n := 1
+	if mode != 0 {
+		n++
+	}
+	if len(contexts) > 0 {
+		n++
+	}
+	for i := 0; i < n; i++ {
+		typ, err := rc.finalReply()
+		if err != nil || typ != hardRepAck {
+			rc.Close()
+			return nil, fmt.Errorf("handshake option %d: reply %#x, %v", i, typ, err)
+		}
+	}
+	return rc, nil
+}
+
+// simpleReply reads a simple reply header (and length payload bytes if
+// the reply is a success): errno and payload.
+func (rc *hardRawConn) simpleReply(length int) (uint32, uint64, []byte, error) {
+	var h [16]byte
+	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+		return 0, 0, nil, err
+	}
+	if hardBE.Uint32(h[:]) != hardSimpleMagic {
+		return 0, 0, nil, fmt.Errorf("reply magic %#x, want a simple reply", hardBE.Uint32(h[:]))
+	}
+	errno, cookie := hardBE.Uint32(h[4:]), hardBE.Uint64(h[8:])
+	if errno != 0 {
+		return errno, cookie, nil, nil
+	}
+	p := make([]byte, length)
+	_, err := io.ReadFull(rc.r, p)
+	return 0, cookie, p, err
+}
+
+// hardChunk is one structured reply chunk.
+type hardChunk struct {
+	flags, typ uint16
+	cookie     uint64
+	payload    []byte
+}
+
+// chunk reads one structured (non-extended) reply chunk, payload at most
+// 64 MiB.
+func (rc *hardRawConn) chunk() (hardChunk, error) {
+	var h [20]byte
+	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+		return hardChunk{}, err
+	}
+	if hardBE.Uint32(h[:]) != hardChunkMagic {
+		return hardChunk{}, fmt.Errorf("chunk magic %#x", hardBE.Uint32(h[:]))
+	}
+	c := hardChunk{flags: hardBE.Uint16(h[4:]), typ: hardBE.Uint16(h[6:]), cookie: hardBE.Uint64(h[8:])}
+	n := hardBE.Uint32(h[16:])
+	if n > 64<<20 {
+		return c, fmt.Errorf("chunk of %d bytes", n)
+	}
+	c.payload = make([]byte, n)
+	_, err := io.ReadFull(rc.r, c.payload)
+	return c, err
+}
