@@ -423,7 +423,7 @@ func (a *Attachment) reconnect(ctx context.Context) error {
 		case <-ctx.Done():
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, 5*time.Second)
+		backoff = min(2*backoff, time.Second)
 	}
 }
 

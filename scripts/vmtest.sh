@@ -173,6 +173,7 @@ fails=0
 ok() { echo "ok - $*"; }
 notok() { echo "not ok - $*"; fails=$((fails + 1)); }
 check() { d=$1; shift; if "$@"; then ok "$d"; else notok "$d"; fi; }
+section() { echo "# $(cut -d' ' -f1 /proc/uptime)s: $*"; }
 
 # start_attach LOG ARGS...: run nbdgw attach in the background; set $pid and,
 # once it printed the device, $dev. Fails if it exits first.
@@ -229,6 +230,7 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 check "nbd module not loaded before attach" sh -c '! grep -q "^nbd " /proc/modules'
 
 # 1. One connection, the kernel picks the device.
+section "1 connection"
 if start_attach /tmp/a1.log /images/overlay.qcow2; then
 	ok "attach overlay.qcow2 -> $dev"
 	check "attach loaded the nbd module" grep -q "^nbd " /proc/modules
@@ -241,6 +243,7 @@ if start_attach /tmp/a1.log /images/overlay.qcow2; then
 	check "list shows disconnected devices too" grep -q "^/dev/nbd[0-9]*  *no " /tmp/list.txt
 
 	# Bad input while a device is attached.
+	section "bad input"
 	expect_fail "attach to the busy $dev" "busy" attach --device "$dev" /images/base.qcow2
 	expect_fail "attach with an index out of range" "out of range" attach --device /dev/nbd99999 /images/base.qcow2
 	expect_fail "attach --writable" "writes are not supported yet" attach --writable /images/overlay.qcow2
@@ -260,6 +263,7 @@ else
 fi
 
 # 2. Two connections on a chosen device; SIGTERM ends it.
+section "2 connections"
 if start_attach /tmp/a2.log --connections 2 --device /dev/nbd3 /images/overlay.qcow2; then
 	check "attach --connections 2 --device /dev/nbd3 uses /dev/nbd3" [ "$dev" = /dev/nbd3 ]
 	socks2=$(sockets $pid)
@@ -274,6 +278,7 @@ fi
 
 # 3. attach killed with SIGKILL: the device stays configured with dead
 #    sockets; detach must still clean it up.
+section "SIGKILL"
 if start_attach /tmp/a4.log /images/base.qcow2; then
 	kill -9 $pid
 	wait $pid 2>/dev/null
@@ -286,6 +291,7 @@ fi
 
 # 4. An NBD URI served by nbdgw serve; the server dies and comes back:
 #    LINK_DEAD -> redial -> RECONFIGURE, the device survives.
+section "NBD URI"
 if nbdgw serve --help 2>&1 | grep -q socket; then
 	nbdgw serve --socket /tmp/nbd.sock /images/overlay.qcow2 2>/tmp/serve.log &
 	spid=$!
@@ -313,6 +319,7 @@ else
 	echo "# skip: nbdgw serve --socket not available"
 fi
 
+section "done"
 for f in /tmp/a*.log; do sed "s|^|# $f: |" "$f"; done
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "vmtest-guest: checks took $(awk "BEGIN{print $t1-$t0}")s"
