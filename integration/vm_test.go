@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,8 +14,8 @@ import (
 	"time"
 )
 
-// repoRoot finds the directory holding go.mod above the test's directory.
-func repoRoot(t *testing.T) string {
+// vmRepoRoot finds the directory holding go.mod above the test's directory.
+func vmRepoRoot(t *testing.T) string {
 	t.Helper()
 	dir, err := os.Getwd()
 	if err != nil {
@@ -73,7 +74,7 @@ func TestVM(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	root := repoRoot(t)
+	root := vmRepoRoot(t)
 	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "scripts", "vmtest.sh"))
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "NBDGW_VM_NO_INSTALL=1")
@@ -95,5 +96,56 @@ func TestVM(t *testing.T) {
 	if err != nil || !strings.Contains(console, "\nNBDGW-VMTEST: PASS") {
 		t.Logf("full output:\n%s", console)
 		t.Fatalf("vmtest.sh: %v; the guest did not report PASS", err)
+	}
+}
+
+// TestAttachWithoutNBD runs nbdgw attach on a host kernel without any nbd
+// driver (as on the development machine): it must fail and say so.
+func TestAttachWithoutNBD(t *testing.T) {
+	if _, err := os.Stat("/sys/module/nbd"); err == nil {
+		t.Skip("the host kernel has the nbd driver loaded")
+	}
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		t.Skipf("kernel release: %v", err)
+	}
+	release := strings.TrimSpace(string(b))
+	if mods, _ := filepath.Glob(filepath.Join("/lib/modules", release, "kernel/drivers/block/nbd.ko*")); len(mods) > 0 {
+		t.Skipf("the host kernel has a loadable nbd module (%s); the VM test covers attach", mods[0])
+	}
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img not installed")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "nbdgw")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/nbdgw")
+	build.Dir = vmRepoRoot(t)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	img := filepath.Join(dir, "disk.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, "1M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img: %v\n%s", err, out)
+	}
+	for _, args := range [][]string{
+		{"attach", img},
+		{"attach", "--connections", "2", "--device", "/dev/nbd1", img},
+	} {
+		cmd := exec.Command(bin, args...)
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+			t.Fatalf("nbdgw %v: %v, want exit status 1; stderr %q", args, err, stderr.String())
+		}
+		msg := stderr.String()
+		if !strings.Contains(msg, "no nbd support") || !strings.Contains(msg, release) {
+			t.Errorf("nbdgw %v: %q does not say that kernel %s has no nbd support", args, msg, release)
+		}
+		if stdout.Len() != 0 {
+			t.Errorf("nbdgw %v printed %q on stdout", args, stdout.String())
+		}
+		t.Logf("nbdgw %v: %s", args, strings.TrimSpace(msg))
 	}
 }
