@@ -69,7 +69,8 @@ resolve_pkg() {
 		awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
 }
 pkg=${NBDGW_VM_KERNEL_PKG:-$(resolve_pkg)}
-if [ -z "$pkg" ] && [ "$(id -u)" = 0 ] && [ -z "${NBDGW_VM_NO_INSTALL:-}" ]; then
+if [ -z "$pkg" ] && [ "$(id -u)" = 0 ]; then
+	# Fresh machine without apt lists (apt-get update installs nothing).
 	apt-get update -qq >&2 || true
 	pkg=$(resolve_pkg)
 fi
