@@ -83,12 +83,23 @@ ktree=$cache/$pkg
 if ! ls "$ktree"/boot/vmlinuz-* >/dev/null 2>&1; then
 	log "fetching $pkg"
 	dl=$(mktemp -d "$cache/dl.XXXXXX")
-	(cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
-		{ rm -rf "$dl"; die "apt-get download $pkg failed"; }
-	rm -rf "$ktree.tmp"
-	dpkg-deb -x "$dl"/*.deb "$ktree.tmp"
-	rm -rf "$dl"
-	mv "$ktree.tmp" "$ktree"
+	if (cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); then
+		rm -rf "$ktree.tmp"
+		dpkg-deb -x "$dl"/*.deb "$ktree.tmp"
+		rm -rf "$dl"
+		mv "$ktree.tmp" "$ktree"
+		# Keep one kernel: drop the trees of older packages.
+		for old in "$cache"/linux-image-*-cloud-amd64; do
+			[ "$old" = "$ktree" ] || rm -rf "$old"
+		done
+	else
+		rm -rf "$dl"
+		old=$(cd "$cache" && ls -d linux-image-*-cloud-amd64 2>/dev/null | sort -V | tail -n1 || true)
+		[ -n "$old" ] || die "apt-get download $pkg failed"
+		log "apt-get download $pkg failed; using the cached $old"
+		pkg=$old
+		ktree=$cache/$pkg
+	fi
 fi
 vmlinuz=$(ls "$ktree"/boot/vmlinuz-* | head -n1)
 kver=${vmlinuz##*/vmlinuz-}
