@@ -34,12 +34,15 @@ func (c *lru[K]) get(k K) ([]byte, bool) {
 	return nil, false
 }
 
-// put stores v, evicting the least recently used entries beyond the budget
+// put stores (or replaces) v, evicting the least recently used entries beyond the budget
 // (the newest entry always stays, so one oversized value still caches).
 func (c *lru[K]) put(k K, v []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if e, ok := c.items[k]; ok {
+		ent := e.Value.(*lruEntry[K])
+		c.used += int64(len(v)) - int64(len(ent.val))
+		ent.val = v
 		c.ll.MoveToFront(e)
 		return
 	}

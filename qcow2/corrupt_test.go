@@ -163,12 +163,11 @@ func TestCorruptImages(t *testing.T) {
 		{"compressed-length-out-of-range", func(t *testing.T, d string) string {
 			f, l2 := compressed(t, d)
 			_, b := header(t, f)
-			e := get64(b, l2)
 			// Point the cluster at the last sector of the file with the
 			// largest sector count the entry can hold.
 			shift := 62 - (16 - 8)
 			last := uint64(len(b)-512) &^ 511
-			e = oflagCompressed | ((1<<(16-8))-1)<<shift | last
+			e := uint64(oflagCompressed) | ((1<<(16-8))-1)<<shift | last
 			put64(t, f, int64(l2), e)
 			return f
 		}, ErrCorrupt, []string{"compressed cluster", "past the end of the file"}},

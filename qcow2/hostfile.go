@@ -18,8 +18,14 @@ type hostFile struct {
 	f    *os.File
 }
 
-func openHost(name string) (*hostFile, error) {
-	f, err := os.Open(name) // O_RDONLY: nothing in the read path can write
+// openHost opens a file of the chain, read-only unless writable: nothing
+// but an explicit request for writes ever opens a file for writing.
+func openHost(name string, writable bool) (*hostFile, error) {
+	flag := os.O_RDONLY
+	if writable {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(name, flag, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -92,4 +98,9 @@ func fileKey(fi os.FileInfo, name string) string {
 		return fmt.Sprintf("inode:%d:%d", st.Dev, st.Ino)
 	}
 	return name
+}
+
+// fcntlFlags returns the file's open flags (F_GETFL).
+func fcntlFlags(h *hostFile) (int, error) {
+	return unix.FcntlInt(h.f.Fd(), unix.F_GETFL, 0)
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // MaxChainDepth bounds the backing chain. QEMU has no fixed limit but
@@ -24,11 +25,24 @@ type Options struct {
 	// Warn receives warnings (dirty or corrupt bits on a read-only open,
 	// inconsistent bitmaps). Nil writes them to standard error.
 	Warn func(msg string)
+	// Writable opens the top layer for writing. Backing files are always
+	// opened read-only. Without it, no file of the chain is opened for
+	// writing and every write method returns ErrReadOnly.
+	Writable bool
+	// Snapshot puts a temporary qcow2 overlay on top of the chain and
+	// opens only the overlay for writing: the chain on disk stays
+	// byte-identical. The overlay is unlinked as soon as it is open.
+	Snapshot bool
 }
 
 // Image is an opened backing chain. Layer 0 of layers is the opened image.
 type Image struct {
+	// mu guards the metadata of the top layer: reads and block status
+	// hold it shared, writes and flushes exclusively. Views made by Layer
+	// share it.
+	mu     *sync.RWMutex
 	layers []layer
+	w      writer // nil unless opened writable
 	warn   func(string)
 }
 
@@ -130,7 +144,10 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
-	img := &Image{warn: opts.Warn}
+	if opts.Snapshot {
+		return openSnapshot(path, opts)
+	}
+	img := &Image{mu: new(sync.RWMutex), warn: opts.Warn}
 	if img.warn == nil {
 		img.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
 	}
@@ -150,7 +167,7 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
-		l, backing, backingFmt, err := openLayer(name, format, depth, img.warn)
+		l, backing, backingFmt, err := openLayer(name, format, depth, opts.Writable && depth == 1, img.warn)
 		if err != nil {
 			if depth > 1 {
 				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", name, depth, img.layers[len(img.layers)-1].info().Filename, err)
@@ -159,6 +176,9 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, err
 		}
 		img.layers = append(img.layers, l)
+		if w, ok := l.(writer); ok && depth == 1 && opts.Writable {
+			img.w = w
+		}
 		if backing == "" || opts.NoBacking {
 			break
 		}
@@ -185,9 +205,15 @@ func combinePath(base, name string) string {
 	return base[:i+1] + name
 }
 
-// Close closes every file of the chain.
+// Close flushes a writable image and closes every file of the chain.
 func (img *Image) Close() error {
 	var first error
+	if img.w != nil {
+		img.mu.Lock()
+		first = img.w.flush()
+		img.mu.Unlock()
+		img.w = nil
+	}
 	for _, l := range img.layers {
 		if err := l.close(); err != nil && first == nil {
 			first = err
@@ -216,7 +242,7 @@ func (img *Image) Layer(depth int) (*Image, error) {
 	if depth < 1 || depth > len(img.layers) {
 		return nil, fmt.Errorf("no layer %d: the chain has %d", depth, len(img.layers))
 	}
-	return &Image{layers: []layer{noClose{img.layers[depth-1]}}, warn: img.warn}, nil
+	return &Image{mu: img.mu, layers: []layer{noClose{img.layers[depth-1]}}, warn: img.warn}, nil
 }
 
 type noClose struct{ layer }
@@ -240,6 +266,8 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if int64(len(p)) > size-off {
 		want = p[:size-off]
 	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	if err := img.readLayer(0, want, off); err != nil {
 		return 0, err
 	}
@@ -293,7 +321,8 @@ func (img *Image) readBelow(i int, p []byte, off int64) error {
 // BlockStatus calls fn with the extents of [off, off+length), clipped to
 // the image, in order, each maximal: adjacent extents differ in some field
 // (or their offsets are not contiguous). If fn returns an error the walk
-// stops and BlockStatus returns that error.
+// stops and BlockStatus returns that error. fn runs with the image's lock
+// held shared: it must not call back into the image.
 func (img *Image) BlockStatus(off, length int64, fn func(Extent) error) error {
 	if off < 0 || length < 0 {
 		return errors.New("qcow2: negative offset or length")
@@ -306,6 +335,8 @@ func (img *Image) BlockStatus(off, length int64, fn func(Extent) error) error {
 		return nil
 	}
 	m := merger{fn: fn}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	if err := img.walk(0, off, end, &m); err != nil {
 		return err
 	}
@@ -430,6 +461,8 @@ func (img *Image) BitmapStatus(name string, off, length int64, fn func(start, le
 	if end > img.Size() || end < off {
 		end = img.Size()
 	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	for _, l := range img.layers {
 		for _, b := range l.bitmaps() {
 			if b.Name == name {
@@ -441,4 +474,62 @@ func (img *Image) BitmapStatus(name string, off, length int64, fn func(start, le
 		}
 	}
 	return fmt.Errorf("%w: %q", ErrNoBitmap, name)
+}
+
+// Writable reports whether the image was opened for writing.
+func (img *Image) Writable() bool { return img.w != nil }
+
+func (img *Image) checkWrite(off, length int64) error {
+	if img.w == nil {
+		return ErrReadOnly
+	}
+	if off < 0 || length < 0 || off+length > img.Size() || off+length < off {
+		return fmt.Errorf("qcow2: write of %d bytes at %d outside the image (%d bytes)", length, off, img.Size())
+	}
+	return nil
+}
+
+// WriteAt writes guest data to the top layer (copy-on-write from the
+// backing chain where the top layer has no cluster yet).
+func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	if err := img.checkWrite(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	if err := img.w.writeAt(img, p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteZeroes makes [off, off+length) read as zeroes.
+func (img *Image) WriteZeroes(off, length int64, flags ZeroFlags) error {
+	if err := img.checkWrite(off, length); err != nil {
+		return err
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.w.writeZeroes(img, off, length, flags)
+}
+
+// Discard tells the image [off, off+length) is no longer needed. Whole
+// clusters are released and read as zeroes afterwards.
+func (img *Image) Discard(off, length int64) error {
+	if err := img.checkWrite(off, length); err != nil {
+		return err
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.w.discard(img, off, length)
+}
+
+// Flush makes every write completed so far durable.
+func (img *Image) Flush() error {
+	if img.w == nil {
+		return nil
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.w.flush()
 }

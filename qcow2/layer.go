@@ -74,17 +74,19 @@ type qcow2Layer struct {
 	pre     bool      // metadata preallocation detected (QEMU's heuristic)
 
 	bms []*bitmap // all bitmaps of the extension, in directory order
+
+	w *qwriter // write state, nil unless opened writable
 }
 
 // openLayer opens one file of the chain. format "" probes (qcow2 magic or
 // raw). It returns the layer and the backing file name and format it
 // names, if any.
-func openLayer(name, format string, depth int, warn func(string)) (layer, string, string, error) {
-	h, err := openHost(name)
+func openLayer(name, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
+	h, err := openHost(name, writable)
 	if err != nil {
 		return nil, "", "", err
 	}
-	l, backing, backingFmt, err := openLayerFile(h, format, depth, warn)
+	l, backing, backingFmt, err := openLayerFile(h, format, depth, writable, warn)
 	if err != nil {
 		h.close()
 		return nil, "", "", err
@@ -92,7 +94,7 @@ func openLayer(name, format string, depth int, warn func(string)) (layer, string
 	return l, backing, backingFmt, nil
 }
 
-func openLayerFile(h *hostFile, format string, depth int, warn func(string)) (layer, string, string, error) {
+func openLayerFile(h *hostFile, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
 	fileLen, err := h.length()
 	if err != nil {
 		return nil, "", "", err
@@ -109,12 +111,18 @@ func openLayerFile(h *hostFile, format string, depth int, warn func(string)) (la
 	}
 	switch format {
 	case "raw":
-		r, err := openRaw(h, depth)
+		r, err := openRaw(h, depth, writable)
 		return r, "", "", err
 	case "qcow2":
 		q, err := openQcow2(h, first, fileLen, depth, warn)
 		if err != nil {
 			return nil, "", "", err
+		}
+		if writable {
+			if err := q.startWriting(); err != nil {
+				q.closeData()
+				return nil, "", "", err
+			}
 		}
 		return q, q.hdr.BackingFile, q.hdr.BackingFormat, nil
 	}
@@ -158,7 +166,7 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 		if hdr.DataFile == "" {
 			return nil, corrupt(h.name, -1, -1, "external data file feature set but no data file name")
 		}
-		d, err := openDataFile(h.name, hdr.DataFile)
+		d, err := openDataFile(h.name, hdr.DataFile, false)
 		if err != nil {
 			return nil, fmt.Errorf("%s: opening external data file: %w", h.name, err)
 		}
@@ -183,12 +191,12 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 // stored, relative to the process's working directory (not the image's
 // directory, unlike backing files); we do the same, so the names printed
 // agree, and fall back to the image's directory where QEMU would fail.
-func openDataFile(image, name string) (*hostFile, error) {
-	d, err := openHost(name)
+func openDataFile(image, name string, writable bool) (*hostFile, error) {
+	d, err := openHost(name, writable)
 	if err == nil || filepath.IsAbs(name) {
 		return d, err
 	}
-	if d, err2 := openHost(combinePath(image, name)); err2 == nil {
+	if d, err2 := openHost(combinePath(image, name), writable); err2 == nil {
 		return d, nil
 	}
 	return nil, err
@@ -211,16 +219,27 @@ func (q *qcow2Layer) size() int64 { return q.size_ }
 
 func (q *qcow2Layer) close() error {
 	err := q.h.close()
-	if q.data != q.h {
-		if e := q.data.close(); err == nil {
-			err = e
-		}
+	if e := q.closeData(); err == nil {
+		err = e
 	}
 	return err
 }
 
+// closeData closes an external data file (the caller closes q.h).
+func (q *qcow2Layer) closeData() error {
+	if q.data != q.h {
+		return q.data.close()
+	}
+	return nil
+}
+
 // l2Table returns the L2 table at host offset off (validated by the caller).
 func (q *qcow2Layer) l2Table(off int64) ([]byte, error) {
+	if q.w != nil {
+		if t, ok := q.w.l2Dirty[off]; ok {
+			return t, nil
+		}
+	}
 	if t, ok := q.l2.get(off); ok {
 		return t, nil
 	}
@@ -324,7 +343,7 @@ func (q *qcow2Layer) lookup(off, length int64) (mapping, error) {
 	if l2off%q.csize != 0 {
 		return mapping{}, corrupt(q.h.name, l1At, l1i, "L2 table offset %#x unaligned", l2off)
 	}
-	if l2off > q.fileLen-q.csize {
+	if l2off > q.fileLen-q.csize && (q.w == nil || q.w.l2Dirty[l2off] == nil) {
 		return mapping{}, corrupt(q.h.name, l1At, l1i, "L2 table offset %#x past the end of the file (%d bytes)", l2off, q.fileLen)
 	}
 	t, err := q.l2Table(l2off)

@@ -1,6 +1,10 @@
 package qcow2
 
-import "fmt"
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
 
 // rawLayer is a raw file: guest offset = host offset, every byte allocated.
 type rawLayer struct {
@@ -9,12 +13,16 @@ type rawLayer struct {
 	len   int64 // file length rounded up to 512, as QEMU's total_sectors
 }
 
-func openRaw(h *hostFile, depth int) (*rawLayer, error) {
+func openRaw(h *hostFile, depth int, writable bool) (layer, error) {
 	n, err := h.length()
 	if err != nil {
 		return nil, err
 	}
-	return &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511}, nil
+	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511}
+	if writable {
+		return &rawWriter{r}, nil
+	}
+	return r, nil
 }
 
 func (r *rawLayer) size() int64 { return r.len }
@@ -45,3 +53,44 @@ func (r *rawLayer) bitmapStatus(name string, off, length int64, fn func(int64, i
 }
 
 func (r *rawLayer) close() error { return r.h.close() }
+
+// rawWriter is a raw layer opened for writing: plain writes, holes punched
+// for discard and unmapping zero writes.
+type rawWriter struct{ *rawLayer }
+
+func (r *rawWriter) writeAt(_ *Image, p []byte, off int64) error {
+	if _, err := r.h.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("writing %s at %#x: %w", r.h.name, off, err)
+	}
+	return nil
+}
+
+func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) error {
+	fd := int(r.h.f.Fd())
+	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
+	if flags&ZeroMayUnmap != 0 {
+		mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	if err := unix.Fallocate(fd, mode, off, length); err == nil {
+		return nil
+	}
+	if flags&ZeroFast != 0 {
+		return ErrNotFast
+	}
+	for length > 0 { // the file system cannot: write zeroes
+		n := min(length, 1<<20)
+		if err := r.writeAt(img, make([]byte, n), off); err != nil {
+			return err
+		}
+		off, length = off+n, length-n
+	}
+	return nil
+}
+
+func (r *rawWriter) discard(_ *Image, off, length int64) error {
+	// Advisory: a file system without hole punching keeps the data.
+	unix.Fallocate(int(r.h.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	return nil
+}
+
+func (r *rawWriter) flush() error { return r.h.f.Sync() }
