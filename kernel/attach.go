@@ -80,77 +80,42 @@ func (a *Attachment) Path() string { return DevicePath(a.Index) }
 // Attach negotiates cfg.Connections connections without structured
 // replies or extended headers (the kernel driver understands simple
 // replies only) and hands them to the kernel with CONNECT. On error no
-// device is left configured.
+// device is left configured and nothing keeps serving.
 func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error) {
 	fail := func(err error) (*Attachment, error) {
 		return nil, &Error{Op: "attach", Index: normIndex(cfg.Index), Err: err}
 	}
-	if cfg.Connections == 0 {
-		cfg.Connections = 1
+	cfg, err := checkConfig(c, cfg)
+	if err != nil {
+		return fail(err)
 	}
-	if cfg.Connections < 0 || cfg.Connections > maxConnections {
-		return fail(fmt.Errorf("--connections %d: want 1..%d", cfg.Connections, maxConnections))
-	}
-	if (cfg.Image == nil) == (cfg.URI == "") {
-		return fail(errors.New("need exactly one of an image and an NBD URI"))
-	}
-	if cfg.Image != nil && cfg.Writable {
-		return fail(fmt.Errorf("--writable: %w", ErrWritesUnsupported))
-	}
-	if cfg.Logf == nil {
-		cfg.Logf = func(string, ...any) {}
-	}
-	if cfg.URI != "" && cfg.DeadConnTimeout == 0 {
-		cfg.DeadConnTimeout = 60 * time.Second
-	}
-	if cfg.Index >= 0 {
-		if max, ok := MaxIndex(); ok && cfg.Index > max {
-			return fail(fmt.Errorf("%w: the driver allows /dev/nbd0../dev/nbd%d", ErrIndexRange, max))
-		}
-		if d, err := c.Status(cfg.Index); err == nil && len(d) == 1 && d[0].Connected {
-			return fail(ErrBusy)
-		}
-	}
-	a := &Attachment{
-		Index:   -1,
-		c:       c,
-		cfg:     cfg,
-		backend: BackendPrefix + cfg.Name,
-		served:  make(chan struct{}),
-	}
-	var serveCtx context.Context
-	serveCtx, a.cancel = context.WithCancel(context.Background())
+	a := &Attachment{Index: -1, c: c, cfg: cfg, backend: BackendPrefix + cfg.Name}
+	serveCtx, cancel := context.WithCancel(context.Background())
+	a.cancel = cancel
 
-	var (
-		clients []*nbdserver.Client
-		err     error
-	)
+	var clients []*nbdserver.Client
 	if cfg.Image != nil {
+		a.served = make(chan struct{})
 		clients, err = a.serveLocal(ctx, serveCtx)
 	} else {
-		a.served = nil // nothing of ours serves the device
 		clients, err = dialAll(ctx, cfg.URI, cfg.Connections)
 	}
-	closeAll := func() {
+	// Our copies of the client ends go in every case: after CONNECT the
+	// kernel holds its own references (closing does not shut a socket
+	// down), after a failure nobody needs them.
+	defer func() {
 		for _, cl := range clients {
 			cl.Conn().Close()
 		}
+	}()
+	var size int64
+	var flags uint64
+	if err == nil {
+		size, flags, err = exportOf(clients, cfg.Connections)
 	}
 	if err != nil {
-		closeAll()
 		a.shutdown()
 		return fail(err)
-	}
-	size, flags := clients[0].Size(), uint64(clients[0].TransmissionFlags())
-	if cfg.Connections > 1 && flags&FlagCanMultiConn == 0 {
-		closeAll()
-		a.shutdown()
-		return fail(fmt.Errorf("the server does not allow multiple connections (no NBD_FLAG_CAN_MULTI_CONN); use --connections 1"))
-	}
-	if size <= 0 {
-		closeAll()
-		a.shutdown()
-		return fail(fmt.Errorf("export size is %d: nothing to attach", size))
 	}
 	if !cfg.Writable {
 		flags |= FlagReadOnly
@@ -162,19 +127,16 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 			cfg.Logf("%v: a dead connection will not be replaced", err)
 		}
 	}
-	var conns []syscall.RawConn
-	for _, cl := range clients {
-		rc, err := rawConn(cl.Conn())
-		if err != nil {
-			closeAll()
+	conns := make([]syscall.RawConn, len(clients))
+	for i, cl := range clients {
+		if conns[i], err = rawConn(cl.Conn()); err != nil {
 			a.shutdown()
 			return fail(err)
 		}
-		conns = append(conns, rc)
 	}
 	// Hold every descriptor open (inside Control) while the kernel takes
 	// its references during CONNECT.
-	idx, cerr := withFDs(conns, func(fds []int) (int, error) {
+	idx, err := withFDs(conns, func(fds []int) (int, error) {
 		return c.Connect(ConnectConfig{
 			Index:             cfg.Index,
 			Size:              uint64(size),
@@ -185,16 +147,67 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 			BackendIdentifier: a.backend,
 		})
 	}, nil)
-	// The kernel holds its own references now (or refused them): our
-	// copies go. Closing does not shut the sockets down.
-	closeAll()
-	if cerr != nil {
+	if err != nil {
 		a.shutdown()
-		return nil, cerr
+		return nil, err // already an *Error of Connect
 	}
 	a.Index = idx
 	a.connector = deviceInfo(idx).PID
 	return a, nil
+}
+
+// checkConfig validates cfg, fills in defaults and refuses a device that
+// is out of range or busy before anything is served.
+func checkConfig(c *Conn, cfg AttachConfig) (AttachConfig, error) {
+	if cfg.Connections == 0 {
+		cfg.Connections = 1
+	}
+	if cfg.Connections < 0 || cfg.Connections > maxConnections {
+		return cfg, fmt.Errorf("--connections %d: want 1..%d", cfg.Connections, maxConnections)
+	}
+	if (cfg.Image == nil) == (cfg.URI == "") {
+		return cfg, errors.New("need exactly one of an image and an NBD URI")
+	}
+	if cfg.Image != nil && cfg.Writable {
+		return cfg, fmt.Errorf("--writable: %w", ErrWritesUnsupported)
+	}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
+	}
+	if cfg.URI != "" && cfg.DeadConnTimeout == 0 {
+		cfg.DeadConnTimeout = 60 * time.Second
+	}
+	if cfg.Index >= 0 {
+		if max, ok := MaxIndex(); ok && cfg.Index > max {
+			return cfg, fmt.Errorf("%w: the driver allows /dev/nbd0../dev/nbd%d", ErrIndexRange, max)
+		}
+		if d, err := c.Status(cfg.Index); err == nil && len(d) == 1 && d[0].Connected {
+			return cfg, ErrBusy
+		}
+	}
+	return cfg, nil
+}
+
+// exportOf returns the size and transmission flags the connections agree
+// on, and refuses what the kernel could not use.
+func exportOf(clients []*nbdserver.Client, want int) (int64, uint64, error) {
+	if len(clients) != want || want == 0 {
+		return 0, 0, fmt.Errorf("%d of %d connections negotiated", len(clients), want)
+	}
+	size, flags := clients[0].Size(), clients[0].TransmissionFlags()
+	for _, cl := range clients[1:] {
+		if cl.Size() != size || cl.TransmissionFlags() != flags {
+			return 0, 0, fmt.Errorf("the connections disagree on the export (size %d flags %#x vs size %d flags %#x)",
+				size, flags, cl.Size(), cl.TransmissionFlags())
+		}
+	}
+	if want > 1 && flags&FlagCanMultiConn == 0 {
+		return 0, 0, errors.New("the server does not allow multiple connections (no NBD_FLAG_CAN_MULTI_CONN); use --connections 1")
+	}
+	if size <= 0 {
+		return 0, 0, fmt.Errorf("export size is %d: nothing to attach", size)
+	}
+	return size, uint64(flags), nil
 }
 
 func normIndex(i int) int {
