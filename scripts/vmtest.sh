@@ -288,17 +288,19 @@ else
 	notok "attach --connections 2"
 fi
 
-# 3. attach killed with SIGKILL: the device stays configured with dead
-#    sockets; detach must still clean it up.
+# 3. A device beyond nbds_max (16), which CONNECT creates; attach killed
+#    with SIGKILL: the device stays configured with dead sockets, and
+#    detach must still clean it up.
 section "SIGKILL"
-if start_attach /tmp/a4.log /images/base.qcow2; then
+if start_attach /tmp/a4.log --device /dev/nbd20 /images/base.qcow2; then
+	check "attach --device /dev/nbd20 (created by CONNECT) uses it" [ "$dev" = /dev/nbd20 ]
 	kill -9 $pid
 	wait $pid 2>/dev/null
 	check "after SIGKILL of attach, detach $dev cleans up" nbdgw detach "$dev"
 	i=0; while [ "$(connected_count)" != 0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 	check "no device connected after that detach" [ "$(connected_count)" = 0 ]
 else
-	notok "attach base.qcow2"
+	notok "attach --device /dev/nbd20 base.qcow2"
 fi
 
 # 4. An NBD URI served by nbdgw serve; the server dies and comes back:
