@@ -36,7 +36,13 @@ type bitmap struct {
 	info        BitmapInfo
 	tableOffset int64
 	tableSize   int64
-	usable      bool // exported: type dirty, not in use, no unknown extra data
+	usable      bool  // exported: type dirty, not in use, no unknown extra data
+	dirPos      int64 // offset of the directory entry in the file
+	flags       uint32
+
+	// mem is the whole bitmap while the image is open for writing (the
+	// copy on disk is marked in_use and stale until Close stores it).
+	mem []byte
 
 	once  sync.Once // guards table, err
 	table []uint64
@@ -59,6 +65,7 @@ func DecodeBitmapDirectory(name string, dir []byte, dirOffset int64, n uint32, c
 		}
 		e := dir[off:]
 		b := &bitmap{
+			dirPos:      at,
 			tableOffset: int64(be.Uint64(e[0:])),
 			tableSize:   int64(be.Uint32(e[8:])),
 		}
@@ -97,6 +104,7 @@ func DecodeBitmapDirectory(name string, dir []byte, dirOffset int64, n uint32, c
 		if b.tableSize != need || b.tableSize > bmeMaxTableEntries {
 			return nil, corrupt(name, at+8, int64(i), "bitmap %q table has %d entries, image size needs %d", nm, b.tableSize, need)
 		}
+		b.flags = flags
 		b.info = BitmapInfo{Name: nm, Granularity: gran, InUse: flags&bmeFlagInUse != 0, Auto: flags&bmeFlagAuto != 0}
 		b.usable = typ == bmeTypeDirty && !b.info.InUse && (extra == 0 || flags&bmeFlagExtraCompat != 0)
 		out = append(out, b)
@@ -226,7 +234,7 @@ func (q *qcow2Layer) bitmapStatus(name string, off, length int64, fn func(int64,
 		ci := bit / bitsPerCluster
 		e := table[ci]
 		clusterEnd := min(end, (ci+1)*bitsPerCluster*g)
-		if e&bmeTableOffsetMask == 0 {
+		if b.mem == nil && e&bmeTableOffsetMask == 0 {
 			if err := emit(pos, e&1 != 0); err != nil {
 				return err
 			}
@@ -234,7 +242,9 @@ func (q *qcow2Layer) bitmapStatus(name string, off, length int64, fn func(int64,
 			continue
 		}
 		if loaded != ci {
-			if err := q.h.readFull(cluster, int64(e&bmeTableOffsetMask)); err != nil {
+			if b.mem != nil {
+				cluster = b.mem[ci*q.csize : (ci+1)*q.csize]
+			} else if err := q.h.readFull(cluster, int64(e&bmeTableOffsetMask)); err != nil {
 				return err
 			}
 			loaded = ci

@@ -210,7 +210,7 @@ func (img *Image) Close() error {
 	var first error
 	if img.w != nil {
 		img.mu.Lock()
-		first = img.w.flush()
+		first = img.w.finish()
 		img.mu.Unlock()
 		img.w = nil
 	}

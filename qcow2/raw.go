@@ -94,3 +94,5 @@ func (r *rawWriter) discard(_ *Image, off, length int64) error {
 }
 
 func (r *rawWriter) flush() error { return r.h.f.Sync() }
+
+func (r *rawWriter) finish() error { return r.flush() }

@@ -44,6 +44,8 @@ type writer interface {
 	writeZeroes(img *Image, off, length int64, flags ZeroFlags) error
 	discard(img *Image, off, length int64) error
 	flush() error
+	// finish is the last flush, at Close (bitmaps are stored back).
+	finish() error
 }
 
 // Dirty metadata beyond this many L2 tables is flushed before more writes.
@@ -85,11 +87,6 @@ func (q *qcow2Layer) startWriting() error {
 	case h.Version < 3 && h.RefcountOrder != 4:
 		return corrupt(q.h.name, 96, -1, "v2 image with refcount order %d", h.RefcountOrder)
 	}
-	for _, b := range q.bms {
-		if b.info.Auto {
-			return unsupported(q.h.name, "bitmap %q is enabled (auto): writing while tracking persistent bitmaps is not supported", b.info.Name)
-		}
-	}
 	w := &qwriter{
 		q:          q,
 		rtOffset:   int64(h.RefcountTableOffset),
@@ -110,10 +107,15 @@ func (q *qcow2Layer) startWriting() error {
 		w.rt[i] = binary.BigEndian.Uint64(buf[i*8:])
 	}
 	q.w = w
+	if err := q.loadBitmapsForWriting(); err != nil {
+		q.w = nil
+		return err
+	}
 	return nil
 }
 
 func (q *qcow2Layer) writeAt(img *Image, p []byte, off int64) error {
+	q.markDirty(off, int64(len(p)))
 	for len(p) > 0 {
 		m, err := q.lookup(off, int64(len(p)))
 		if err != nil {
@@ -629,6 +631,7 @@ func sortedKeys[V any](m map[int64]V) []int64 {
 // extended L2) through metadata, the rest by writing zeroes.
 func (q *qcow2Layer) writeZeroes(img *Image, off, length int64, flags ZeroFlags) error {
 	unit := int64(1) << q.scBits
+	defer q.markDirty(off, length)
 	lo := (off + unit - 1) &^ (unit - 1)
 	hi := (off + length) &^ (unit - 1)
 	if q.hdr.Version < 3 || lo >= hi {
@@ -731,6 +734,7 @@ func (q *qcow2Layer) zeroCluster(img *Image, gc, a, b int64, mayUnmap bool) erro
 // clusters then read as zeroes (v3: zero flag) so the backing file does not
 // show through; partial clusters are left as they are.
 func (q *qcow2Layer) discard(img *Image, off, length int64) error {
+	q.markDirty(off, length)
 	lo := (off + q.csize - 1) &^ (q.csize - 1)
 	hi := (off + length) &^ (q.csize - 1)
 	if off+length == img.Size() {
@@ -763,3 +767,11 @@ func (q *qcow2Layer) discard(img *Image, off, length int64) error {
 }
 
 func (q *qcow2Layer) flush() error { return q.w.flush() }
+
+// finish stores persistent bitmaps and flushes, before the image closes.
+func (q *qcow2Layer) finish() error {
+	if err := q.w.flush(); err != nil {
+		return err
+	}
+	return q.storeBitmaps()
+}

@@ -48,6 +48,12 @@ var writeCases = []writeCase{
 		mustRun(t, d, "qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", "a.qcow2", "3M")
 		return "a.qcow2"
 	}},
+	{name: "persistent-bitmaps", build: func(t *testing.T, d string) string {
+		mustRun(t, d, "qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=16k", "a.qcow2", "4M")
+		mustRun(t, d, "qemu-img", "bitmap", "--add", "-g", "16k", "a.qcow2", "b0")
+		mustRun(t, d, "qemu-io", "-f", "qcow2", "-c", "w -P 4 0 1M", "a.qcow2")
+		return "a.qcow2"
+	}},
 	{name: "v2", v2: true, build: func(t *testing.T, d string) string {
 		mustRun(t, d, "qemu-img", "create", "-f", "raw", "b.raw", "2M")
 		mustRun(t, d, "qemu-io", "-f", "raw", "-c", "w -P 0x21 0 2M", "b.raw")
