@@ -222,6 +222,13 @@ expect_fail() {
 # sockets PID: how many sockets the process holds (its server ends + netlink).
 sockets() { ls -l /proc/$1/fd | grep -c 'socket:'; }
 connected_count() { nbdgw list | grep -c ' yes ' || true; }
+# none_connected: STATUS reports a device connected until the kernel's
+# receive workers let go of it, a moment after the sockets closed.
+none_connected() {
+	i=0
+	while [ "$(connected_count)" != 0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	[ "$(connected_count)" = 0 ]
+}
 dev_sha() { sha256sum "$1" | cut -d' ' -f1; }
 # check_content DEV: the device is the overlay chain, byte for byte and as a filesystem.
 check_content() {
@@ -269,7 +276,7 @@ if start_attach /tmp/a1.log /images/overlay.qcow2; then
 
 	check "detach $dev" nbdgw detach "$dev"
 	check "attach exits 0 after detach" wait_exit $pid
-	check "$dev is disconnected after detach" sh -c "! nbdgw list | grep -q '^$dev  *yes'"
+	check "$dev is disconnected after detach" none_connected
 else
 	notok "attach overlay.qcow2"
 fi
@@ -283,7 +290,7 @@ if start_attach /tmp/a2.log --connections 2 --device /dev/nbd3 /images/overlay.q
 	check_content "2 connections" "$dev"
 	kill -TERM $pid
 	check "attach exits 0 on SIGTERM" wait_exit $pid
-	check "/dev/nbd3 disconnected after SIGTERM" [ "$(connected_count)" = 0 ]
+	check "/dev/nbd3 disconnected after SIGTERM" none_connected
 else
 	notok "attach --connections 2"
 fi
@@ -297,8 +304,7 @@ if start_attach /tmp/a4.log --device /dev/nbd20 /images/base.qcow2; then
 	kill -9 $pid
 	wait $pid 2>/dev/null
 	check "after SIGKILL of attach, detach $dev cleans up" nbdgw detach "$dev"
-	i=0; while [ "$(connected_count)" != 0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-	check "no device connected after that detach" [ "$(connected_count)" = 0 ]
+	check "no device connected after that detach" none_connected
 else
 	notok "attach --device /dev/nbd20 base.qcow2"
 fi
