@@ -215,25 +215,33 @@ func (q *qcow2Layer) writeCluster(img *Image, p []byte, off int64) error {
 	if !q.extL2 || whole {
 		// The whole cluster gets new content: keep the host cluster of a
 		// preallocated zero cluster, allocate for anything else.
-		var buf []byte
-		if inC == 0 && int64(len(p)) == q.csize {
-			buf = p
-		} else if typ == scZeroAlloc {
-			buf = make([]byte, q.csize)
-			copy(buf[inC:], p)
-		} else {
-			if buf, err = q.currentContent(img, gc, 0, q.csize); err != nil {
-				return err
-			}
-			copy(buf[inC:], p)
-		}
 		newHost := host
+		eof := (q.fileLen + q.csize - 1) &^ (q.csize - 1)
 		if typ != scZeroAlloc || whole {
 			if newHost, err = q.w.alloc(1); err != nil {
 				return err
 			}
 		}
-		if err := q.pwrite(buf, newHost); err != nil {
+		// A cluster past the end of the file has never been written and
+		// reads as zeroes: if the old content is zero too, only p needs
+		// writing (QEMU avoids the copy-on-write the same way).
+		zeroBase := typ == scZeroPlain || (typ == scUnallocPlain && q.chainReadsZero(img, gc))
+		switch {
+		case inC == 0 && int64(len(p)) == q.csize:
+			err = q.pwrite(p, newHost)
+		case zeroBase && newHost >= eof:
+			err = q.pwrite(p, newHost+inC)
+		default:
+			var buf []byte
+			if typ == scZeroAlloc || zeroBase {
+				buf = make([]byte, q.csize)
+			} else if buf, err = q.currentContent(img, gc, 0, q.csize); err != nil {
+				return err
+			}
+			copy(buf[inC:], p)
+			err = q.pwrite(buf, newHost)
+		}
+		if err != nil {
 			return err
 		}
 		var nbm uint64
@@ -273,6 +281,26 @@ func (q *qcow2Layer) writeCluster(img *Image, p []byte, off int64) error {
 		bm &^= 1 << (32 + s)
 	}
 	return q.setEntry(gc, uint64(host)|oflagCopied, bm)
+}
+
+// chainReadsZero reports whether the cluster at gc reads as zeroes through
+// the layers below the top one (or is past their end).
+func (q *qcow2Layer) chainReadsZero(img *Image, gc int64) bool {
+	if len(img.layers) == 1 {
+		return true
+	}
+	zero := true
+	m := merger{fn: func(e Extent) error {
+		zero = zero && e.Zero
+		return nil
+	}}
+	end := min(gc+q.csize, img.layers[1].size())
+	if gc < end {
+		if img.walk(1, gc, end, &m) != nil || m.flush() != nil {
+			return false
+		}
+	}
+	return zero
 }
 
 // release defers freeing the host clusters an L2 entry no longer uses.
