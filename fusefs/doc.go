@@ -2,7 +2,7 @@
 // github.com/hanwen/go-fuse/v2, talking to the engine (package qcow2)
 // directly, never through NBD. The tree is:
 //
-//	disk                      the guest-visible image (read-only)
+//	disk                      the guest-visible image (writable if the image is)
 //	info.json                 what `nbdgw info --output=json` prints
 //	maps/base-allocation      nbdinfo --map text of base:allocation
 //	maps/allocation-depth     ... of qemu:allocation-depth
@@ -16,8 +16,39 @@
 // The disk files (disk, layers/N/disk, partitions/pN) answer reads straight
 // from qcow2.Image.ReadAt, SEEK_DATA and SEEK_HOLE from block status (the
 // base:allocation HOLE bit) and report st_blocks from the allocated bytes.
-// The whole mount is read-only ("ro"): opening a file for writing fails
-// with EROFS, and no file of the chain is ever opened for writing.
+// Unless the image was opened writable the whole mount is read-only ("ro"):
+// opening a file for writing fails with EROFS, and no file of the chain is
+// ever opened for writing (the engine opens none).
+//
+// # Writes
+//
+// When the image was opened writable (qcow2.Options.Writable), disk (mode
+// 0644) takes writes; everything else stays read-only (EROFS): layers/N,
+// maps/, info.json, and the partitions. Writes go to the top layer only.
+//
+//   - write(2) is qcow2.Image.WriteAt. The size is fixed, and disk behaves
+//     like a block device at its end: a write starting at or past the end
+//     fails with ENOSPC, one crossing it is cut short. `dd conv=notrunc`
+//     works; dd without conv=notrunc, `cp` onto disk and `>` redirection
+//     open with O_TRUNC and fail with EPERM before anything is written.
+//   - truncate/ftruncate to the current size succeeds (a no-op); any other
+//     size, and chmod/chown/utimes, fail with EPERM.
+//   - fsync, fdatasync and the FLUSH of every close of a descriptor opened
+//     for writing are qcow2.Image.Flush: data, then the metadata that points
+//     at it, is durable when they return. SIGINT/SIGTERM/SIGHUP or
+//     `fusermount3 -u` close (and so flush) the image before nbdgw exits.
+//   - fallocate: PUNCH_HOLE|KEEP_SIZE is WriteZeroes with ZeroMayUnmap (whole
+//     clusters deallocated, or zero-flagged where a backing file would show
+//     through; edges written with zeroes), so the range reads as zeroes
+//     and maps show it as a hole; ZERO_RANGE is WriteZeroes without unmap;
+//     mode 0 and KEEP_SIZE alone succeed without doing anything (the disk
+//     is fully sized already); a mode-0 or ZERO_RANGE range past the end is
+//     EFBIG (it would grow the file); collapse/insert/unshare are EOPNOTSUPP.
+//   - Errors: ENOSPC, EDQUOT and EFBIG from the host file system pass through;
+//     every other engine error is logged and is EIO.
+//
+// Maps are generated per open, so a map file opened after a write shows
+// it; info.json and the partition list are fixed at mount.
 //
 // # Maps
 //
@@ -34,7 +65,20 @@
 //
 // Nothing in a read-only mount ever changes, so entries and attributes are
 // cached for an hour and disk files are opened with FOPEN_KEEP_CACHE: a
-// second `cat disk` is served from the page cache. Requests are up to
+// second `cat disk` is served from the page cache.
+//
+// In a writable mount the kernel's writeback cache stays off (go-fuse does
+// not ask for it): every write(2) is a synchronous WRITE request, and the
+// kernel updates disk's page cache with the data it wrote. Since disk's
+// content changes only through disk itself, its cache stays coherent and
+// disk keeps FOPEN_KEEP_CACHE (O_DIRECT writes invalidate the cached
+// pages; the kernel drops the cached range of a punch-hole or zero-range
+// fallocate). The files that show the same bytes through another inode
+// (layers/1/disk and partitions/pN) are opened with FOPEN_DIRECT_IO instead,
+// so they never serve pages cached before a write to disk. Attributes are
+// cached for one second only, as st_blocks changes with writes; disk's
+// mtime stays the image's mtime at mount (a changing mtime would make the
+// kernel drop the page cache at every stat). Requests are up to
 // 1 MiB (max_read); when run as root the mount's readahead is raised from
 // the kernel's 128 KiB to 1 MiB through sysfs, so sequential reads arrive
 // as 1 MiB requests served in parallel (up to 64 in flight). Map files are

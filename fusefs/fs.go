@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -43,6 +44,9 @@ const (
 	// cacheTimeout is how long the kernel may cache entries and
 	// attributes: nothing changes in a read-only mount.
 	cacheTimeout = time.Hour
+	// writableAttrTimeout is how long attributes (st_blocks) may be
+	// cached in a writable mount, where writes change them.
+	writableAttrTimeout = time.Second
 )
 
 // ErrMountpoint is wrapped by the errors Mount returns for an unusable
@@ -109,13 +113,17 @@ func Mount(dir string, img *qcow2.Image, cfg Config) (*Server, error) {
 	if t.cfg.Logf == nil {
 		t.cfg.Logf = func(string, ...any) {}
 	}
-	timeout := cacheTimeout
+	timeout, attrTimeout := cacheTimeout, cacheTimeout
+	mountOpts := []string{"ro"}
+	if img.Writable() {
+		attrTimeout, mountOpts = writableAttrTimeout, nil
+	}
 	opts := &fs.Options{
 		EntryTimeout:    &timeout,
-		AttrTimeout:     &timeout,
+		AttrTimeout:     &attrTimeout,
 		NegativeTimeout: &timeout,
 		MountOptions: fuse.MountOptions{
-			Options:       []string{"ro"},
+			Options:       mountOpts,
 			FsName:        cfg.Name,
 			Name:          "nbdgw",
 			MaxWrite:      maxIO,
@@ -158,7 +166,11 @@ func setReadAhead(dir string, bytes int) {
 type tree struct {
 	img *qcow2.Image
 	cfg Config
+	gen atomic.Uint64 // counts writes, so that st_blocks is recomputed
 }
+
+// changed records that the image changed (after a write completed).
+func (t *tree) changed() { t.gen.Add(1) }
 
 func (t *tree) logf(format string, args ...any) { t.cfg.Logf(format, args...) }
 
@@ -206,7 +218,13 @@ func (r *rootNode) OnAdd(ctx context.Context) {
 		return add(parent, name, &dirNode{tree: t}, syscall.S_IFDIR)
 	}
 	root := r.EmbeddedInode()
-	add(root, "disk", newDiskNode(t, img, 0, img.Size()), syscall.S_IFREG)
+	// In a writable image only the top-level disk takes writes; the
+	// windows that show what it writes (layer 1, the partitions) must
+	// not serve stale pages from their own caches.
+	w := img.Writable()
+	top := newDiskNode(t, img, 0, img.Size())
+	top.writable = w
+	add(root, "disk", top, syscall.S_IFREG)
 	add(root, "info.json", &bytesNode{data: img.InfoJSON(), tree: t}, syscall.S_IFREG)
 	t.addMaps(ctx, dir(root, "maps"), img, add)
 
@@ -218,7 +236,9 @@ func (r *rootNode) OnAdd(ctx context.Context) {
 			continue
 		}
 		ld := dir(layers, strconv.Itoa(li.Depth))
-		add(ld, "disk", newDiskNode(t, limg, 0, limg.Size()), syscall.S_IFREG)
+		ldisk := newDiskNode(t, limg, 0, limg.Size())
+		ldisk.volatile = w && li.Depth == 1
+		add(ld, "disk", ldisk, syscall.S_IFREG)
 		t.addMaps(ctx, dir(ld, "maps"), limg, add)
 	}
 
@@ -228,7 +248,9 @@ func (r *rootNode) OnAdd(ctx context.Context) {
 		t.logf("reading the partition table: %v", err)
 	}
 	for _, p := range pt {
-		add(parts, "p"+strconv.Itoa(p.Number), newDiskNode(t, img, p.Start, p.Length), syscall.S_IFREG)
+		pdisk := newDiskNode(t, img, p.Start, p.Length)
+		pdisk.volatile = w
+		add(parts, "p"+strconv.Itoa(p.Number), pdisk, syscall.S_IFREG)
 	}
 }
 

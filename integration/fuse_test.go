@@ -715,6 +715,10 @@ func fuseBadInput(t *testing.T, bin, top string) {
 	if err := os.WriteFile(garbage, append([]byte("QFI\xfb\x00\x00\x00\x03"), bytes.Repeat([]byte{0xff}, 504)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// Internal snapshots: readable, but the engine refuses to write.
+	snap := filepath.Join(dir, "snap.qcow2")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", snap, "1M")
+	fuseRun(t, "qemu-img", "snapshot", "-c", "s1", snap)
 	tests := []struct {
 		name string
 		args []string
@@ -724,7 +728,7 @@ func fuseBadInput(t *testing.T, bin, top string) {
 		{"non-empty-mountpoint", []string{top, full}, "not empty"},
 		{"missing-image", []string{filepath.Join(dir, "nope.qcow2"), empty}, "no such file"},
 		{"bad-image", []string{garbage, empty}, "garbage.qcow2"},
-		{"writable", []string{"--writable", top, empty}, "writes are not supported yet"},
+		{"writable-snapshots", []string{"--writable", snap, empty}, "snapshots"},
 		{"usage", []string{top}, "usage"},
 	}
 	for _, tc := range tests {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -13,10 +12,12 @@ import (
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
-// errWritesUnsupported is what --writable gives until the engine writes.
-var errWritesUnsupported = errors.New("--writable: writes are not supported yet; mount without it for a read-only view")
-
-func cmdMount(args []string) error {
+// cmdMount serves the tree of an image until unmounted. With --writable
+// the top layer is opened for writing and disk takes writes; on every way
+// out (SIGINT, SIGTERM, SIGHUP, fusermount3 -u) the image is closed, which
+// flushes it, before the process exits, and a failing final flush makes
+// the exit status non-zero.
+func cmdMount(args []string) (err error) {
 	fs := newFlags("mount")
 	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
 	writable := fs.Bool("writable", false, "allow writes to disk")
@@ -28,20 +29,21 @@ func cmdMount(args []string) error {
 	if len(pos) != 2 {
 		return errUsage
 	}
-	if *writable {
-		return errWritesUnsupported
-	}
 	path, dir := pos[0], pos[1]
 	// Check the mount point before the (possibly slow) open, and again
 	// in fusefs.Mount.
 	if err := fusefs.CheckMountpoint(dir); err != nil {
 		return err
 	}
-	img, err := qcow2.Open(path, qcow2.Options{NoBacking: *noBacking})
+	img, err := qcow2.Open(path, qcow2.Options{NoBacking: *noBacking, Writable: *writable})
 	if err != nil {
 		return err
 	}
-	defer img.Close()
+	defer func() {
+		if cerr := img.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("closing %s: %w", path, cerr)
+		}
+	}()
 	cfg := fusefs.Config{
 		Name:  path,
 		Logf:  func(format string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw mount: "+format+"\n", a...) },
