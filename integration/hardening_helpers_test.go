@@ -14,16 +14,20 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver"
 )
 
 // hardMaxRSS is the memory bound every nbdgw process must stay under
@@ -125,14 +129,20 @@ func hardRSS(ps *os.ProcessState) int64 {
 // hardSane fails t if a process panicked, hung or used too much memory.
 func hardSane(t testing.TB, r hardResult) {
 	t.Helper()
+	hardSaneLimit(t, r, hardMaxRSS)
+}
+
+// hardSaneLimit is hardSane with another memory limit.
+func hardSaneLimit(t testing.TB, r hardResult, limit int64) {
+	t.Helper()
 	if bytes.Contains(r.stderr, []byte("panic:")) || bytes.Contains(r.stderr, []byte("goroutine ")) {
 		t.Errorf("PANIC in %s", r)
 	}
 	if r.timedOut {
 		t.Errorf("HANG: %s", r)
 	}
-	if r.rss > hardMaxRSS {
-		t.Errorf("MEMORY: %s (limit %d MiB)", r, hardMaxRSS>>20)
+	if r.rss > limit {
+		t.Errorf("MEMORY: %s (limit %d MiB)", r, limit>>20)
 	}
 }
 
@@ -442,6 +452,7 @@ const (
 	hardReplyTypeData   = 1
 	hardReplyTypeHole   = 2
 	hardReplyTypeStatus = 5
+	hardReplySimple     = 0xffff // not on the wire: see hardRawConn.chunk
 )
 
 var hardBE = binary.BigEndian
@@ -607,14 +618,25 @@ type hardChunk struct {
 }
 
 // chunk reads one structured (non-extended) reply chunk, payload at most
-// 64 MiB.
+// 64 MiB. A simple reply (allowed for commands without payload even
+// after structured replies are negotiated) comes back as a chunk of type
+// hardReplySimple with the errno as its payload and the done flag set.
 func (rc *hardRawConn) chunk() (hardChunk, error) {
 	var h [20]byte
-	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+	if _, err := io.ReadFull(rc.r, h[:4]); err != nil {
 		return hardChunk{}, err
+	}
+	if hardBE.Uint32(h[:]) == hardSimpleMagic {
+		if _, err := io.ReadFull(rc.r, h[4:16]); err != nil {
+			return hardChunk{}, err
+		}
+		return hardChunk{flags: hardReplyFlagDone, typ: hardReplySimple, cookie: hardBE.Uint64(h[8:]), payload: h[4:8]}, nil
 	}
 	if hardBE.Uint32(h[:]) != hardChunkMagic {
 		return hardChunk{}, fmt.Errorf("chunk magic %#x", hardBE.Uint32(h[:]))
+	}
+	if _, err := io.ReadFull(rc.r, h[4:]); err != nil {
+		return hardChunk{}, err
 	}
 	c := hardChunk{flags: hardBE.Uint16(h[4:]), typ: hardBE.Uint16(h[6:]), cookie: hardBE.Uint64(h[8:])}
 	n := hardBE.Uint32(h[16:])
@@ -624,4 +646,264 @@ func (rc *hardRawConn) chunk() (hardChunk, error) {
 	c.payload = make([]byte, n)
 	_, err := io.ReadFull(rc.r, c.payload)
 	return c, err
+}
+
+// hardProcRSS reads the current and peak resident set size of pid.
+func hardProcRSS(pid int) (rss, hwm int64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return -1, -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		v, _ := strconv.ParseInt(f[1], 10, 64)
+		switch f[0] {
+		case "VmRSS:":
+			rss = v << 10
+		case "VmHWM:":
+			hwm = v << 10
+		}
+	}
+	return rss, hwm
+}
+
+// hardGoodClient reads and maps random ranges through the Go client
+// until stop is closed or max requests are done, verifying every answer against the oracle. It
+// returns the number of requests and the first error.
+func hardGoodClient(uri string, opts nbdserver.ClientOptions, o *hardOracle, seed uint64, stop <-chan struct{}, max int) (int, error) {
+	ctx := context.Background()
+	c, err := nbdserver.Dial(ctx, uri, opts)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	rng := rand.New(rand.NewPCG(seed, 99))
+	size := int64(len(o.data))
+	buf := make([]byte, 1<<20)
+	n := 0
+	for n < max {
+		select {
+		case <-stop:
+			return n, nil
+		default:
+		}
+		if err := hardMixedRequest(ctx, c, o, rng, size, buf, opts.MetaContexts); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// hardMixedRequest sends one random request: a read of up to 1 MiB at
+// any byte offset, or block status of a random range on one of the
+// contexts, and checks the answer against the oracle.
+func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, rng *rand.Rand, size int64, buf []byte, contexts []string) error {
+	if len(contexts) == 0 || rng.IntN(2) == 0 {
+		n := 1 + rng.Int64N(int64(len(buf)))
+		off := rng.Int64N(size - n + 1)
+		if rng.IntN(2) == 0 {
+			off &^= 4095
+		}
+		p := buf[:n]
+		if _, err := c.ReadAt(p, off); err != nil {
+			return fmt.Errorf("read %d at %d: %w", n, off, err)
+		}
+		if !bytes.Equal(p, o.data[off:off+n]) {
+			return fmt.Errorf("read %d at %d: WRONG DATA", n, off)
+		}
+		return nil
+	}
+	name := contexts[rng.IntN(len(contexts))]
+	off := rng.Int64N(size)
+	n := 1 + rng.Int64N(size-off)
+	m := o.maps[name]
+	next := off
+	err := c.BlockStatus(ctx, name, off, n, func(eo, en int64, flags uint32) error {
+		if eo != next || en <= 0 {
+			return fmt.Errorf("extent at %d+%d, want one at %d", eo, en, next)
+		}
+		next = eo + en
+		return m.check(eo, min(en, off+n-eo), flags)
+	})
+	if err != nil {
+		return fmt.Errorf("block status %s %d+%d: %w", name, off, n, err)
+	}
+	if next < off+n {
+		return fmt.Errorf("block status %s %d+%d: answered up to %d", name, off, n, next)
+	}
+	return nil
+}
+
+// hardChain builds a two-layer qcow2 chain of 64 MiB with random and
+// patterned data, compressed and zero clusters, a discarded range, and a
+// persistent dirty bitmap b0 in the top layer. It returns the top and
+// every file of the chain.
+func hardChain(t testing.TB, dir string) (string, []string) {
+	t.Helper()
+	rnd := make([]byte, 4<<20)
+	rng := rand.New(rand.NewPCG(7, 11))
+	for i := range rnd {
+		rnd[i] = byte(rng.Uint32())
+	}
+	src := filepath.Join(dir, "rnd.bin")
+	if err := os.WriteFile(src, rnd, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	steps := [][]string{
+		{"qemu-img", "create", "-q", "-f", "qcow2", base, "64M"},
+		{"qemu-io", "-f", "qcow2", "-c", "write -q -s " + src + " 0 4M", "-c", "write -q -c -P 0x12 8M 1M",
+			"-c", "write -q -z 12M 1M", "-c", "write -q -s " + src + " 20M 4M", "-c", "write -q -P 0x14 40M 3M", base},
+		{"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "64M"},
+		{"qemu-img", "bitmap", "--add", top, "b0"},
+		{"qemu-io", "-f", "qcow2", "-c", "write -q -s " + src + " 1M 1M", "-c", "write -q -z 2560k 512k",
+			"-c", "write -q -c -P 0x22 12M 128k", "-c", "write -q -s " + src + " 30M 2M", "-c", "discard -q 41M 1M",
+			"-c", "write -q -P 0x24 63M 1M", top},
+	}
+	for _, s := range steps {
+		if r := hardExec(60*time.Second, s[0], s[1:]...); r.code != 0 {
+			t.Fatal(r)
+		}
+	}
+	os.Remove(src)
+	return top, []string{top, base}
+}
+
+// hardExtent is one line of nbdinfo --map.
+type hardExtent struct {
+	off, length int64
+	flags       uint32
+}
+
+// hardMap is a context's whole-image map, sorted and contiguous.
+type hardMap []hardExtent
+
+// at returns the extent holding pos.
+func (m hardMap) at(pos int64) (hardExtent, bool) {
+	i := sort.Search(len(m), func(i int) bool { return m[i].off+m[i].length > pos })
+	if i == len(m) || m[i].off > pos {
+		return hardExtent{}, false
+	}
+	return m[i], true
+}
+
+// check verifies that an answered extent [off, off+n) with flags agrees
+// with the map over its whole length.
+func (m hardMap) check(off, n int64, flags uint32) error {
+	for p := off; p < off+n; {
+		e, ok := m.at(p)
+		if !ok {
+			return fmt.Errorf("extent at %d beyond the map", p)
+		}
+		if e.flags != flags {
+			return fmt.Errorf("extent [%d, +%d) flags %d, oracle says %d at %d", off, n, flags, e.flags, p)
+		}
+		p = e.off + e.length
+	}
+	return nil
+}
+
+func hardParseMap(out []byte) (hardMap, error) {
+	var m hardMap
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			return nil, fmt.Errorf("map line %q", line)
+		}
+		off, err1 := strconv.ParseInt(f[0], 10, 64)
+		n, err2 := strconv.ParseInt(f[1], 10, 64)
+		fl, err3 := strconv.ParseUint(f[2], 10, 32)
+		if err := errors.Join(err1, err2, err3); err != nil {
+			return nil, fmt.Errorf("map line %q: %v", line, err)
+		}
+		if k := len(m) - 1; k >= 0 && m[k].flags == uint32(fl) && m[k].off+m[k].length == off {
+			m[k].length += n
+			continue
+		}
+		m = append(m, hardExtent{off, n, uint32(fl)})
+	}
+	return m, nil
+}
+
+// hardOracle is what QEMU says about an image: its content (qemu-img
+// convert) and, from qemu-nbd -A -B NAME read with nbdinfo --map, the
+// maps of base:allocation, qemu:allocation-depth and each bitmap;
+// qemu:joint-allocation (not in QEMU) is derived from the first two by
+// its definition (HOLE and ZERO, LOCAL at depth 1, BACKING below).
+type hardOracle struct {
+	data []byte
+	maps map[string]hardMap
+}
+
+func hardQemuOracle(t testing.TB, image string, bitmaps ...string) *hardOracle {
+	t.Helper()
+	hardRequire(t, "qemu-img", "qemu-nbd", "nbdinfo")
+	o := &hardOracle{data: hardQemuRaw(t, image), maps: map[string]hardMap{}}
+	dir, err := os.MkdirTemp("", "hqnbd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "q")
+	args := []string{"-r", "-t", "-f", "qcow2", "-k", sock, "-A"}
+	for _, b := range bitmaps {
+		args = append(args, "-B", b)
+	}
+	p := hardStart(t, "qemu-nbd", append(args, image)...)
+	defer p.stop(t)
+	for i := 0; ; i++ {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if i > 1000 {
+			t.Fatalf("qemu-nbd did not start: %s", p.stderr.Bytes())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	ctxs := []string{"base:allocation", "qemu:allocation-depth"}
+	for _, b := range bitmaps {
+		ctxs = append(ctxs, "qemu:dirty-bitmap:"+b)
+	}
+	for _, c := range ctxs {
+		r := hardExec(60*time.Second, "nbdinfo", "--map="+c, "nbd+unix:///?socket="+sock)
+		if r.code != 0 {
+			t.Fatalf("oracle: %s", r)
+		}
+		m, err := hardParseMap(r.stdout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.maps[c] = m
+	}
+	// Joint allocation, by its definition.
+	var joint hardMap
+	base, depth := o.maps["base:allocation"], o.maps["qemu:allocation-depth"]
+	for p := int64(0); p < int64(len(o.data)); {
+		b, ok1 := base.at(p)
+		d, ok2 := depth.at(p)
+		if !ok1 || !ok2 {
+			t.Fatalf("oracle maps do not cover %d", p)
+		}
+		end := min(b.off+b.length, d.off+d.length)
+		f := b.flags & 3
+		switch {
+		case d.flags == 1:
+			f |= 4
+		case d.flags >= 2:
+			f |= 8
+		}
+		if k := len(joint) - 1; k >= 0 && joint[k].flags == f {
+			joint[k].length += end - p
+		} else {
+			joint = append(joint, hardExtent{p, end - p, f})
+		}
+		p = end
+	}
+	o.maps["qemu:joint-allocation"] = joint
+	return o
 }

@@ -6,9 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -323,4 +328,368 @@ func hardVirtualSize(t *testing.T, c corpus.Case) int64 {
 		return -1
 	}
 	return v.Size
+}
+
+// hardAllContexts is every context a chain built by hardChain offers.
+var hardAllContexts = []string{metactx.BaseAllocation, metactx.AllocationDepth, "qemu:joint-allocation", metactx.DirtyBitmapPrefix + "b0"}
+
+// TestHardeningHostileClients runs misbehaving clients against a real
+// `nbdgw serve` while well-behaved clients (simple, structured and
+// extended framings) keep reading and mapping; every good answer is
+// checked against qemu-img convert and qemu-nbd. It complements
+// nbdserver's in-process TestHostileClients with the real binary,
+// concurrency, slow readers, and the limits.
+func TestHardeningHostileClients(t *testing.T) {
+	hardRequire(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+	bin := hardBinary(t)
+	top, _ := hardChain(t, t.TempDir())
+	o := hardQemuOracle(t, top, "b0")
+	s, r := hardServe(t, bin, top)
+	if s == nil {
+		t.Fatal(r)
+	}
+	pid := s.cmd.Process.Pid
+	idleRSS, _ := hardProcRSS(pid)
+
+	t.Run("conformance", func(t *testing.T) { hardConformance(t, s.socket, o) })
+
+	// Good clients, for the whole test.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var goodMu sync.Mutex // guards goodN
+	goodN := map[string]int{}
+	good := map[string]nbdserver.ClientOptions{
+		"simple":     {},
+		"structured": {StructuredReplies: true, MetaContexts: hardAllContexts},
+		"extended":   {ExtendedHeaders: true, MetaContexts: hardAllContexts},
+		"extended-2": {ExtendedHeaders: true, MetaContexts: hardAllContexts[1:]},
+	}
+	i := uint64(0)
+	for name, opts := range good {
+		i++
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			n, err := hardGoodClient(s.uri, opts, o, seed, stop, 1<<30)
+			if err != nil {
+				t.Errorf("good %s client after %d requests: %v", name, n, err)
+			}
+			goodMu.Lock()
+			goodN[name] = n
+			goodMu.Unlock()
+		}(i)
+	}
+
+	// Slow readers: each sends 64 reads of 32 MiB and never reads a
+	// reply. The server may hold at most MaxInFlight (16) of them per
+	// connection.
+	const slow = 2
+	var slowConns []net.Conn
+	for k := 0; k < slow; k++ {
+		rc, err := hardHandshake("unix", s.socket, hardOptStructured)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slowConns = append(slowConns, rc)
+		go func() {
+			for j := 0; j < 64; j++ {
+				if _, err := rc.Write(hardReq(false, 0, hardCmdRead, uint64(j), 0, 32<<20)); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(time.Second)
+	slowRSS, _ := hardProcRSS(pid)
+	per := (slowRSS - idleRSS) / slow
+	t.Logf("server RSS idle %d MiB; with %d slow readers each asking 64 reads of 32 MiB: %d MiB (%d MiB per slow reader)",
+		idleRSS>>20, slow, slowRSS>>20, per>>20)
+	// Per-client memory: 16 requests in flight of at most 32 MiB each.
+	if per > (nbdserver.DefaultMaxInFlight+4)*nbdserver.DefaultMaxRequest { // + Go runtime slack
+		t.Errorf("each slow reader costs the server %d MiB: more than MaxInFlight x MaxRequest", per>>20)
+	}
+
+	// Hostile waves.
+	hostile := hardHostileSessions()
+	var hw sync.WaitGroup
+	var tried atomic.Int64
+	for w := 0; w < 8; w++ {
+		hw.Add(1)
+		go func(w int) {
+			defer hw.Done()
+			for round := 0; round < 5; round++ {
+				for _, h := range hostile {
+					hardHostile(t, s.socket, h)
+					tried.Add(1)
+				}
+			}
+		}(w)
+	}
+	hw.Wait()
+	_, hwm := hardProcRSS(pid)
+	t.Logf("%d hostile sessions (%d kinds, 8 at a time); server peak RSS %d MiB", tried.Load(), len(hostile), hwm>>20)
+	close(stop)
+	wg.Wait()
+	for _, c := range slowConns {
+		c.Close()
+	}
+	t.Logf("good clients' requests while under attack: %v", goodN)
+	for name, n := range goodN {
+		if n == 0 {
+			t.Errorf("good %s client completed no request", name)
+		}
+	}
+	// Still serving after all that.
+	if n, err := hardGoodClient(s.uri, good["extended"], o, 1234, nil, 100); err != nil || n != 100 {
+		t.Errorf("after the attack: %d requests, %v", n, err)
+	}
+	r = s.stop(t)
+	// Memory is checked by TestHardeningServerMemoryBudget.
+	hardSaneLimit(t, r, 1<<40)
+	if r.code != 0 {
+		t.Errorf("serve after SIGTERM: %s", r)
+	}
+}
+
+// hardSession is one hostile byte stream; handshake says whether to
+// negotiate (structured replies, all contexts, GO) first.
+type hardSession struct {
+	name      string
+	handshake bool
+	bytes     []byte
+	readSome  int // read this many reply bytes before closing (abrupt close mid-reply)
+}
+
+func hardHostileSessions() []hardSession {
+	rng := rand.New(rand.NewPCG(3, 4))
+	garbage := make([]byte, 8192)
+	for i := range garbage {
+		garbage[i] = byte(rng.Uint32())
+	}
+	flags := hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes)
+	cat := func(b ...[]byte) []byte {
+		var out []byte
+		for _, x := range b {
+			out = append(out, x...)
+		}
+		return out
+	}
+	req := func(flags, typ uint16, off, n uint64) []byte { return hardReq(false, flags, typ, 7, off, n) }
+	many := func(b []byte, n int) []byte { return bytes.Repeat(b, n) }
+	return []hardSession{
+		{name: "garbage", bytes: garbage},
+		{name: "zero bytes then close"},
+		{name: "half the client flags", bytes: flags[:2]},
+		{name: "unknown client flags", bytes: hardBE.AppendUint32(nil, 0xfffffff0)},
+		{name: "oldstyle zero flags", bytes: hardBE.AppendUint32(nil, 0)},
+		{name: "bad option magic", bytes: cat(flags, garbage[:64])},
+		{name: "option length 4 GiB", bytes: cat(flags, hardOpt(hardOptGo, nil)[:12], hardBE.AppendUint32(nil, 0xffffffff))},
+		{name: "export name 1 GiB", bytes: cat(flags, hardOpt(hardOptExportName, nil)[:12], hardBE.AppendUint32(nil, 1<<30), garbage)},
+		{name: "option 900 KiB (too big, discarded)", bytes: cat(flags, hardOpt(hardOptList, make([]byte, 900<<10)))},
+		{name: "unknown options", bytes: cat(flags, hardOpt(0x7fff, garbage[:100]), hardOpt(0xffffffff, nil), hardOpt(hardOptAbort, nil))},
+		{name: "meta context query 4 GiB names", bytes: cat(flags, hardOpt(hardOptStructured, nil), hardOpt(hardOptSetMeta, cat(hardBE.AppendUint32(nil, 0), hardBE.AppendUint32(nil, 0xffffffff), garbage[:64])))},
+		{name: "meta context name length 4 GiB", bytes: cat(flags, hardOpt(hardOptStructured, nil), hardOpt(hardOptSetMeta, cat(hardBE.AppendUint32(nil, 0), hardBE.AppendUint32(nil, 1), hardBE.AppendUint32(nil, 0xffffffff))))},
+		{name: "go with info count 65535", bytes: cat(flags, hardOpt(hardOptGo, cat(hardBE.AppendUint32(nil, 0), hardBE.AppendUint16(nil, 0xffff))))},
+		{name: "starttls without tls", bytes: cat(flags, hardOpt(hardOptStartTLS, nil), garbage[:300])},
+		{name: "disconnect mid-option", bytes: cat(flags, hardOpt(hardOptList, nil)[:10])},
+		{name: "bad request magic", handshake: true, bytes: garbage[:28]},
+		{name: "read 4 GiB", handshake: true, bytes: req(0, hardCmdRead, 0, 0xffffffff)},
+		{name: "read past the end", handshake: true, bytes: req(0, hardCmdRead, 1<<62, 4096)},
+		{name: "read offset overflow", handshake: true, bytes: req(0, hardCmdRead, 0xfffffffffffff000, 0x2000)},
+		{name: "unknown commands and flags", handshake: true, bytes: cat(req(0, 99, 0, 1), req(0xffff, 0xffff, 0, 0), req(0x8000, hardCmdRead, 0, 512))},
+		{name: "writes on a read-only export", handshake: true, bytes: cat(req(0, hardCmdWrite, 0, 512), make([]byte, 512), req(0, hardCmdTrim, 0, 1<<20), req(0, hardCmdWriteZeroes, 0, 1<<20))},
+		{name: "write claiming 4 GiB payload", handshake: true, bytes: cat(req(0, hardCmdWrite, 0, 0xffffffff), garbage)},
+		{name: "half a request", handshake: true, bytes: req(0, hardCmdRead, 0, 512)[:13]},
+		{name: "block status of 4 GiB at the end", handshake: true, bytes: req(0, hardCmdBlockStatus, 64<<20-1, 0xffffffff)},
+		{name: "abrupt close mid-reply", handshake: true, bytes: many(req(0, hardCmdRead, 0, 32<<20), 16), readSome: 100 << 10},
+		{name: "close with reads in flight", handshake: true, bytes: many(req(0, hardCmdRead, 0, 1<<20), 64)},
+		{name: "many block status then close", handshake: true, bytes: many(req(0, hardCmdBlockStatus, 0, 64<<20), 200)},
+	}
+}
+
+// hardHostile plays one hostile session and drops the connection.
+func hardHostile(t *testing.T, socket string, h hardSession) {
+	var c net.Conn
+	if h.handshake {
+		rc, err := hardHandshake("unix", socket, hardOptStructured, hardAllContexts...)
+		if err != nil {
+			t.Errorf("%s: handshake: %v", h.name, err)
+			return
+		}
+		c = rc
+	} else {
+		var err error
+		if c, err = net.Dial("unix", socket); err != nil {
+			t.Errorf("%s: dial: %v", h.name, err)
+			return
+		}
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if h.readSome > 0 {
+			io.CopyN(io.Discard, c, int64(h.readSome))
+			c.Close()
+			return
+		}
+		io.Copy(io.Discard, c)
+	}()
+	c.Write(h.bytes)
+	if h.readSome > 0 {
+		<-done
+		return
+	}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok && !h.handshake {
+		cw.CloseWrite()
+	}
+	select {
+	case <-done:
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// hardConformance checks the server's exact answer to each kind of bad
+// request on one connection, which must stay usable after each.
+func hardConformance(t *testing.T, socket string, o *hardOracle) {
+	for _, mode := range []uint32{0, hardOptStructured} {
+		var ctxs []string
+		if mode != 0 {
+			ctxs = hardAllContexts
+		}
+		rc, err := hardHandshake("unix", socket, mode, ctxs...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rc.Close()
+		rc.SetDeadline(time.Now().Add(30 * time.Second))
+		// errno of the reply to one request; data of a good read.
+		do := func(b []byte, readLen int) (uint32, []byte) {
+			t.Helper()
+			if _, err := rc.Write(b); err != nil {
+				t.Fatal(err)
+			}
+			if mode == 0 {
+				errno, _, p, err := rc.simpleReply(readLen)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return errno, p
+			}
+			var data []byte
+			for {
+				ch, err := rc.chunk()
+				if err != nil {
+					t.Fatal(err)
+				}
+				switch ch.typ {
+				case hardReplyTypeError, hardReplySimple:
+					return hardBE.Uint32(ch.payload), nil
+				case hardReplyTypeData:
+					data = append(data, ch.payload[8:]...)
+				case hardReplyTypeHole:
+					data = append(data, make([]byte, hardBE.Uint32(ch.payload[8:]))...)
+				}
+				if ch.flags&hardReplyFlagDone != 0 {
+					return 0, data
+				}
+			}
+		}
+		checkRead := func(off, n int64) {
+			t.Helper()
+			errno, p := do(hardReq(false, 0, hardCmdRead, 1, uint64(off), uint64(n)), int(n))
+			if errno != 0 || !bytes.Equal(p, o.data[off:off+n]) {
+				t.Errorf("mode %d: read %d at %d: errno %d, data correct %v", mode, n, off, errno, bytes.Equal(p, o.data[off:off+n]))
+			}
+		}
+		cases := []struct {
+			name  string
+			req   []byte
+			errno uint32
+		}{
+			{"read 64 MiB (over the 32 MiB limit)", hardReq(false, 0, hardCmdRead, 2, 0, 64<<20), hardEINVAL},
+			{"read past the end", hardReq(false, 0, hardCmdRead, 3, 64<<20-100, 4096), hardEINVAL},
+			{"read at 2^63", hardReq(false, 0, hardCmdRead, 4, 1<<63, 1), hardEINVAL},
+			{"unknown command", hardReq(false, 0, 99, 5, 0, 512), hardEINVAL},
+			{"unknown flag on read", hardReq(false, 0x4000, hardCmdRead, 6, 0, 512), hardEINVAL},
+			{"trim", hardReq(false, 0, hardCmdTrim, 7, 0, 1<<20), hardEPERM},
+			{"write zeroes", hardReq(false, 0, hardCmdWriteZeroes, 8, 0, 1<<20), hardEPERM},
+			{"write", append(hardReq(false, 0, hardCmdWrite, 9, 0, 4096), make([]byte, 4096)...), hardEPERM},
+			{"cache past the end", hardReq(false, 0, hardCmdCache, 10, 1<<40, 1), hardEINVAL},
+		}
+		for _, c := range cases {
+			if errno, _ := do(c.req, 0); errno != c.errno {
+				t.Errorf("mode %d: %s: errno %d, want %d", mode, c.name, errno, c.errno)
+			}
+			checkRead(12345, 4321) // the connection still works
+		}
+		checkRead(1, 3)           // misaligned
+		checkRead(64<<20-1, 1)    // the last byte
+		checkRead(8<<20-100, 200) // across compressed data
+		checkRead(0, 32<<20)      // the largest read allowed
+		if errno, _ := do(hardReq(false, 0, hardCmdFlush, 11, 0, 0), 0); errno != 0 {
+			t.Errorf("mode %d: flush: errno %d", mode, errno)
+		}
+	}
+}
+
+// TestHardeningConnectionLimit opens more connections than nbdserver's
+// DefaultMaxConnections: the extra ones are closed at once, and a slot
+// freed is a slot usable again.
+func TestHardeningConnectionLimit(t *testing.T) {
+	hardRequire(t, "qemu-img")
+	bin := hardBinary(t)
+	img := filepath.Join(t.TempDir(), "a.qcow2")
+	if r := hardExec(30*time.Second, "qemu-img", "create", "-q", "-f", "qcow2", img, "1M"); r.code != 0 {
+		t.Fatal(r)
+	}
+	s, r := hardServe(t, bin, img)
+	if s == nil {
+		t.Fatal(r)
+	}
+	time.Sleep(100 * time.Millisecond) // the readiness probe's slot is released
+	limit := nbdserver.DefaultMaxConnections
+	var conns []*hardRawConn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := 0; i < limit; i++ {
+		c, err := hardDialRaw("unix", s.socket)
+		if err != nil {
+			t.Fatalf("connection %d of %d: %v", i+1, limit, err)
+		}
+		conns = append(conns, c)
+	}
+	for i := 0; i < 3; i++ {
+		if c, err := hardDialRaw("unix", s.socket); err == nil {
+			c.Close()
+			t.Fatalf("connection %d over the limit of %d got a greeting", i+1, limit)
+		}
+	}
+	conns[0].Close()
+	conns = conns[1:]
+	var err error
+	for i := 0; i < 100; i++ {
+		var c *hardRawConn
+		if c, err = hardDialRaw("unix", s.socket); err == nil {
+			c.Close()
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Errorf("after closing one connection: %v", err)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
+	r = s.stop(t)
+	hardSane(t, r)
+	if !bytes.Contains(r.stderr, []byte("too many connections")) {
+		t.Errorf("the refusals were not logged:\n%s", hardClip(r.stderr))
+	}
 }
