@@ -729,6 +729,7 @@ func fuseBadInput(t *testing.T, bin, top string) {
 		{"missing-image", []string{filepath.Join(dir, "nope.qcow2"), empty}, "no such file"},
 		{"bad-image", []string{garbage, empty}, "garbage.qcow2"},
 		{"writable-snapshots", []string{"--writable", snap, empty}, "snapshots"},
+		{"writable-no-backing", []string{"--writable", "--no-backing", top, empty}, "has a backing file"},
 		{"usage", []string{top}, "usage"},
 	}
 	for _, tc := range tests {
