@@ -33,6 +33,54 @@ func TestFUSEWritable(t *testing.T) {
 	t.Run("semantics", func(t *testing.T) { fuseWriteSemantics(t, bin) })
 	t.Run("punch-hole", func(t *testing.T) { fuseWritePunchHole(t, bin) })
 	t.Run("mkfs-ext4", func(t *testing.T) { fuseWriteMkfs(t, bin) })
+	t.Run("partition-view", func(t *testing.T) { fuseWritePartitionView(t, bin) })
+}
+
+// fuseWritePartitionView: in a writable mount partitions/pN stays
+// read-only and shows writes made through disk at once, even to a reader
+// that read (and could have cached) it before.
+func fuseWritePartitionView(t *testing.T, bin string) {
+	fuseRequire(t, "sfdisk")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "mbr.raw")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", raw, "8M")
+	cmd := exec.Command("sfdisk", "-q", "--no-reread", "--no-tell-kernel", raw)
+	cmd.Stdin = strings.NewReader("label: dos\nstart=2048,size=4096,type=83\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sfdisk: %v\n%s", err, out)
+	}
+	img := filepath.Join(dir, "mbr.qcow2")
+	fuseRun(t, "qemu-img", "convert", "-O", "qcow2", raw, img)
+	m := fuseStart(t, bin, img, "--writable")
+	p1 := filepath.Join(m.dir, "partitions", "p1")
+	if f, err := os.OpenFile(p1, os.O_RDWR, 0); !errors.Is(err, syscall.EROFS) {
+		if err == nil {
+			f.Close()
+		}
+		t.Errorf("open partitions/p1 O_RDWR in a writable mount: %v, want EROFS", err)
+	}
+	r, err := os.Open(p1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	before := make([]byte, 4096)
+	if _, err := r.ReadAt(before, 8192); err != nil {
+		t.Fatal(err)
+	}
+	msg := bytes.Repeat([]byte("partition "), 400)
+	f, err := os.OpenFile(filepath.Join(m.dir, "disk"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(msg, 2048*512+8192); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := r.ReadAt(got, 8192); err != nil || !bytes.Equal(got, msg) {
+		t.Errorf("partitions/p1 after a write through disk: %q..., %v; want the bytes written", got[:20], err)
+	}
 }
 
 // fuseWriteImage builds a 32 MiB image of the given kind in dir and
