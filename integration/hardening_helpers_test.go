@@ -698,9 +698,9 @@ func hardGoodClient(uri string, opts nbdserver.ClientOptions, o *hardOracle, see
 	return n, nil
 }
 
-// hardMixedRequest sends one random request: a read of up to 1 MiB at
-// any byte offset, or block status of a random range on one of the
-// contexts, and checks the answer against the oracle.
+// hardMixedRequest sends one random request: a read of up to len(buf)
+// bytes at any byte offset, or block status of a random range on one of
+// the contexts, and checks the answer against the oracle.
 func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, rng *rand.Rand, size int64, buf []byte, contexts []string) error {
 	if len(contexts) == 0 || rng.IntN(2) == 0 {
 		n := 1 + rng.Int64N(int64(len(buf)))
@@ -708,18 +708,29 @@ func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, r
 		if rng.IntN(2) == 0 {
 			off &^= 4095
 		}
-		p := buf[:n]
-		if _, err := c.ReadAt(p, off); err != nil {
-			return fmt.Errorf("read %d at %d: %w", n, off, err)
-		}
-		if !bytes.Equal(p, o.data[off:off+n]) {
-			return fmt.Errorf("read %d at %d: WRONG DATA", n, off)
-		}
-		return nil
+		return hardCheckedRead(c, o, off, buf[:n])
 	}
 	name := contexts[rng.IntN(len(contexts))]
 	off := rng.Int64N(size)
-	n := 1 + rng.Int64N(size-off)
+	return hardCheckedStatus(ctx, c, o, name, off, 1+rng.Int64N(size-off))
+}
+
+// hardCheckedRead reads len(p) bytes at off and compares them with the
+// oracle.
+func hardCheckedRead(c *nbdserver.Client, o *hardOracle, off int64, p []byte) error {
+	n := int64(len(p))
+	if _, err := c.ReadAt(p, off); err != nil {
+		return fmt.Errorf("read %d at %d: %w", n, off, err)
+	}
+	if !bytes.Equal(p, o.data[off:off+n]) {
+		return fmt.Errorf("read %d at %d: WRONG DATA", n, off)
+	}
+	return nil
+}
+
+// hardCheckedStatus asks block status of [off, off+n) on context name
+// and checks every extent against the oracle's map.
+func hardCheckedStatus(ctx context.Context, c *nbdserver.Client, o *hardOracle, name string, off, n int64) error {
 	m := o.maps[name]
 	next := off
 	err := c.BlockStatus(ctx, name, off, n, func(eo, en int64, flags uint32) error {
