@@ -37,6 +37,16 @@
 // closes. The engine (qcow2.Image) is safe for concurrent reads, so
 // connections share it; NBD_FLAG_CAN_MULTI_CONN is advertised.
 //
+// One exception, for speed: on plain TCP and unix sockets, data clusters
+// that the engine maps to a host file offset (qemu-img map's "offset")
+// are sent with sendfile(2) straight from that file, after the engine has
+// answered block status for the range. The kernel then reads while the
+// reply is sent; should that read fail, the connection is dropped (a
+// hard disconnect, which the spec allows), as a reply may be half sent.
+// Compressed clusters, TLS connections and anything the engine cannot
+// map are read through the engine before any byte is sent. Exports are
+// read-only, so no write can race with these reads.
+//
 // The Client is synchronous: one request at a time under its mutex.
 //
 // # Limits

@@ -396,6 +396,7 @@ func (n *negotiation) session(exp *Export, flags uint16) *session {
 		mode:     n.mode,
 		contexts: n.contexts,
 		flags:    flags,
+		zeroCopy: canSendfile(n.conn),
 		slots:    make(chan struct{}, n.srv.cfg.MaxInFlight),
 	}
 }

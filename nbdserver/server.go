@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -45,10 +46,11 @@ type Server struct {
 	cfg  Config
 	slot chan struct{} // one token per open connection
 
-	mu        sync.Mutex // guards listeners, conns, closed
+	mu        sync.Mutex // guards listeners, conns, closed, files
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
 	closed    bool
+	files     map[string]*os.File // host files for zero-copy reads; nil: unusable
 
 	wg sync.WaitGroup // connection goroutines
 }
@@ -78,6 +80,7 @@ func NewServer(cfg Config) *Server {
 		slot:      make(chan struct{}, cfg.MaxConnections),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
+		files:     map[string]*os.File{},
 	}
 }
 
@@ -161,6 +164,14 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, f := range s.files {
+		if f != nil {
+			f.Close()
+		}
+		delete(s.files, name)
+	}
 	return nil
 }
 
@@ -233,5 +244,19 @@ func transmissionFlags(mode replyMode, payload bool) uint16 {
 
 func (e *Export) String() string { return fmt.Sprintf("export %q", e.Name) }
 
-// qcow2Extent names the engine's extent type for the read path.
-type qcow2Extent = qcow2.Extent
+// hostFile returns a read-only handle on a file of an export's chain,
+// opened once per server, or nil if it cannot be opened.
+func (s *Server) hostFile(name string) *os.File {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f, ok := s.files[name]; ok {
+		return f
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		s.cfg.Logf("nbd: zero-copy reads from %s disabled: %v", name, err)
+		f = nil
+	}
+	s.files[name] = f
+	return f
+}

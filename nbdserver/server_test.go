@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -469,5 +470,39 @@ func TestServerClose(t *testing.T) {
 	}
 	if _, err := c.ReadAt(make([]byte, 1), 0); err == nil {
 		t.Fatal("read after Close succeeded")
+	}
+}
+
+// TestReadPaths reads the chain over a unix socket (data sent with
+// sendfile from the host files) and over a pipe (everything read through
+// the engine), with and without holes, at odd offsets and lengths.
+func TestReadPaths(t *testing.T) {
+	img, _ := chainImage(t)
+	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	want := make([]byte, img.Size())
+	img.ReadAt(want, 0)
+	pipe := func(opts ClientOptions) (*Client, error) {
+		a, b := net.Pipe()
+		go srv.ServeConn(context.Background(), b)
+		return NewClient(context.Background(), a, opts)
+	}
+	unix := func(opts ClientOptions) (*Client, error) { return Dial(context.Background(), uri, opts) }
+	for name, dial := range map[string]func(ClientOptions) (*Client, error){"unix": unix, "pipe": pipe} {
+		for _, m := range modes {
+			c, err := dial(m.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range [][2]int64{{0, img.Size()}, {1, 200 << 10}, {65535, 3<<20 + 7}, {4<<20 - 3, 70 << 10}, {img.Size() - 5, 5}} {
+				got := make([]byte, r[1])
+				if _, err := c.ReadAt(got, r[0]); err != nil {
+					t.Fatalf("%s/%s: read %v: %v", name, m.name, r, err)
+				}
+				if !bytes.Equal(got, want[r[0]:r[0]+r[1]]) {
+					t.Errorf("%s/%s: read %v differs", name, m.name, r)
+				}
+			}
+			c.Close()
+		}
 	}
 }

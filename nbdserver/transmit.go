@@ -32,6 +32,7 @@ type session struct {
 	mode     replyMode
 	contexts []string // negotiated meta contexts; the id is the index
 	flags    uint16   // transmission flags advertised
+	zeroCopy bool     // data may be sent from host files with sendfile
 
 	slots chan struct{}  // one token per request in flight
 	wg    sync.WaitGroup // requests in flight
@@ -113,7 +114,7 @@ func (s *session) handle(req request) {
 
 // dispatch validates the request flags common to all commands and calls
 // the command's handler. The reply it returns is complete.
-func (s *session) dispatch(req *request) net.Buffers {
+func (s *session) dispatch(req *request) reply {
 	allowed := uint16(0)
 	switch req.typ {
 	case CmdRead:
@@ -152,40 +153,63 @@ func (s *session) inBounds(off, length uint64) bool {
 
 // cmdCache answers NBD_CMD_CACHE: nothing to prefetch that the host page
 // cache would not, so it only validates the range.
-func (s *session) cmdCache(req *request) net.Buffers {
+func (s *session) cmdCache(req *request) reply {
 	if !s.inBounds(req.offset, req.length) {
 		return s.errReply(req, EINVAL, "cache request beyond the end of the export")
 	}
 	return s.okReply(req)
 }
 
-// send writes a whole reply under the send lock. After a write error the
+// send writes a whole reply under the send lock: byte parts gathered
+// into one writev, file parts with sendfile. After a write error the
 // connection is closed, which ends the request loop.
-func (s *session) send(bufs net.Buffers) {
+func (s *session) send(r reply) {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
 	if s.sendErr != nil {
 		return
 	}
+	var bufs net.Buffers
+	for _, p := range r {
+		if p.file == nil {
+			bufs = append(bufs, p.b)
+			continue
+		}
+		if _, err := bufs.WriteTo(s.conn); err != nil {
+			s.fail(err)
+			return
+		}
+		bufs = nil
+		if err := sendFile(s.conn, p.file, p.off, p.n); err != nil {
+			s.fail(err)
+			return
+		}
+	}
 	if _, err := bufs.WriteTo(s.conn); err != nil {
-		s.sendErr = err
-		s.conn.Close()
+		s.fail(err)
 	}
 }
 
+// fail records a send error and drops the connection: a reply may have
+// gone out in part. Caller holds sendMu.
+func (s *session) fail(err error) {
+	s.sendErr = err
+	s.conn.Close()
+}
+
 // okReply is a success without payload.
-func (s *session) okReply(req *request) net.Buffers {
+func (s *session) okReply(req *request) reply {
 	if s.mode == modeExtended {
-		return net.Buffers{appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0)}
+		return bytesReply(appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0))
 	}
-	return net.Buffers{appendSimpleReply(nil, 0, req.cookie)}
+	return bytesReply(appendSimpleReply(nil, 0, req.cookie))
 }
 
 // errReply is an error reply: a simple reply without structured replies,
 // else an NBD_REPLY_TYPE_ERROR chunk carrying msg.
-func (s *session) errReply(req *request, errno Errno, msg string) net.Buffers {
+func (s *session) errReply(req *request, errno Errno, msg string) reply {
 	if s.mode == modeSimple {
-		return net.Buffers{appendSimpleReply(nil, errno, req.cookie)}
+		return bytesReply(appendSimpleReply(nil, errno, req.cookie))
 	}
 	if len(msg) > 4096 {
 		msg = msg[:4096]
@@ -193,101 +217,7 @@ func (s *session) errReply(req *request, errno Errno, msg string) net.Buffers {
 	b := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeError, req.cookie, req.offset, uint64(errorPayloadHdrLen+len(msg)))
 	b = be.AppendUint32(b, uint32(errno))
 	b = be.AppendUint16(b, uint16(len(msg)))
-	return net.Buffers{append(b, msg...)}
-}
-
-// cmdRead answers NBD_CMD_READ. With structured replies, ranges the
-// engine reports as reading zeroes go out as NBD_REPLY_TYPE_OFFSET_HOLE
-// unless the client set NBD_CMD_FLAG_DF.
-func (s *session) cmdRead(req *request) net.Buffers {
-	if req.length > uint64(s.srv.cfg.MaxRequest) {
-		return s.errReply(req, EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.length, s.srv.cfg.MaxRequest))
-	}
-	if !s.inBounds(req.offset, req.length) {
-		return s.errReply(req, EINVAL, "read beyond the end of the export")
-	}
-	if req.length == 0 {
-		if s.mode == modeSimple {
-			return s.okReply(req)
-		}
-		return net.Buffers{appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0)}
-	}
-	off, n := int64(req.offset), int64(req.length)
-	segs := []readSegment{{off: off, length: n}}
-	if s.mode != modeSimple && req.flags&CmdFlagDF == 0 {
-		segs = s.readSegments(off, n)
-	}
-	buf := make([]byte, n)
-	for _, sg := range segs {
-		if sg.zero {
-			continue
-		}
-		p := buf[sg.off-off : sg.off-off+sg.length]
-		if k, err := s.exp.Image.ReadAt(p, sg.off); k < len(p) {
-			return s.errReply(req, EIO, fmt.Sprintf("read at %d: %v", sg.off, err))
-		}
-	}
-	if s.mode == modeSimple {
-		return net.Buffers{appendSimpleReply(nil, 0, req.cookie), buf}
-	}
-	out := make(net.Buffers, 0, 2*len(segs))
-	for i, sg := range segs {
-		var flags uint16
-		if i == len(segs)-1 {
-			flags = replyFlagDone
-		}
-		if sg.zero {
-			b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetHole, req.cookie, req.offset, offsetHoleLen)
-			b = be.AppendUint64(b, uint64(sg.off))
-			out = append(out, be.AppendUint32(b, uint32(sg.length)))
-			continue
-		}
-		b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, req.cookie, req.offset, uint64(offsetDataHdrLen+sg.length))
-		out = append(out, be.AppendUint64(b, uint64(sg.off)), buf[sg.off-off:sg.off-off+sg.length])
-	}
-	return out
-}
-
-// readSegment is a run of a read that is either data or known zeroes.
-type readSegment struct {
-	off, length int64
-	zero        bool
-}
-
-// minHole is the smallest zero run sent as a hole: smaller ones are not
-// worth a chunk header of their own.
-const minHole = 4096
-
-// readSegments splits [off, off+n) into data and zero runs by the
-// engine's block status. If the status fails, the whole range is data:
-// the read itself reports the error.
-func (s *session) readSegments(off, n int64) []readSegment {
-	var segs []readSegment
-	add := func(sg readSegment) {
-		if sg.zero && sg.length < minHole {
-			sg.zero = false
-		}
-		if k := len(segs) - 1; k >= 0 && segs[k].zero == sg.zero {
-			segs[k].length += sg.length
-			return
-		}
-		segs = append(segs, sg)
-	}
-	err := s.exp.Image.BlockStatus(off, n, func(e qcow2Extent) error {
-		start, end := max(e.Start, off), min(e.Start+e.Length, off+n)
-		if end > start {
-			add(readSegment{off: start, length: end - start, zero: e.Zero})
-		}
-		return nil
-	})
-	var covered int64
-	for _, sg := range segs {
-		covered += sg.length
-	}
-	if err != nil || covered != n {
-		return []readSegment{{off: off, length: n}}
-	}
-	return segs
+	return bytesReply(append(b, msg...))
 }
 
 // errStop ends a metadata walk once a chunk is full.
@@ -295,7 +225,7 @@ var errStop = errors.New("stop")
 
 // cmdBlockStatus answers NBD_CMD_BLOCK_STATUS with one chunk per
 // selected context, each with at least one extent.
-func (s *session) cmdBlockStatus(req *request) net.Buffers {
+func (s *session) cmdBlockStatus(req *request) reply {
 	if len(s.contexts) == 0 {
 		return s.errReply(req, EINVAL, "no metadata context negotiated")
 	}
@@ -306,7 +236,7 @@ func (s *session) cmdBlockStatus(req *request) net.Buffers {
 	if length == 0 || !s.inBounds(req.offset, length) {
 		return s.errReply(req, EINVAL, "block status range empty or beyond the end of the export")
 	}
-	out := make(net.Buffers, 0, len(ids))
+	out := make(reply, 0, len(ids))
 	for i, id := range ids {
 		var flags uint16
 		if i == len(ids)-1 {
@@ -316,7 +246,7 @@ func (s *session) cmdBlockStatus(req *request) net.Buffers {
 		if err != nil {
 			return s.errReply(req, EIO, err.Error())
 		}
-		out = append(out, chunk)
+		out = append(out, replyPart{b: chunk})
 	}
 	return out
 }

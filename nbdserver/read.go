@@ -1,0 +1,162 @@
+package nbdserver
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// reply is a whole reply, written by session.send: byte buffers and, for
+// zero-copy reads, ranges of host files sent with sendfile.
+type reply []replyPart
+
+// replyPart is either bytes (file == nil) or n bytes of file at off.
+type replyPart struct {
+	b      []byte
+	file   *os.File
+	off, n int64
+}
+
+func bytesReply(bs ...[]byte) reply {
+	r := make(reply, len(bs))
+	for i, b := range bs {
+		r[i].b = b
+	}
+	return r
+}
+
+// segKind is how a run of a read is produced.
+type segKind int
+
+const (
+	segMem  segKind = iota // read through the engine into memory
+	segZero                // reads as zeroes
+	segFile                // data at a host file offset: sent with sendfile
+)
+
+// readSegment is a run of a read.
+type readSegment struct {
+	off, length int64
+	kind        segKind
+	file        *os.File // segFile
+	hostOff     int64    // segFile: host offset of off
+}
+
+// minHole is the smallest zero run sent as a hole: smaller ones are not
+// worth a chunk header of their own.
+const minHole = 4096
+
+// cmdRead answers NBD_CMD_READ. With structured replies, ranges the
+// engine reports as reading zeroes go out as NBD_REPLY_TYPE_OFFSET_HOLE
+// unless the client set NBD_CMD_FLAG_DF. On plain (non-TLS) sockets,
+// plain data clusters are sent straight from the host file with
+// sendfile; the rest is read through the engine before anything is sent.
+func (s *session) cmdRead(req *request) reply {
+	if req.length > uint64(s.srv.cfg.MaxRequest) {
+		return s.errReply(req, EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.length, s.srv.cfg.MaxRequest))
+	}
+	if !s.inBounds(req.offset, req.length) {
+		return s.errReply(req, EINVAL, "read beyond the end of the export")
+	}
+	if req.length == 0 {
+		if s.mode == modeSimple {
+			return s.okReply(req)
+		}
+		return bytesReply(appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0))
+	}
+	holes := s.mode != modeSimple && req.flags&CmdFlagDF == 0
+	segs := s.readSegments(int64(req.offset), int64(req.length), holes)
+	parts, err := s.readParts(segs)
+	if err != nil {
+		return s.errReply(req, EIO, err.Error())
+	}
+	if s.mode == modeSimple {
+		return append(bytesReply(appendSimpleReply(nil, 0, req.cookie)), parts...)
+	}
+	if !holes {
+		h := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeOffsetData, req.cookie, req.offset, offsetDataHdrLen+req.length)
+		return append(bytesReply(be.AppendUint64(h, req.offset)), parts...)
+	}
+	out := make(reply, 0, 2*len(segs))
+	for i, sg := range segs {
+		var flags uint16
+		if i == len(segs)-1 {
+			flags = replyFlagDone
+		}
+		if sg.kind == segZero {
+			b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetHole, req.cookie, req.offset, offsetHoleLen)
+			b = be.AppendUint64(b, uint64(sg.off))
+			out = append(out, replyPart{b: be.AppendUint32(b, uint32(sg.length))})
+			continue
+		}
+		b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, req.cookie, req.offset, uint64(offsetDataHdrLen+sg.length))
+		out = append(out, replyPart{b: be.AppendUint64(b, uint64(sg.off))}, parts[i])
+	}
+	return out
+}
+
+// readParts produces the data of each segment: engine reads into memory
+// (done here, before anything is sent), zeroes, or file ranges.
+func (s *session) readParts(segs []readSegment) (reply, error) {
+	parts := make(reply, len(segs))
+	for i, sg := range segs {
+		switch sg.kind {
+		case segFile:
+			parts[i] = replyPart{file: sg.file, off: sg.hostOff, n: sg.length}
+		case segZero:
+			parts[i] = replyPart{b: make([]byte, sg.length)}
+		default:
+			p := make([]byte, sg.length)
+			if k, err := s.exp.Image.ReadAt(p, sg.off); k < len(p) {
+				return nil, fmt.Errorf("read at %d: %v", sg.off, err)
+			}
+			parts[i] = replyPart{b: p}
+		}
+	}
+	return parts, nil
+}
+
+// readSegments splits [off, off+n) by the engine's block status into
+// zero runs (sent as holes if holes, else as zero bytes), host-file runs
+// (on sockets that can sendfile) and runs read through the engine. If the status fails, the
+// whole range goes through the engine, which reports the error.
+func (s *session) readSegments(off, n int64, holes bool) []readSegment {
+	var segs []readSegment
+	add := func(sg readSegment) {
+		if sg.kind == segZero && holes && sg.length < minHole {
+			sg.kind = segMem
+		}
+		if k := len(segs) - 1; k >= 0 && segs[k].kind == sg.kind &&
+			(sg.kind != segFile || segs[k].file == sg.file && segs[k].hostOff+segs[k].length == sg.hostOff) {
+			segs[k].length += sg.length
+			return
+		}
+		segs = append(segs, sg)
+	}
+	err := s.exp.Image.BlockStatus(off, n, func(e qcow2.Extent) error {
+		start, end := max(e.Start, off), min(e.Start+e.Length, off+n)
+		if end <= start {
+			return nil
+		}
+		sg := readSegment{off: start, length: end - start}
+		switch {
+		case e.Zero:
+			sg.kind = segZero
+		case s.zeroCopy && e.Data && e.HasOffset && e.File != "":
+			if f := s.srv.hostFile(e.File); f != nil {
+				sg.kind, sg.file, sg.hostOff = segFile, f, e.Offset+(start-e.Start)
+			}
+		}
+		add(sg)
+		return nil
+	})
+	var covered int64
+	for _, sg := range segs {
+		covered += sg.length
+	}
+	if err != nil || covered != n {
+		return []readSegment{{off: off, length: n}}
+	}
+	return segs
+}

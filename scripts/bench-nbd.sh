@@ -1,0 +1,84 @@
+#!/bin/bash
+# bench-nbd.sh: NBD server benchmarks, nbdgw serve against qemu-nbd and
+# nbdkit. Prints timings and ratios (higher ratio = nbdgw faster).
+#   1. nbdcopy of a 1 GiB fully allocated qcow2 to null: nbdgw vs qemu-nbd,
+#      and vs nbdkit's file plugin on the raw equivalent;
+#   2. nbdinfo --map of a 1 TiB sparse qcow2 with 16384 scattered 64 KiB
+#      writes: nbdgw vs qemu-nbd;
+#   3. nbdcopy with 4 connections vs 1 through nbdgw.
+# Usage: scripts/bench-nbd.sh [WORKDIR]   (needs ~2.2 GiB free in WORKDIR)
+set -euo pipefail
+export PATH=$PATH:/usr/local/go/bin
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-$(mktemp -d /tmp/bench-nbd.XXXXXX)}
+mkdir -p "$work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+for tool in qemu-img qemu-io qemu-nbd nbdkit nbdcopy nbdinfo; do
+	command -v $tool >/dev/null || { echo "bench-nbd: $tool not installed" >&2; exit 1; }
+done
+go build -o "$work/nbdgw" "$root/cmd/nbdgw"
+
+# start NAME SOCK CMD...: run a server in the background, wait for SOCK.
+start() {
+	local sock=$2; shift 2
+	rm -f "$sock"
+	"$@" & pids+=($!)
+	for _ in $(seq 100); do [ -S "$sock" ] && return; sleep 0.05; done
+	echo "bench-nbd: server $1 did not start" >&2; exit 1
+}
+# best N CMD...: best wall time in seconds of N runs.
+best() {
+	local n=$1; shift; local b=
+	for _ in $(seq "$n"); do
+		local s=$(date +%s.%N); "$@" >/dev/null; local e=$(date +%s.%N)
+		b=$(echo "$s $e ${b:-}" | awk '{t=$2-$1; if ($3=="" || t<$3) print t; else print $3}')
+	done
+	echo "$b"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+uri() { echo "nbd+unix:///?socket=$1"; }
+
+echo "== building images in $work"
+big=$work/alloc1g.qcow2 raw=$work/alloc1g.raw
+if [ ! -f "$big" ]; then
+	qemu-img create -q -f qcow2 "$big" 1G
+	qemu-io -c "write -P 0x5a 0 1G" "$big" >/dev/null
+fi
+[ -f "$raw" ] || qemu-img convert -O raw "$big" "$raw"
+sparse=$work/sparse1t.qcow2
+if [ ! -f "$sparse" ]; then
+	qemu-img create -q -f qcow2 "$sparse" 1T
+	mapfile -t offs < <(awk 'BEGIN{srand(1); for (i = 0; i < 16384; i++) printf "%d\n", int(rand()*16777216)}')
+	for ((i = 0; i < 16384; i += 2048)); do
+		args=()
+		for c in "${offs[@]:i:2048}"; do args+=(-c "write -q -P 1 $((c * 65536)) 64k"); done
+		qemu-io "${args[@]}" "$sparse" >/dev/null
+	done
+fi
+
+start nbdgw "$work/g.sock" "$work/nbdgw" serve --socket "$work/g.sock" "$big"
+start qemu-nbd "$work/q.sock" qemu-nbd -t -e 16 -r -f qcow2 -k "$work/q.sock" "$big"
+start nbdkit "$work/k.sock" nbdkit -f -r -U "$work/k.sock" file "$raw"
+start nbdgw "$work/gs.sock" "$work/nbdgw" serve --socket "$work/gs.sock" "$sparse"
+start qemu-nbd "$work/qs.sock" qemu-nbd -t -e 16 -r -f qcow2 -k "$work/qs.sock" "$sparse"
+
+echo "== 1: nbdcopy 1 GiB allocated qcow2 -> null: (best of 3)"
+g=$(best 3 nbdcopy "$(uri "$work/g.sock")" null:)
+q=$(best 3 nbdcopy "$(uri "$work/q.sock")" null:)
+k=$(best 3 nbdcopy "$(uri "$work/k.sock")" null:)
+echo "nbdgw ${g}s  qemu-nbd ${q}s  nbdkit-file(raw) ${k}s"
+echo "ratio qemu-nbd/nbdgw: $(ratio "$q" "$g")x   nbdkit/nbdgw: $(ratio "$k" "$g")x"
+
+echo "== 2: nbdinfo --map of a 1 TiB sparse qcow2, 16384 scattered 64 KiB writes (best of 3)"
+cmp <(nbdinfo --map "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/qs.sock")") && echo "maps identical"
+g=$(best 3 nbdinfo --map "$(uri "$work/gs.sock")")
+q=$(best 3 nbdinfo --map "$(uri "$work/qs.sock")")
+echo "nbdgw ${g}s  qemu-nbd ${q}s  ratio qemu-nbd/nbdgw: $(ratio "$q" "$g")x"
+
+echo "== 3: nbdcopy through nbdgw, 4 connections vs 1 (best of 3)"
+c1=$(best 3 nbdcopy --connections=1 "$(uri "$work/g.sock")" null:)
+c4=$(best 3 nbdcopy --connections=4 "$(uri "$work/g.sock")" null:)
+echo "1 conn ${c1}s  4 conns ${c4}s  speedup: $(ratio "$c1" "$c4")x"
