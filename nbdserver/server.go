@@ -52,7 +52,7 @@ type Server struct {
 	closed    bool
 	files     map[string]*os.File // host files for zero-copy reads; nil: unusable
 
-	wg sync.WaitGroup // connection goroutines
+	wg sync.WaitGroup // connections being served
 }
 
 // ErrServerClosed is returned by Serve after Close.
@@ -117,9 +117,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			c.Close()
 			continue
 		}
-		s.wg.Add(1)
 		go func() {
-			defer s.wg.Done()
 			defer func() { <-s.slot }()
 			s.ServeConn(ctx, c)
 		}()
@@ -127,32 +125,50 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 }
 
 // ServeConn runs the handshake and the transmission phase on c and
-// closes c when done.
+// closes c when done. When ctx is done or the server closes, it stops
+// reading requests, lets the requests in flight answer (for up to
+// drainTimeout) and closes c.
 func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	if !s.trackConn(c) {
 		c.Close()
 		return
 	}
 	defer s.untrackConn(c)
-	stop := context.AfterFunc(ctx, func() { c.Close() })
-	defer stop()
 	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { stopConn(c) })
+	defer stop()
 
 	n := &negotiation{srv: s, conn: c}
 	sess, err := n.run()
+	stopping := func() bool { return ctx.Err() != nil || s.isClosed() }
 	if err != nil {
-		if !errors.Is(err, errAborted) && !errors.Is(err, io.EOF) {
+		if !stopping() && !errors.Is(err, errAborted) && !errors.Is(err, io.EOF) {
 			s.cfg.Logf("nbd: %v: handshake: %v", c.RemoteAddr(), err)
 		}
 		return
 	}
-	if err := sess.serve(); err != nil {
+	if stopping() { // the stop may have raced with the handshake's end
+		return
+	}
+	if err := sess.serve(); err != nil && !stopping() {
 		s.cfg.Logf("nbd: %v: %v", c.RemoteAddr(), err)
 	}
 }
 
-// Close stops all listeners, closes all connections and waits for their
-// goroutines.
+// drainTimeout bounds how long a stopping connection may take to send the
+// replies in flight.
+const drainTimeout = 5 * time.Second
+
+// stopConn makes the connection's reader fail at once and bounds its
+// remaining writes; ServeConn then waits for the requests in flight and
+// closes it.
+func stopConn(c net.Conn) {
+	c.SetReadDeadline(time.Unix(1, 0))
+	c.SetWriteDeadline(time.Now().Add(drainTimeout))
+}
+
+// Close stops all listeners, stops reading requests on every connection,
+// waits for the replies in flight and closes the connections.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
@@ -160,7 +176,7 @@ func (s *Server) Close() error {
 		l.Close()
 	}
 	for c := range s.conns {
-		c.Close()
+		stopConn(c)
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
@@ -204,6 +220,7 @@ func (s *Server) trackConn(c net.Conn) bool {
 		return false
 	}
 	s.conns[c] = struct{}{}
+	s.wg.Add(1)
 	return true
 }
 
@@ -211,6 +228,7 @@ func (s *Server) untrackConn(c net.Conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
+	s.wg.Done()
 }
 
 // export finds an export by name; "" is the default export.
