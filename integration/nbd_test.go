@@ -334,6 +334,21 @@ func TestNBDServeCommand(t *testing.T) {
 		if want := strings.TrimSpace(string(nbdOut(t, "nbdinfo", "--size", "--", "[", "qemu-nbd", "-r", im.path, "]"))); size != want {
 			t.Errorf("size %s, want %s", size, want)
 		}
+		var info struct {
+			Exports []struct {
+				Name     string   `json:"export-name"`
+				Size     int64    `json:"export-size"`
+				Contexts []string `json:"contexts"`
+				ReadOnly bool     `json:"is_read_only"`
+			} `json:"exports"`
+		}
+		if err := json.Unmarshal(nbdOut(t, "nbdinfo", "--json", "nbd://"+addr+"/disk1"), &info); err != nil {
+			t.Fatal(err)
+		}
+		wantCtx := []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation, "qemu:dirty-bitmap:bm1", "qemu:dirty-bitmap:bm2"}
+		if len(info.Exports) != 1 || info.Exports[0].Name != "disk1" || !info.Exports[0].ReadOnly || !slices.Equal(info.Exports[0].Contexts, wantCtx) {
+			t.Errorf("nbdinfo --json: %+v", info)
+		}
 		if err := exec.Command("nbdinfo", "nbd://"+addr+"/nosuch").Run(); err == nil {
 			t.Error("unknown export name accepted")
 		}
