@@ -571,10 +571,11 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 		if err != nil {
 			return err
 		}
-		if (h.typ == replyTypeBlockStatusExt) != ext || (h.typ != replyTypeBlockStatus && h.typ != replyTypeBlockStatusExt) {
+		// With extended headers the server may use either chunk type.
+		if (h.typ == replyTypeBlockStatusExt && !ext) || (h.typ != replyTypeBlockStatus && h.typ != replyTypeBlockStatusExt) {
 			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", errBadReply, h.typ)
 		}
-		cid, es, err := decodeBlockStatus(b, ext)
+		cid, es, err := decodeBlockStatus(b, h.typ == replyTypeBlockStatusExt)
 		if err != nil || cid != id {
 			return err
 		}

@@ -58,7 +58,9 @@
 //     names and queries at most 4 KiB, at most 1024 queries;
 //   - NBD_CMD_READ: at most Config.MaxRequest (32 MiB, like QEMU), else
 //     NBD_EINVAL; NBD_CMD_WRITE payloads above it drop the connection;
-//   - block status payloads: at most 64 KiB, else the connection drops;
+//   - block status payloads: at most 8 bytes plus 4 per negotiated
+//     context are read; longer ones up to Config.MaxRequest are discarded
+//     and answered NBD_EINVAL, larger ones drop the connection;
 //   - block status replies: at most 1 MiB of descriptors per context
 //     (131072 32-bit or 65536 64-bit extents), one with
 //     NBD_CMD_FLAG_REQ_ONE; 32-bit replies never exceed the 32-bit

@@ -92,7 +92,7 @@ const (
 	RepErrShutdown      Reply = repErr + 7
 	RepErrBlockSizeReqd Reply = repErr + 8
 	RepErrTooBig        Reply = repErr + 9
-	RepErrExtHeaderReqd Reply = repErr + 11
+	RepErrExtHeaderReqd Reply = repErr + 10
 )
 
 var replyNames = map[Reply]string{

@@ -204,7 +204,10 @@ func TestBlockStatusPayload(t *testing.T) {
 	}{
 		{"all", 0, nil, []uint32{0, 1, 2}, false, 0},
 		{"one id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{1}}.append(nil), []uint32{1}, false, 0},
-		{"two ids, dup", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 0, 2}}.append(nil), []uint32{2, 0}, false, 0},
+		{"two ids", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 0}}.append(nil), []uint32{2, 0}, false, 0},
+		{"dup id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 2}}.append(nil), nil, false, EINVAL},
+		{"too many ids", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 1, 2, 0}}.append(nil), nil, false, EINVAL},
+		{"short payload", CmdFlagPayloadLen, []byte{0, 0, 0, 1}, nil, false, EINVAL},
 		{"req one", CmdFlagPayloadLen | CmdFlagReqOne, blockStatusPayload{size, []uint32{0}}.append(nil), []uint32{0}, true, 0},
 		{"unknown id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 9}}.append(nil), nil, false, EINVAL},
 		{"no ids", CmdFlagPayloadLen, blockStatusPayload{size, nil}.append(nil), nil, false, EINVAL},

@@ -18,9 +18,6 @@ const (
 	// maxExtentBytes bounds the descriptors of one block status chunk,
 	// like QEMU's 1 MiB (NBD_MAX_BLOCK_STATUS_EXTENTS * 8).
 	maxExtentBytes = 1 << 20
-	// maxStatusPayload bounds a block status payload; larger ones drop
-	// the connection.
-	maxStatusPayload = 64 << 10
 )
 
 // session is the transmission phase of one connection.
@@ -83,13 +80,13 @@ func (s *session) readPayload(req *request) error {
 		return nil
 	}
 	limit := uint64(s.srv.cfg.MaxRequest)
-	if req.typ == CmdBlockStatus {
-		limit = maxStatusPayload
-	}
 	if req.length > limit {
 		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.typ, req.length, limit)
 	}
-	if req.typ != CmdBlockStatus {
+	// A block status payload is an effect length and at most one id per
+	// negotiated context, like QEMU; anything else is thrown away and
+	// answered NBD_EINVAL.
+	if req.typ != CmdBlockStatus || req.length > bsPayloadHdrLen+4*uint64(len(s.contexts)) {
 		req.discard = true
 		_, err := io.CopyN(io.Discard, s.r, int64(req.length))
 		return err
@@ -129,7 +126,10 @@ func (s *session) dispatch(req *request) reply {
 	case CmdWrite, CmdWriteZeroes, CmdTrim:
 		return s.errReply(req, EPERM, "export is read-only")
 	}
-	if req.discard || req.flags&^allowed != 0 {
+	if req.discard {
+		return s.errReply(req, EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.length, req.typ))
+	}
+	if req.flags&^allowed != 0 {
 		return s.errReply(req, EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.flags, req.typ))
 	}
 	switch req.typ {
@@ -275,10 +275,11 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 		if int64(id) >= int64(len(s.contexts)) {
 			return nil, 0, fmt.Errorf("metadata context id %d was not negotiated", id)
 		}
-		if !seen[id] {
-			seen[id] = true
-			ids = append(ids, id)
+		if seen[id] {
+			return nil, 0, fmt.Errorf("metadata context id %d named twice", id)
 		}
+		seen[id] = true
+		ids = append(ids, id)
 	}
 	return ids, p.length, nil
 }

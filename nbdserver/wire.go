@@ -284,7 +284,7 @@ func decodeBlockStatus(b []byte, ext bool) (id uint32, es []extent, err error) {
 	}
 	id = be.Uint32(b)
 	n := be.Uint32(b[4:])
-	if uint64(n) != uint64(len(b)-blockStatusExtHdr)/extDescriptorLen {
+	if n != 0 && uint64(n) != uint64(len(b)-blockStatusExtHdr)/extDescriptorLen { // 0: count by length
 		return 0, nil, fmt.Errorf("%w: %d descriptors announced, %d sent", errBadReply, n, (len(b)-blockStatusExtHdr)/extDescriptorLen)
 	}
 	for i := blockStatusExtHdr; i < len(b); i += extDescriptorLen {
