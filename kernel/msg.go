@@ -67,17 +67,16 @@ const (
 )
 
 var (
-	errNoSockets       = errors.New("no sockets")
-	errTooManySockets  = fmt.Errorf("more than %d sockets", maxSockets)
-	errBadSocket       = errors.New("negative socket descriptor")
-	errZeroSize        = errors.New("device size is zero")
-	errBadIndex        = errors.New("device index out of range")
-	errBackendTooLong  = fmt.Errorf("backend identifier longer than %d bytes", maxBackendIdentifier)
-	errBackendNUL      = errors.New("backend identifier contains NUL")
-	errMissingIndex    = errors.New("reply has no device index")
-	errMissingDevices  = errors.New("reply has no device list")
-	errBadDeviceItem   = errors.New("device list entry without index")
-	errUnexpectedReply = errors.New("unexpected reply command")
+	errNoSockets      = errors.New("no sockets")
+	errTooManySockets = fmt.Errorf("more than %d sockets", maxSockets)
+	errBadSocket      = errors.New("negative socket descriptor")
+	errZeroSize       = errors.New("device size is zero")
+	errBadIndex       = errors.New("device index out of range")
+	errBackendTooLong = fmt.Errorf("backend identifier longer than %d bytes", maxBackendIdentifier)
+	errBackendNUL     = errors.New("backend identifier contains NUL")
+	errMissingIndex   = errors.New("reply has no device index")
+	errMissingDevices = errors.New("reply has no device list")
+	errBadDeviceItem  = errors.New("device list entry without index")
 )
 
 // seconds converts a timeout to whole seconds, rounding up so that a
