@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -33,9 +34,13 @@ type diskNode struct {
 	volatile   bool
 
 	blocksMu  sync.Mutex
-	blocksGen uint64 // tree.gen when blocks was computed, plus one (0: never)
-	blocks    uint64 // 512-byte units of allocated data
+	blocksGen uint64    // tree.gen when blocks was computed, plus one (0: never)
+	blocksAt  time.Time // when blocks was computed
+	blocks    uint64    // 512-byte units of allocated data
 }
+
+// blocksMaxAge bounds how long st_blocks may lag writes.
+const blocksMaxAge = time.Second
 
 var (
 	_ = (fs.NodeOpener)((*diskNode)(nil))
@@ -119,12 +124,17 @@ func (n *diskNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 	return 0
 }
 
-// allocated is st_blocks, recomputed after writes changed the image.
+// allocated is st_blocks. It walks the block status of the whole window,
+// so after writes it is recomputed at most once per blocksMaxAge: the
+// kernel asks for attributes before every read that follows a write
+// (auto_inval_data), and a walk per read would make reads of a large
+// image crawl. st_blocks may thus lag writes by up to blocksMaxAge, as
+// it may on a local file system with delayed allocation.
 func (n *diskNode) allocated() uint64 {
 	n.blocksMu.Lock()
 	defer n.blocksMu.Unlock()
 	gen := n.tree.gen.Load() + 1
-	if n.blocksGen == gen {
+	if n.blocksGen == gen || n.blocksGen != 0 && time.Since(n.blocksAt) < blocksMaxAge {
 		return n.blocks
 	}
 	var err error
@@ -136,7 +146,7 @@ func (n *diskNode) allocated() uint64 {
 		n.tree.logf("block status of [%d, +%d): %v; reporting it fully allocated", n.base, n.size, err)
 		n.blocks = uint64((n.size + 511) / 512)
 	}
-	n.blocksGen = gen
+	n.blocksGen, n.blocksAt = gen, time.Now()
 	return n.blocks
 }
 

@@ -65,7 +65,11 @@
 //
 // Nothing in a read-only mount ever changes, so entries and attributes are
 // cached for an hour and disk files are opened with FOPEN_KEEP_CACHE: a
-// second `cat disk` is served from the page cache.
+// second `cat disk` is served from the page cache. Requests are up to
+// 1 MiB (max_read); when run as root the mount's readahead is raised from
+// the kernel's 128 KiB to 1 MiB through sysfs, so sequential reads arrive
+// as 1 MiB requests served in parallel (up to 64 in flight). Map files are
+// never cached.
 //
 // In a writable mount the kernel's writeback cache stays off (go-fuse does
 // not ask for it): every write(2) is a synchronous WRITE request, and the
@@ -76,13 +80,11 @@
 // fallocate). The files that show the same bytes through another inode
 // (layers/1/disk and partitions/pN) are opened with FOPEN_DIRECT_IO instead,
 // so they never serve pages cached before a write to disk. Attributes are
-// cached for one second only, as st_blocks changes with writes; disk's
+// cached for one second only, as st_blocks changes with writes (it is
+// recomputed, by a block-status walk, at most once a second: the kernel
+// asks for attributes before every read that follows a write); disk's
 // mtime stays the image's mtime at mount (a changing mtime would make the
-// kernel drop the page cache at every stat). Requests are up to
-// 1 MiB (max_read); when run as root the mount's readahead is raised from
-// the kernel's 128 KiB to 1 MiB through sysfs, so sequential reads arrive
-// as 1 MiB requests served in parallel (up to 64 in flight). Map files are
-// never cached.
+// kernel drop the page cache at every stat).
 //
 // # Concurrency
 //
@@ -92,7 +94,12 @@
 // lock of this package held. Each open map file has a cursor guarded by its
 // own mutex, so concurrent reads of one open map file are serialised while
 // different opens proceed in parallel. The allocated-bytes count behind
-// st_blocks is computed once per file, on first stat, under a sync.Once.
+// st_blocks is computed on first stat (and again after writes, at most
+// once a second) under a per-file mutex. Writes, zeroing and flushes go
+// to the engine, which serialises them against each other and against
+// reads of the metadata (qcow2.Image's lock); the kernel mostly sends
+// writes of one file one at a time anyway (write(2) holds the inode lock
+// without writeback caching or parallel direct writes).
 //
 // # Deadlocks
 //

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -528,12 +529,18 @@ func fuseWriteSemantics(t *testing.T, bin string) {
 	if fuseHoles(t, mapAfter) == fuseHoles(t, mapBefore) {
 		t.Errorf("maps/base-allocation did not change with the writes:\n%s", mapAfter)
 	}
-	fi, err = os.Stat(disk)
-	if err != nil {
-		t.Fatal(err)
+	// st_blocks follows (within a second or two: it is recomputed at
+	// most once a second, and attributes are cached for a second).
+	blocksAfter := blocksBefore
+	for i := 0; i < 40 && blocksAfter == blocksBefore; i++ {
+		time.Sleep(100 * time.Millisecond)
+		if fi, err = os.Stat(disk); err != nil {
+			t.Fatal(err)
+		}
+		blocksAfter = fi.Sys().(*syscall.Stat_t).Blocks
 	}
-	if b := fi.Sys().(*syscall.Stat_t).Blocks; b == blocksBefore {
-		t.Errorf("st_blocks still %d after writes and punched holes", b)
+	if blocksAfter == blocksBefore {
+		t.Errorf("st_blocks still %d 4s after writes and punched holes", blocksAfter)
 	}
 	f.Close()
 	fuseRun(t, "fusermount3", "-u", m.dir)
