@@ -123,13 +123,42 @@ func nbdCorpus(t *testing.T, dir string) []nbdImage {
 		[]string{"qemu-img", "bitmap", "--add", p("c3.qcow2"), "bm1"},
 		[]string{"qemu-img", "bitmap", "--add", "--granularity", "16k", p("c3.qcow2"), "bm2"},
 		[]string{"qemu-io", "-c", "write -P 5 2M 5k", "-c", "write -z 5M 128k", "-c", "write -P 6 4M 64k", p("c3.qcow2")})
+	// Subclusters over a full backing layer; metadata preallocation; an
+	// external raw data file; 512-byte clusters; a size that is no
+	// multiple of anything.
+	sh([]string{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", p("x1.qcow2"), "4M"},
+		[]string{"qemu-io", "-c", "write -P 7 0 4M", p("x1.qcow2")},
+		[]string{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", p("x1.qcow2"), "-F", "qcow2", p("x2.qcow2")},
+		[]string{"qemu-io", "-c", "write -P 1 4k 8k", "-c", "write -z 100k 2k", "-c", "discard 1M 64k", p("x2.qcow2")},
+		[]string{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", p("pm.qcow2"), "4M"},
+		[]string{"qemu-io", "-c", "write -P 1 1M 64k", p("pm.qcow2")},
+		[]string{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=" + p("df.raw") + ",data_file_raw=on", p("df.qcow2"), "4M"},
+		[]string{"qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 3 2M 128k", p("df.qcow2")},
+		[]string{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p("c512.qcow2"), "1000001"},
+		[]string{"qemu-io", "-c", "write -P 1 1000 3000", "-c", "write -z 8k 1k", "-c", "write -P 2 999000 1001", p("c512.qcow2")})
 	return []nbdImage{
+		{name: "subclusters", path: p("x2.qcow2")},
+		{name: "prealloc-metadata", path: p("pm.qcow2")},
+		{name: "data-file", path: p("df.qcow2")},
+		{name: "512-byte-clusters", path: p("c512.qcow2")},
 		{name: "seed000", path: p("s0top.qcow2")},
 		{name: "seed000-no-backing", path: p("s0top.qcow2"), noBacking: true},
 		{name: "three-layers", path: p("c3.qcow2"), bitmaps: []string{"bm1", "bm2"}},
 		{name: "three-layers-no-backing", path: p("c3.qcow2"), noBacking: true, bitmaps: []string{"bm1", "bm2"}},
 		{name: "middle-layer", path: p("c2.qcow2")},
 	}
+}
+
+// nbdPick returns the corpus image called name.
+func nbdPick(t *testing.T, corpus []nbdImage, name string) nbdImage {
+	t.Helper()
+	for _, im := range corpus {
+		if im.name == name {
+			return im
+		}
+	}
+	t.Fatalf("no corpus image %q", name)
+	return nbdImage{}
 }
 
 func nbdURI(sock string) string { return "nbd+unix:///?socket=" + sock }
@@ -280,7 +309,7 @@ func TestNBDSeed000(t *testing.T) {
 	nbdRequire(t)
 	bin := nbdBuild(t)
 	dir := t.TempDir()
-	im := nbdCorpus(t, dir)[1]
+	im := nbdPick(t, nbdCorpus(t, dir), "seed000-no-backing")
 	got := nbdOut(t, "nbdinfo", "--map=qemu:joint-allocation", "--", "[", bin, "serve", "--no-backing", im.path, "]")
 	want := "         0       65536    3\n     65536       65536    4\n    131072       65536    7\n    196608       65536    3\n"
 	if string(got) != want {
@@ -295,7 +324,7 @@ func TestNBDServeCommand(t *testing.T) {
 	nbdRequire(t)
 	bin := nbdBuild(t)
 	dir := t.TempDir()
-	im := nbdCorpus(t, dir)[2]
+	im := nbdPick(t, nbdCorpus(t, dir), "three-layers")
 
 	t.Run("writable refused", func(t *testing.T) {
 		for _, flag := range []string{"--writable", "--snapshot"} {
@@ -423,7 +452,7 @@ func nbdFuse(t *testing.T, uri, image string) {
 func TestNBDGoClientInterop(t *testing.T) {
 	nbdRequire(t, "nbdkit")
 	dir := t.TempDir()
-	im := nbdCorpus(t, dir)[2]
+	im := nbdPick(t, nbdCorpus(t, dir), "three-layers")
 	raw := filepath.Join(dir, "interop.raw")
 	nbdOut(t, "qemu-img", "convert", "-O", "raw", im.path, raw)
 	want, err := os.ReadFile(raw)
