@@ -509,3 +509,39 @@ func TestReadPaths(t *testing.T) {
 		}
 	}
 }
+
+// TestCloseDrains closes the server while reads are in flight: every
+// reply that starts must arrive whole before the connection closes.
+func TestCloseDrains(t *testing.T) {
+	img := rawImage(t, 32<<20)
+	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
+	rc := dialRaw(t, uri)
+	rc.final(OptStructuredReply, nil)
+	rc.goExport()
+	var b []byte
+	for i := range 32 {
+		b = request{typ: CmdRead, flags: CmdFlagDF, cookie: uint64(i), offset: uint64(i) << 20, length: 1 << 20}.append(b, false)
+	}
+	rc.write(b)
+	go srv.Close()
+	got := 0
+	for {
+		var hb [structuredReplyLen]byte
+		n, err := io.ReadFull(rc.r, hb[:])
+		if n == 0 && errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d replies: partial header: %v", got, err)
+		}
+		h, err := decodeReplyHeader(hb[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(rc.r, make([]byte, h.length)); err != nil {
+			t.Fatalf("after %d replies: partial payload: %v", got, err)
+		}
+		got++
+	}
+	t.Logf("%d of 32 replies before the close", got)
+}
