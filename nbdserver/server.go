@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -135,6 +136,11 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	}
 	defer s.untrackConn(c)
 	defer c.Close()
+	defer func() {
+		if p := recover(); p != nil { // in the handshake: drop this client only
+			s.cfg.Logf("nbd: %v: panic: %v\n%s", c.RemoteAddr(), p, debug.Stack())
+		}
+	}()
 	stop := context.AfterFunc(ctx, func() { stopConn(c) })
 	defer stop()
 

@@ -96,17 +96,22 @@ func (s *session) readPayload(req *request) error {
 	return err
 }
 
-// handle answers one request on its own goroutine. A panic is recovered
-// and answered with NBD_EIO.
+// handle answers one request on its own goroutine.
 func (s *session) handle(req request) {
 	defer func() { <-s.slots; s.wg.Done() }()
+	s.send(s.safeDispatch(&req))
+}
+
+// safeDispatch is dispatch with a panic recovered, logged and answered
+// with NBD_EIO. Nothing of the reply has been sent at that point.
+func (s *session) safeDispatch(req *request) (r reply) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.typ, p, debug.Stack())
-			s.send(s.errReply(&req, EIO, "internal server error"))
+			r = s.errReply(req, EIO, "internal server error")
 		}
 	}()
-	s.send(s.dispatch(&req))
+	return s.dispatch(req)
 }
 
 // dispatch validates the request flags common to all commands and calls

@@ -82,3 +82,9 @@ echo "== 3: nbdcopy through nbdgw, 4 connections vs 1 (best of 3)"
 c1=$(best 3 nbdcopy --connections=1 "$(uri "$work/g.sock")" null:)
 c4=$(best 3 nbdcopy --connections=4 "$(uri "$work/g.sock")" null:)
 echo "1 conn ${c1}s  4 conns ${c4}s  speedup: $(ratio "$c1" "$c4")x"
+
+echo "== 4: the same 1 TiB map with nbdgw's client (extended headers: one round trip) vs nbdinfo (best of 3)"
+cmp <("$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/gs.sock")") && echo "maps identical"
+e=$(best 3 "$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")")
+n=$(best 3 nbdinfo --map "$(uri "$work/gs.sock")")
+echo "nbdgw map ${e}s  nbdinfo --map ${n}s"
