@@ -1,0 +1,73 @@
+package corpus
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/nbdgw/nbdgw/qcow2"
+)
+
+// TestCorpusEngine opens every crafted image with the engine directly:
+// the stage each case declares must be where the engine fails, with an
+// error that names the broken structure and wraps one of the engine's
+// sentinels (or an OS error for a missing file). The front ends are
+// driven by integration/hardening_test.go.
+func TestCorpusEngine(t *testing.T) {
+	for _, tool := range []string{"qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	cases, err := Generate(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cases) < 30 {
+		t.Errorf("%d cases, want at least 30", len(cases))
+	}
+	for _, c := range cases {
+		t.Run(c.Name, func(t *testing.T) {
+			mentions := func(err error) {
+				t.Helper()
+				for _, w := range c.Want {
+					if !strings.Contains(strings.ToLower(err.Error()), strings.ToLower(w)) {
+						t.Errorf("error %q does not mention %q", err, w)
+					}
+				}
+				var fe *qcow2.FormatError
+				var pe *os.PathError
+				if !errors.As(err, &fe) && !errors.As(err, &pe) {
+					t.Errorf("error %q is neither a *qcow2.FormatError nor an OS error", err)
+				}
+			}
+			img, err := qcow2.Open(c.Image, qcow2.Options{Warn: func(string) {}})
+			if c.Stage == Open {
+				if err == nil {
+					img.Close()
+					t.Fatal("opened")
+				}
+				mentions(err)
+				return
+			}
+			if err != nil {
+				t.Fatalf("open: %v", err)
+			}
+			img.Close()
+			err = exercise(c.Image, qcow2.Options{})
+			switch c.Stage {
+			case Read, Bitmap:
+				if err == nil {
+					t.Fatal("read and mapped without error")
+				}
+				mentions(err)
+			case Accept:
+				if err != nil {
+					t.Errorf("QEMU reads this image; the engine says %v", err)
+				}
+			}
+		})
+	}
+}
