@@ -545,3 +545,21 @@ func TestCloseDrains(t *testing.T) {
 	}
 	t.Logf("%d of 32 replies before the close", got)
 }
+
+// TestPanicDropsOneClient: a panic while serving one client (here an
+// export whose image is unusable) drops that client only.
+func TestPanicDropsOneClient(t *testing.T) {
+	good := rawImage(t, 1<<20)
+	_, uri := startServer(t, Config{Exports: []*Export{{Name: "good", Image: good}, {Name: "bad", Image: &qcow2.Image{}}}, Logf: func(string, ...any) {}})
+	if _, err := Dial(context.Background(), uri, ClientOptions{ExportName: "bad"}); err == nil {
+		t.Fatal("handshake with a broken export succeeded")
+	}
+	c, err := Dial(context.Background(), uri, ClientOptions{ExportName: "good", StructuredReplies: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+}
