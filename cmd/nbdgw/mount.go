@@ -74,6 +74,11 @@ func cmdMount(args []string) (err error) {
 		case <-done:
 			return nil
 		case sig := <-sigs:
+			// Whatever happens to the unmount (files in use keep the
+			// mount busy), what was written so far is made durable now.
+			if err := img.Flush(); err != nil {
+				fmt.Fprintf(os.Stderr, "nbdgw mount: %v: flushing %s: %v\n", sig, path, err)
+			}
 			if err := unmountOnSignal(srv, done, sig); err != nil {
 				return err
 			}
