@@ -145,6 +145,11 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	defer stop()
 
 	n := &negotiation{srv: s, conn: c}
+	defer func() {
+		if n.conn != c {
+			n.conn.Close() // shuts TLS down cleanly (close_notify)
+		}
+	}()
 	sess, err := n.run()
 	stopping := func() bool { return ctx.Err() != nil || s.isClosed() }
 	if err != nil {
