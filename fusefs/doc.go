@@ -35,8 +35,13 @@
 //     size, and chmod/chown/utimes, fail with EPERM.
 //   - fsync, fdatasync and the FLUSH of every close of a descriptor opened
 //     for writing are qcow2.Image.Flush: data, then the metadata that points
-//     at it, is durable when they return. SIGINT/SIGTERM/SIGHUP or
-//     `fusermount3 -u` close (and so flush) the image before nbdgw exits.
+//     at it, is durable when they return. sync(1) and syncfs(2) do not
+//     reach a FUSE server: fsync or close. (A fork of a process holding
+//     disk open for writing flushes too, when the child closes its copy
+//     of the descriptor, at exec or exit.) SIGINT/SIGTERM/SIGHUP flush the
+//     image at once, even when the mount is busy and cannot be unmounted
+//     yet; when the mount goes (signal or `fusermount3 -u`) the image is
+//     closed, and so flushed, before nbdgw exits.
 //   - fallocate: PUNCH_HOLE|KEEP_SIZE is WriteZeroes with ZeroMayUnmap (whole
 //     clusters deallocated, or zero-flagged where a backing file would show
 //     through; edges written with zeroes), so the range reads as zeroes
