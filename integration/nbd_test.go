@@ -378,6 +378,12 @@ func TestNBDServeCommand(t *testing.T) {
 		if len(info.Exports) != 1 || info.Exports[0].Name != "disk1" || !info.Exports[0].ReadOnly || !slices.Equal(info.Exports[0].Contexts, wantCtx) {
 			t.Errorf("nbdinfo --json: %+v", info)
 		}
+		for _, out := range []string{"human", "json"} {
+			want := nbdOut(t, "qemu-img", "map", "--output="+out, "nbd://"+addr+"/disk1")
+			if got := nbdOut(t, bin, "map", "--output="+out, "nbd://"+addr+"/disk1"); !bytes.Equal(got, want) {
+				t.Errorf("nbdgw map --output=%s over TCP:\n got %s\nwant %s", out, got, want)
+			}
+		}
 		if err := exec.Command("nbdinfo", "nbd://"+addr+"/nosuch").Run(); err == nil {
 			t.Error("unknown export name accepted")
 		}
