@@ -2,7 +2,6 @@ package nbdserver
 
 import (
 	"errors"
-	"io"
 	"net"
 	"os"
 	"syscall"
@@ -20,16 +19,37 @@ func canSendfile(c net.Conn) bool {
 	return false
 }
 
-// sendFile sends n bytes of f at off on c with sendfile(2), waiting for
-// the socket to drain as needed.
-func sendFile(c net.Conn, f *os.File, off, n int64) error {
+// zeroes pads file ranges that end past the end of their file.
+var zeroes = make([]byte, 64<<10)
+
+// sendFileRange sends n bytes of f at off on c. Bytes past the end of the
+// file read as zeroes, as QEMU's file driver reads them.
+func sendFileRange(c net.Conn, f *os.File, off, n int64) error {
+	left, err := sendFile(c, f, off, n)
+	if err != nil {
+		return err
+	}
+	for left > 0 {
+		k := min(left, int64(len(zeroes)))
+		if _, err := c.Write(zeroes[:k]); err != nil {
+			return err
+		}
+		left -= k
+	}
+	return nil
+}
+
+// sendFile sends up to n bytes of f at off on c with sendfile(2), waiting
+// for the socket to drain as needed. It returns how many bytes were left
+// unsent because the file ended.
+func sendFile(c net.Conn, f *os.File, off, n int64) (int64, error) {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
-		return errors.New("nbd: connection cannot sendfile")
+		return n, errors.New("nbd: connection cannot sendfile")
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return err
+		return n, err
 	}
 	in := int(f.Fd())
 	var serr error
@@ -47,14 +67,13 @@ func sendFile(c net.Conn, f *os.File, off, n int64) error {
 				serr = err
 				return true
 			case k == 0:
-				serr = io.ErrUnexpectedEOF // the file is shorter than its metadata says
-				return true
+				return true // end of file: the caller pads with zeroes
 			}
 		}
 		return true
 	})
 	if err != nil {
-		return err
+		return n, err
 	}
-	return serr
+	return n, serr
 }

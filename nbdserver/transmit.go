@@ -185,7 +185,7 @@ func (s *session) send(r reply) {
 			return
 		}
 		bufs = nil
-		if err := sendFile(s.conn, p.file, p.off, p.n); err != nil {
+		if err := sendFileRange(s.conn, p.file, p.off, p.n); err != nil {
 			s.fail(err)
 			return
 		}
