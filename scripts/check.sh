@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The hardening suite (issue 7), longer than scripts/test.sh:
+#   - every crafted corrupt image (internal/corpus) through the engine and
+#     through nbdgw map/info/serve/mount, with nbdinfo, nbdcopy, cat;
+#   - hostile clients, the connection limit, the server memory budget;
+#   - TLS, including the real one-minute handshake timeout of nbdgw serve;
+#   - the forensic proof that nothing is ever written in read-only mode;
+#   - the load test at full size without the race detector (figures);
+#   - every fuzz target of the module for a longer fixed time.
+# Usage: scripts/check.sh [fuzz seconds per target, default 60]
+# Exit status: 0 only if every part passed; a summary is printed last.
+set -uo pipefail
+export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH 2>/dev/null || echo "$HOME/go")/bin"
+cd "$(dirname "$0")/.."
+fuzztime="${1:-60}"
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+declare -a summary
+status=0
+
+step() { # step NAME COMMAND...: run, keep the log, record the result
+	local name=$1
+	shift
+	echo "== $name"
+	local start=$SECONDS
+	if "$@" >"$out/log" 2>&1; then
+		summary+=("PASS  $name ($((SECONDS - start)) s)")
+		grep -a -E '^\s+(hardening|load|forensic)_test.go:[0-9]+: (load:|server|[0-9]+ hostile|good clients|NOTE)' "$out/log" | sed 's/^ *//' || true
+	else
+		status=1
+		summary+=("FAIL  $name ($((SECONDS - start)) s)")
+		grep -a -E -- '--- FAIL|BUG|PANIC|HANG|MEMORY|EVIDENCE|panic:|^FAIL' "$out/log" | head -n 40
+	fi
+}
+
+step "build" go build ./...
+step "corpus: engine" go test -count=1 ./internal/corpus/
+step "corpus: map, info, serve, mount" go test -count=1 -timeout 20m -v -run '^TestHardeningCorpus$' ./integration/
+step "memory bombs" go test -count=1 -timeout 20m -v -run '^TestHardeningMemoryBombs$' ./integration/
+step "hostile clients" go test -count=1 -timeout 20m -v -run '^TestHardeningHostileClients$' ./integration/
+step "connection limit" go test -count=1 -timeout 20m -v -run '^TestHardeningConnectionLimit$' ./integration/
+step "server memory budget" go test -count=1 -timeout 20m -v -run '^TestHardeningServerMemoryBudget$' ./integration/
+NBDGW_HARDENING_FULL=1 step "TLS (real handshake timeout)" go test -count=1 -timeout 20m -v -run '^TestHardeningTLS$' ./integration/
+step "forensic read-only proof" go test -count=1 -timeout 20m -v -run '^TestForensicReadOnly$' ./integration/
+NBDGW_LOAD_CLIENTS=32 NBDGW_LOAD_REQUESTS=1000 step "load 32 x 1000" go test -count=1 -timeout 20m -v -run '^TestHardeningLoad$' ./integration/
+
+for pkg in $(go list ./...); do
+	dir=$(go list -f '{{.Dir}}' "$pkg")
+	for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //' | sort -u); do
+		step "fuzz ${pkg#github.com/nbdgw/nbdgw/} $target ${fuzztime}s" \
+			go test -run '^$' -fuzz "^${target}\$" -fuzztime "${fuzztime}s" "$pkg"
+	done
+done
+
+echo
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+exit $status
