@@ -298,7 +298,7 @@ func fuseWriteRandom(t *testing.T, bin, kind string) {
 	seed := uint64(len(kind)) * 0x9e3779b97f4a7c15
 	rng := rand.New(rand.NewPCG(seed, 6))
 	t.Logf("seed %#x", seed)
-	const batches, perBatch = 6, 50
+	const batches, perBatch = 4, 75
 	buf := make([]byte, 3<<20)
 	var nWrite, nPunch, nZero, nSync int
 	for b := range batches {
