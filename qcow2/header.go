@@ -337,8 +337,9 @@ func ParseHeader(name string, b []byte, fileSize int64) (*Header, error) {
 		if h.BackingFileSize > maxBackingName {
 			return nil, bad(16, "backing file name too long: %d bytes", h.BackingFileSize)
 		}
+		// QEMU refuses a name outside the first cluster.
 		end := h.BackingFileOffset + uint64(h.BackingFileSize)
-		if h.BackingFileOffset > uint64(len(b)) || end > uint64(len(b)) {
+		if end > cs || end > uint64(len(b)) {
 			return nil, bad(8, "backing file name at %#x (%d bytes) outside the first cluster", h.BackingFileOffset, h.BackingFileSize)
 		}
 		h.BackingFile = string(b[h.BackingFileOffset:end])

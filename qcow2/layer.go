@@ -65,7 +65,7 @@ type qcow2Layer struct {
 	csizeMask  uint64
 	coffMask   uint64
 
-	l1 []uint64 // immutable after open
+	l1 l1Table // changed only by writes, under the image's lock
 
 	l2 *lru[int64]  // L2 tables by host offset
 	zc *lru[uint64] // decompressed clusters by compressed offset
@@ -202,19 +202,6 @@ func openDataFile(image, name string, writable bool) (*hostFile, error) {
 	return nil, err
 }
 
-func (q *qcow2Layer) loadL1() error {
-	n := int64(q.hdr.L1Size)
-	buf := make([]byte, n*8) // bounded by ParseHeader (32 MiB, inside the file)
-	if err := q.h.readFull(buf, int64(q.hdr.L1TableOffset)); err != nil {
-		return fmt.Errorf("%s: reading L1 table: %w", q.h.name, err)
-	}
-	q.l1 = make([]uint64, n)
-	for i := range q.l1 {
-		q.l1[i] = binary.BigEndian.Uint64(buf[i*8:])
-	}
-	return nil
-}
-
 func (q *qcow2Layer) size() int64 { return q.size_ }
 
 func (q *qcow2Layer) close() error {
@@ -327,19 +314,18 @@ type mapping struct {
 func (q *qcow2Layer) lookup(off, length int64) (mapping, error) {
 	cover := q.csize * q.l2Entries // guest bytes per L2 table
 	l1i := off / cover
-	if l1i >= int64(len(q.l1)) || q.l1[l1i]&l1eOffsetMask == 0 {
-		end := (l1i + 1) * cover
-		for end < off+length {
-			j := end / cover
-			if j < int64(len(q.l1)) && q.l1[j]&l1eOffsetMask != 0 {
-				break
-			}
-			end += cover
+	if q.l1.get(l1i)&l1eOffsetMask == 0 {
+		// Skip every unallocated L1 entry at once (and everything past
+		// the table).
+		next := q.l1.nextAllocated(l1i)
+		end := off + length
+		if next < q.l1.len() {
+			end = min(end, next*cover)
 		}
-		return mapping{typ: scUnallocPlain, length: min(end, off+length) - off}, nil
+		return mapping{typ: scUnallocPlain, length: end - off}, nil
 	}
 	l1At := int64(q.hdr.L1TableOffset) + l1i*8
-	l2off := int64(q.l1[l1i] & l1eOffsetMask)
+	l2off := int64(q.l1.get(l1i) & l1eOffsetMask)
 	if l2off%q.csize != 0 {
 		return mapping{}, corrupt(q.h.name, l1At, l1i, "L2 table offset %#x unaligned", l2off)
 	}

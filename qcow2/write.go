@@ -320,10 +320,10 @@ func (w *qwriter) release(e uint64, host int64) {
 // its L2 table does not exist).
 func (q *qcow2Layer) entryAt(gc int64) (uint64, uint64, error) {
 	l1i := gc / (q.csize * q.l2Entries)
-	if l1i >= int64(len(q.l1)) {
+	if l1i >= q.l1.len() {
 		return 0, 0, fmt.Errorf("qcow2: offset %#x beyond the L1 table", gc)
 	}
-	l2off := int64(q.l1[l1i] & l1eOffsetMask)
+	l2off := int64(q.l1.get(l1i) & l1eOffsetMask)
 	if l2off == 0 {
 		return 0, 0, nil
 	}
@@ -343,7 +343,7 @@ func (q *qcow2Layer) entryAt(gc int64) (uint64, uint64, error) {
 func (q *qcow2Layer) setEntry(gc int64, e, bm uint64) error {
 	w := q.w
 	l1i := gc / (q.csize * q.l2Entries)
-	l2off := int64(q.l1[l1i] & l1eOffsetMask)
+	l2off := int64(q.l1.get(l1i) & l1eOffsetMask)
 	var t []byte
 	if l2off == 0 {
 		var err error
@@ -351,7 +351,7 @@ func (q *qcow2Layer) setEntry(gc int64, e, bm uint64) error {
 			return err
 		}
 		t = make([]byte, q.csize)
-		q.l1[l1i] = uint64(l2off) | oflagCopied
+		q.l1.set(l1i, uint64(l2off)|oflagCopied)
 		w.l1Dirty[l1i] = true
 	} else if t = w.l2Dirty[l2off]; t == nil {
 		if !w.exclusiveTable(l2off) {
@@ -362,8 +362,8 @@ func (q *qcow2Layer) setEntry(gc int64, e, bm uint64) error {
 			return err
 		}
 		t = append([]byte(nil), old...) // readers may hold the cached one
-		if q.l1[l1i]&oflagCopied == 0 {
-			q.l1[l1i] |= oflagCopied
+		if q.l1.get(l1i)&oflagCopied == 0 {
+			q.l1.set(l1i, q.l1.get(l1i)|oflagCopied)
 			w.l1Dirty[l1i] = true
 		}
 	}
@@ -574,7 +574,7 @@ func (w *qwriter) flush() error {
 	}
 	var e [8]byte
 	for _, i := range sortedKeys(w.l1Dirty) {
-		binary.BigEndian.PutUint64(e[:], q.l1[i])
+		binary.BigEndian.PutUint64(e[:], q.l1.get(i))
 		if err := q.pwrite(e[:], int64(q.hdr.L1TableOffset)+i*8); err != nil {
 			return err
 		}
