@@ -210,6 +210,48 @@ var scenarios = []scenario{
 		qio(t, d, "a.qcow2", "qcow2", "w -P 1 0 64k")
 		return "a.qcow2"
 	}},
+	{name: "lazy-refcounts-1m-clusters", build: func(t testing.TB, d string) string {
+		img(t, d, "create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=1M,refcount_bits=8", "a.qcow2", "20M")
+		qio(t, d, "a.qcow2", "qcow2", "w -P 1 0 100k", "w -P 2 5M 3M", "w -z 10M 1M", "w -P 3 19M 1k")
+		return "a.qcow2"
+	}},
+	{name: "amended-to-v2", build: func(t testing.TB, d string) string {
+		img(t, d, "create", "-f", "qcow2", "a.qcow2", "4M")
+		qio(t, d, "a.qcow2", "qcow2", "w -P 1 0 128k", "w -z 64k 64k", "w -z 1M 64k")
+		img(t, d, "amend", "-o", "compat=0.10", "a.qcow2")
+		return "a.qcow2"
+	}},
+	{name: "convert-prealloc-metadata", build: func(t testing.TB, d string) string {
+		writeRaw(t, d, "src.raw", 2<<20)
+		img(t, d, "convert", "-O", "qcow2", "-o", "preallocation=metadata", "src.raw", "a.qcow2")
+		return "a.qcow2"
+	}},
+	{name: "compressed-extended-l2", build: func(t testing.TB, d string) string {
+		writeRaw(t, d, "src.raw", 1<<20)
+		img(t, d, "convert", "-c", "-O", "qcow2", "-o", "extended_l2=on", "src.raw", "a.qcow2")
+		qio(t, d, "a.qcow2", "qcow2", "w -P 9 200k 4k", "w -z 640k 8k")
+		return "a.qcow2"
+	}},
+	{name: "zstd-extended-l2-backing", build: func(t testing.TB, d string) string {
+		writeRaw(t, d, "b.raw", 1<<20)
+		img(t, d, "create", "-f", "qcow2", "-o", "extended_l2=on,compression_type=zstd", "-b", "b.raw", "-F", "raw", "a.qcow2")
+		qio(t, d, "a.qcow2", "qcow2", "w -c -P 3 0 64k", "w -P 4 70k 2k", "w -z 300k 6k")
+		return "a.qcow2"
+	}},
+	{name: "bitmap-in-backing-layer", bitmaps: []string{"base-bm"}, build: func(t testing.TB, d string) string {
+		img(t, d, "create", "-f", "qcow2", "b.qcow2", "4M")
+		img(t, d, "bitmap", "--add", "-g", "128k", "b.qcow2", "base-bm")
+		qio(t, d, "b.qcow2", "qcow2", "w -P 1 1M 300k")
+		img(t, d, "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
+		qio(t, d, "a.qcow2", "qcow2", "w -P 2 0 64k")
+		return "a.qcow2"
+	}},
+	{name: "bitmap-fine-granularity", bitmaps: []string{"fine"}, build: func(t testing.TB, d string) string {
+		img(t, d, "create", "-f", "qcow2", "-o", "cluster_size=4k", "a.qcow2", "3000000")
+		img(t, d, "bitmap", "--add", "-g", "512", "a.qcow2", "fine")
+		qio(t, d, "a.qcow2", "qcow2", "w -P 1 511 2", "w -P 2 100000 7000", "w -P 3 2999808 192")
+		return "a.qcow2"
+	}},
 	{name: "bitmaps", bitmaps: []string{"b0", "b1"}, build: func(t testing.TB, d string) string {
 		img(t, d, "create", "-f", "qcow2", "a.qcow2", "8M")
 		img(t, d, "bitmap", "--add", "a.qcow2", "b0")
