@@ -346,7 +346,11 @@ func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader
 	c.cookie++
 	req.cookie = c.cookie
 	ext := c.mode == modeExtended
-	if _, err := c.conn.Write(append(req.append(nil, ext), payload...)); err != nil {
+	bufs := net.Buffers{req.append(nil, ext)}
+	if len(payload) > 0 {
+		bufs = append(bufs, payload)
+	}
+	if _, err := bufs.WriteTo(c.conn); err != nil {
 		return err
 	}
 	var failure error
@@ -611,4 +615,107 @@ func deliverExtents(es []extent, off, length int64, fn func(off, length int64, f
 		}
 	}
 	return done, nil
+}
+
+// WriteAt writes p at off, in requests no larger than the server's
+// maximum block size (io.WriterAt).
+func (c *Client) WriteAt(p []byte, off int64) (int, error) {
+	return c.write(p, off, 0)
+}
+
+// WriteFlags is WriteAt with command flags (CmdFlagFUA: every request is
+// durable before the server answers it).
+func (c *Client) WriteFlags(p []byte, off int64, flags uint16) error {
+	_, err := c.write(p, off, flags)
+	return err
+}
+
+func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
+	if off < 0 || off > c.size || int64(len(p)) > c.size-off {
+		return 0, fmt.Errorf("nbd: write of %d bytes at %d outside the export", len(p), off)
+	}
+	step := clientReadChunk
+	if c.maxBlock > 0 && int(c.maxBlock) < step {
+		step = int(c.maxBlock)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	done := 0
+	for done < len(p) {
+		n := min(step, len(p)-done)
+		req := request{typ: CmdWrite, flags: flags, offset: uint64(off + int64(done)), length: uint64(n)}
+		if err := c.command(req, p[done:done+n]); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// WriteZeroes makes [off, off+length) read as zeroes. flags may hold
+// CmdFlagFUA, CmdFlagNoHole (keep the range allocated) and
+// CmdFlagFastZero (fail with NBD_ENOTSUP unless zeroing is cheap).
+func (c *Client) WriteZeroes(off, length int64, flags uint16) error {
+	return c.rangeCommand(CmdWriteZeroes, off, length, flags)
+}
+
+// Trim tells the server [off, off+length) is no longer needed. flags may
+// hold CmdFlagFUA.
+func (c *Client) Trim(off, length int64, flags uint16) error {
+	return c.rangeCommand(CmdTrim, off, length, flags)
+}
+
+// Flush asks the server to make every write it has answered durable.
+func (c *Client) Flush() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.command(request{typ: CmdFlush}, nil)
+}
+
+// rangeCommand issues a command without payload over a range, split into
+// 32-bit lengths unless extended headers are on.
+func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) error {
+	if off < 0 || length < 0 {
+		return fmt.Errorf("nbd: %v of %d bytes at %d", typ, length, off)
+	}
+	step := int64(math.MaxUint32 &^ 0xfff)
+	if c.mode == modeExtended {
+		step = math.MaxInt64
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		n := min(step, length)
+		req := request{typ: typ, flags: flags, offset: uint64(off), length: uint64(n)}
+		if err := c.command(req, nil); err != nil {
+			return err
+		}
+		off, length = off+n, length-n
+		if length == 0 {
+			return nil
+		}
+	}
+}
+
+// command issues one request whose reply carries no data. Caller holds mu.
+func (c *Client) command(req request, payload []byte) error {
+	op := req.typ.String()
+	return c.roundTrip(req, payload, func(h replyHeader) error {
+		if h.magic == simpleReplyMagic {
+			if h.errno != 0 {
+				return &ServerError{Op: op, Errno: h.errno}
+			}
+			return nil
+		}
+		switch h.typ {
+		case replyTypeNone:
+			return nil
+		case replyTypeError, replyTypeErrorOffset:
+			return c.errorChunk(op, h)
+		}
+		if _, err := c.readPayload(h); err != nil {
+			return err
+		}
+		return fmt.Errorf("%w: unexpected chunk type %d to %s", errBadReply, h.typ, op)
+	})
 }

@@ -146,7 +146,7 @@ func (n *negotiation) optExportName() (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: unknown export %q", name)
 	}
 	n.dropContextsUnless(exp)
-	flags := transmissionFlags(n.mode, len(n.contexts) > 0)
+	flags := transmissionFlags(exp, n.mode, len(n.contexts) > 0)
 	b := be.AppendUint64(nil, uint64(exp.Image.Size()))
 	b = be.AppendUint16(b, flags)
 	if !n.noZeroes {
@@ -214,7 +214,7 @@ func (n *negotiation) optInfo() (*session, error) {
 	if n.opt == OptInfo {
 		payload = true // QEMU advertises it on INFO once extended headers are on
 	}
-	flags := transmissionFlags(n.mode, payload)
+	flags := transmissionFlags(exp, n.mode, payload)
 	if err := n.sendInfos(exp, req, flags); err != nil {
 		return nil, err
 	}
@@ -396,7 +396,7 @@ func (n *negotiation) session(exp *Export, flags uint16) *session {
 		mode:     n.mode,
 		contexts: n.contexts,
 		flags:    flags,
-		zeroCopy: canSendfile(n.conn),
+		zeroCopy: canSendfile(n.conn) && !exp.Writable, // see doc.go
 		slots:    make(chan struct{}, n.srv.cfg.MaxInFlight),
 	}
 }

@@ -1,6 +1,7 @@
 package nbdserver
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 
@@ -67,7 +68,13 @@ func (s *session) cmdRead(req *request) reply {
 	}
 	holes := s.mode != modeSimple && req.flags&CmdFlagDF == 0
 	segs := s.readSegments(int64(req.offset), int64(req.length), holes)
-	parts, err := s.readParts(segs)
+	var parts reply
+	var err error
+	if s.exp.Writable {
+		segs, parts, err = s.readSnapshot(segs, int64(req.offset), int64(req.length))
+	} else {
+		parts, err = s.readParts(segs)
+	}
 	if err != nil {
 		return s.errReply(req, EIO, err.Error())
 	}
@@ -159,4 +166,39 @@ func (s *session) readSegments(off, n int64, holes bool) []readSegment {
 		return []readSegment{{off: off, length: n}}
 	}
 	return segs
+}
+
+// readSnapshot produces the data of a read on a writable export. Writes
+// may run between the block status that split the range into segs and
+// the reads, so the whole range is read with one engine call, which
+// holds the image's lock: the reply is the content at one instant, never
+// parts of different instants. A segment the block status found zero is
+// sent as a hole only if the snapshot still reads zero there; otherwise
+// it is sent as data.
+func (s *session) readSnapshot(segs []readSegment, off, n int64) ([]readSegment, reply, error) {
+	buf := make([]byte, n)
+	if k, err := s.exp.Image.ReadAt(buf, off); int64(k) < n {
+		return nil, nil, fmt.Errorf("read at %d: %v", off, err)
+	}
+	parts := make(reply, len(segs))
+	for i, sg := range segs {
+		b := buf[sg.off-off : sg.off-off+sg.length]
+		if sg.kind == segZero && !allZero(b) {
+			segs[i].kind = segMem
+		}
+		parts[i] = replyPart{b: b}
+	}
+	return segs, parts, nil
+}
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) > 0 {
+		k := min(len(b), len(zeroes))
+		if !bytes.Equal(b[:k], zeroes[:k]) {
+			return false
+		}
+		b = b[k:]
+	}
+	return true
 }

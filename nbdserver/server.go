@@ -19,6 +19,10 @@ import (
 type Export struct {
 	Name, Description string
 	Image             *qcow2.Image
+	// Writable says the image was opened writable: the export advertises
+	// and accepts WRITE, TRIM, WRITE_ZEROES (FAST_ZERO, NO_HOLE), FUA and
+	// FLUSH. Without it those commands answer NBD_EPERM.
+	Writable bool
 }
 
 // Config configures a Server. Zero limits take the defaults below.
@@ -260,8 +264,13 @@ func (s *Server) export(name string) *Export {
 
 // transmissionFlags returns the flags advertised for exp in mode. payload
 // says whether NBD_FLAG_BLOCK_STATUS_PAYLOAD may be set.
-func transmissionFlags(mode replyMode, payload bool) uint16 {
-	f := uint16(FlagHasFlags | FlagReadOnly | FlagSendFlush | FlagCanMultiConn | FlagSendCache)
+func transmissionFlags(exp *Export, mode replyMode, payload bool) uint16 {
+	f := uint16(FlagHasFlags | FlagSendFlush | FlagCanMultiConn | FlagSendCache)
+	if exp.Writable {
+		f |= FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
+	} else {
+		f |= FlagReadOnly
+	}
 	if mode >= modeStructured {
 		f |= FlagSendDF
 	}

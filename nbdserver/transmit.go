@@ -60,19 +60,24 @@ func (s *session) serve() error {
 		if req.typ == CmdDisc {
 			return nil
 		}
+		// The slot is taken before a write's payload is read, so at most
+		// MaxInFlight payloads of at most MaxRequest bytes are held per
+		// connection.
+		s.slots <- struct{}{}
 		if err := s.readPayload(&req); err != nil {
+			<-s.slots
 			return err
 		}
-		s.slots <- struct{}{}
 		s.wg.Add(1)
 		go s.handle(req)
 	}
 }
 
 // readPayload consumes the payload that follows a request header: the
-// data of a write (thrown away: the export is read-only) or, in extended
-// mode, a payload announced by NBD_CMD_FLAG_PAYLOAD_LEN. Only lengths
-// within the limits are read; anything larger drops the connection.
+// data of a write (kept for writable exports, thrown away otherwise) or,
+// in extended mode, a payload announced by NBD_CMD_FLAG_PAYLOAD_LEN. Only
+// lengths within the limits are read; anything larger drops the
+// connection.
 func (s *session) readPayload(req *request) error {
 	hasPayload := req.typ == CmdWrite ||
 		(s.mode == modeExtended && req.flags&CmdFlagPayloadLen != 0)
@@ -82,6 +87,11 @@ func (s *session) readPayload(req *request) error {
 	limit := uint64(s.srv.cfg.MaxRequest)
 	if req.length > limit {
 		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.typ, req.length, limit)
+	}
+	if req.typ == CmdWrite && s.exp.Writable {
+		req.payload = make([]byte, req.length)
+		_, err := io.ReadFull(s.r, req.payload)
+		return err
 	}
 	// A block status payload is an effect length and at most one id per
 	// negotiated context, like QEMU; anything else is thrown away and
@@ -129,7 +139,16 @@ func (s *session) dispatch(req *request) reply {
 			allowed |= CmdFlagPayloadLen
 		}
 	case CmdWrite, CmdWriteZeroes, CmdTrim:
-		return s.errReply(req, EPERM, "export is read-only")
+		if !s.exp.Writable {
+			return s.errReply(req, EPERM, "export is read-only")
+		}
+		allowed = CmdFlagFUA
+		switch {
+		case req.typ == CmdWriteZeroes:
+			allowed |= CmdFlagNoHole | CmdFlagFastZero
+		case req.typ == CmdWrite && s.mode == modeExtended:
+			allowed |= CmdFlagPayloadLen
+		}
 	}
 	if req.discard {
 		return s.errReply(req, EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.length, req.typ))
@@ -141,7 +160,13 @@ func (s *session) dispatch(req *request) reply {
 	case CmdRead:
 		return s.cmdRead(req)
 	case CmdFlush:
-		return s.okReply(req)
+		return s.cmdFlush(req)
+	case CmdWrite:
+		return s.cmdWrite(req)
+	case CmdWriteZeroes:
+		return s.cmdWriteZeroes(req)
+	case CmdTrim:
+		return s.cmdTrim(req)
 	case CmdCache:
 		return s.cmdCache(req)
 	case CmdBlockStatus:

@@ -14,18 +14,14 @@ import (
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
-// errServeWrites answers --writable and --snapshot until the engine can
-// write: serving read-only instead would surprise the client.
-var errServeWrites = errors.New("--writable/--snapshot: writes are not supported yet")
-
 func cmdServe(args []string) error {
 	fs := newFlags("serve")
 	socket := fs.String("socket", "", "listen on this unix socket")
 	listen := fs.String("listen", "", "listen on HOST:PORT (default 127.0.0.1:10809)")
 	exportName := fs.String("export-name", "", "export name (the default export answers \"\" too)")
 	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
-	writable := fs.Bool("writable", false, "allow writes")
-	snapshot := fs.Bool("snapshot", false, "write to a temporary overlay")
+	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain)")
+	snapshot := fs.Bool("snapshot", false, "allow writes, to a temporary overlay deleted at exit (the chain is not changed)")
 	tlsCreds := fs.String("tls-creds", "", "directory with ca-cert.pem, server-cert.pem, server-key.pem")
 	tlsRequired := fs.Bool("tls-required", false, "refuse clients that do not start TLS")
 	pos, err := parseFlags(fs, args)
@@ -35,8 +31,8 @@ func cmdServe(args []string) error {
 	if len(pos) != 1 || (*socket != "" && *listen != "") {
 		return errUsage
 	}
-	if *writable || *snapshot {
-		return errServeWrites
+	if *writable && *snapshot {
+		return errors.New("--writable and --snapshot exclude each other")
 	}
 	if *tlsRequired && *tlsCreds == "" {
 		return errors.New("--tls-required needs --tls-creds")
@@ -50,12 +46,17 @@ func cmdServe(args []string) error {
 			return err
 		}
 	}
-	img, err := qcow2.Open(pos[0], qcow2.Options{NoBacking: *noBacking})
+	img, err := qcow2.Open(pos[0], qcow2.Options{NoBacking: *noBacking, Writable: *writable, Snapshot: *snapshot})
 	if err != nil {
 		return err
 	}
-	defer img.Close()
-	cfg.Exports = []*nbdserver.Export{{Name: *exportName, Image: img}}
+	closed := false
+	defer func() {
+		if !closed {
+			img.Close()
+		}
+	}()
+	cfg.Exports = []*nbdserver.Export{{Name: *exportName, Image: img, Writable: *writable || *snapshot}}
 
 	l, cleanup, err := serveListener(*socket, *listen)
 	if err != nil {
@@ -66,7 +67,13 @@ func cmdServe(args []string) error {
 	defer stop()
 	srv := nbdserver.NewServer(cfg)
 	err = srv.Serve(ctx, l)
+	// Close stops reading requests and answers those in flight; only then
+	// is the image closed, which flushes a writable one.
 	srv.Close()
+	closed = true
+	if cerr := img.Close(); cerr != nil {
+		return fmt.Errorf("closing %s: %w", pos[0], cerr)
+	}
 	if ctx.Err() != nil {
 		return nil // SIGINT/SIGTERM: a clean stop
 	}
