@@ -11,8 +11,41 @@
 // SET_META_CONTEXT (anything else is NBD_REP_ERR_UNSUP). Every metadata
 // context of package metactx is offered: base:allocation,
 // qemu:allocation-depth, qemu:joint-allocation and
-// qemu:dirty-bitmap:NAME. Exports are read-only: writes, trims and
-// write-zeroes answer NBD_EPERM (after consuming a write's payload).
+// qemu:dirty-bitmap:NAME.
+//
+// # Writes
+//
+// Exports are read-only unless Export.Writable is set (the image was
+// opened writable): WRITE, TRIM and WRITE_ZEROES then answer NBD_EPERM,
+// after a write's payload has been consumed, and NBD_FLAG_READ_ONLY is
+// advertised. A writable export advertises SEND_FLUSH, SEND_FUA,
+// SEND_TRIM, SEND_WRITE_ZEROES, SEND_FAST_ZERO and CAN_MULTI_CONN, and:
+//   - WRITE calls Image.WriteAt; WRITE_ZEROES calls Image.WriteZeroes,
+//     with qcow2.ZeroMayUnmap unless NBD_CMD_FLAG_NO_HOLE and with
+//     qcow2.ZeroFast for NBD_CMD_FLAG_FAST_ZERO (qcow2.ErrNotFast, which
+//     the engine returns before changing anything, is NBD_ENOTSUP); TRIM
+//     calls Image.Discard, which releases the whole clusters of the range
+//     (they then read as zeroes) and leaves partial ones alone;
+//   - a reply is sent only after the engine call returned; with
+//     NBD_CMD_FLAG_FUA, Image.Flush runs before the reply as well;
+//   - FLUSH calls Image.Flush, which makes every write the engine has
+//     completed durable, whatever connection sent it. Since replies follow
+//     completion, a FLUSH on any connection covers every write answered on
+//     every connection before it was sent: the cross-connection flush
+//     semantics CAN_MULTI_CONN requires;
+//   - ranges past the end: WRITE and WRITE_ZEROES answer NBD_ENOSPC, TRIM
+//     NBD_EINVAL (as the spec recommends); engine errors are NBD_EIO, or
+//     NBD_ENOSPC for ENOSPC, EDQUOT and EFBIG;
+//   - payloads follow the limits below, and a write's buffer is allocated
+//     only once a request slot is free: a connection holds at most
+//     MaxInFlight payloads of at most MaxRequest bytes.
+//
+// Reads on a writable export are not sent with sendfile (see below):
+// each NBD_CMD_READ reads its whole range with one engine call, which
+// holds the image's lock, so a reply is the content at one instant even
+// when writes to the same range run concurrently; zero runs found by the
+// earlier block status go out as holes only if that snapshot still reads
+// zero there.
 //
 // Replies come in three framings, chosen by negotiation: simple replies,
 // structured replies (NBD_OPT_STRUCTURED_REPLY) and extended headers
@@ -44,8 +77,12 @@
 // reply is sent; should that read fail, the connection is dropped (a
 // hard disconnect, which the spec allows), as a reply may be half sent.
 // Compressed clusters, TLS connections and anything the engine cannot
-// map are read through the engine before any byte is sent. Exports are
-// read-only, so no write can race with these reads.
+// map are read through the engine before any byte is sent. This is only
+// done for read-only exports: on a writable one a write could move or
+// rewrite the host cluster between the block status and the sendfile
+// (compressed or copied clusters are reallocated, trimmed ones reused
+// after a flush), and the reply would carry another cluster's data or a
+// mix of two writes.
 //
 // The Client is synchronous: one request at a time under its mutex.
 //
