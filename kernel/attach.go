@@ -16,13 +16,11 @@ import (
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
-// ErrWritesUnsupported answers a writable attach of a local image until
-// the engine can write.
-var ErrWritesUnsupported = errors.New("writes are not supported yet")
-
 // AttachConfig says what to attach and how.
 type AttachConfig struct {
-	// Image is served in-process over socketpairs; or
+	// Image is served in-process over socketpairs; it must have been
+	// opened writable (qcow2.Options.Writable) exactly when Writable is
+	// set. The caller closes it after Wait, which flushes it. Or:
 	Image *qcow2.Image
 	// URI names a remote NBD export (nbd://, nbd+unix://) whose
 	// connections are handed to the kernel after the handshake.
@@ -34,7 +32,9 @@ type AttachConfig struct {
 	Index int
 	// Connections is the number of sockets serving the device (default 1).
 	Connections int
-	// Writable leaves the read-only flag off.
+	// Writable leaves the read-only flag off. For a local image the
+	// in-process server then advertises and accepts writes, trims, write
+	// zeroes, FUA and flushes (the kernel's FLUSH flushes the image).
 	Writable bool
 	// Timeout is the per-request timeout (0: kernel default).
 	Timeout time.Duration
@@ -119,6 +119,12 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 	}
 	if !cfg.Writable {
 		flags |= FlagReadOnly
+	} else if flags&FlagReadOnly != 0 {
+		if cfg.Image != nil {
+			a.shutdown()
+			return fail(fmt.Errorf("the in-process server offers the image read-only (flags %#x)", flags))
+		}
+		cfg.Logf("%s: the server offers the export read-only; the device will be read-only", cfg.URI)
 	}
 	if cfg.URI != "" {
 		// Without the multicast group the device still works; only a dead
@@ -168,8 +174,13 @@ func checkConfig(c *Conn, cfg AttachConfig) (AttachConfig, error) {
 	if (cfg.Image == nil) == (cfg.URI == "") {
 		return cfg, errors.New("need exactly one of an image and an NBD URI")
 	}
-	if cfg.Image != nil && cfg.Writable {
-		return cfg, fmt.Errorf("--writable: %w", ErrWritesUnsupported)
+	if cfg.Image != nil && cfg.Writable != cfg.Image.Writable() {
+		if cfg.Writable {
+			return cfg, errors.New("--writable: the image was opened read-only")
+		}
+		// Never leave a chain file open for writing behind a read-only
+		// device.
+		return cfg, errors.New("the image was opened writable for a read-only attach")
 	}
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}
@@ -221,7 +232,7 @@ func normIndex(i int) int {
 // returns the negotiated client ends.
 func (a *Attachment) serveLocal(ctx, serveCtx context.Context) ([]*nbdserver.Client, error) {
 	a.srv = nbdserver.NewServer(nbdserver.Config{
-		Exports: []*nbdserver.Export{{Name: "", Image: a.cfg.Image}},
+		Exports: []*nbdserver.Export{{Name: "", Image: a.cfg.Image, Writable: a.cfg.Writable}},
 		Logf:    a.cfg.Logf,
 	})
 	var clients []*nbdserver.Client
@@ -358,8 +369,21 @@ func (a *Attachment) ours() bool {
 // is done; then it disconnects the device if it is still ours and stops
 // serving. A remote connection that dies is redialled and handed to the
 // kernel with RECONFIGURE.
-func (a *Attachment) Wait(ctx context.Context) error {
-	defer a.shutdown()
+//
+// A writable local image is flushed once every in-process connection has
+// answered what it had in flight and stopped; a failing flush is Wait's
+// error. The kernel's own flushes (sync, umount, blockdev --flushbufs)
+// reach the image through NBD_CMD_FLUSH while the device is attached.
+func (a *Attachment) Wait(ctx context.Context) (err error) {
+	defer func() {
+		a.shutdown()
+		if a.cfg.Image == nil || !a.cfg.Writable {
+			return
+		}
+		if ferr := a.cfg.Image.Flush(); ferr != nil && err == nil {
+			err = &Error{Op: "flush", Index: a.Index, Err: ferr}
+		}
+	}()
 	dead := make(chan int, 16)
 	if a.watcher != nil {
 		go func() {

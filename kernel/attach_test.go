@@ -192,7 +192,12 @@ func testImage(t *testing.T) (string, []byte) {
 
 func openImage(t *testing.T, path string) *qcow2.Image {
 	t.Helper()
-	img, err := qcow2.Open(path, qcow2.Options{})
+	return openImageMode(t, path, false)
+}
+
+func openImageMode(t *testing.T, path string, writable bool) *qcow2.Image {
+	t.Helper()
+	img, err := qcow2.Open(path, qcow2.Options{Writable: writable})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -322,7 +327,8 @@ func TestAttachErrors(t *testing.T) {
 	}{
 		{"busy", AttachConfig{Index: 0}, unix.EBUSY, true, ErrBusy, "busy"},
 		{"kernel refuses", AttachConfig{Index: AnyIndex}, unix.EINVAL, true, unix.EINVAL, "refused"},
-		{"writable", AttachConfig{Index: AnyIndex, Writable: true}, 0, false, ErrWritesUnsupported, "writes are not supported yet"},
+		{"writable, image opened read-only", AttachConfig{Index: AnyIndex, Writable: true}, 0, false, nil, "opened read-only"},
+		{"read-only, image opened writable", AttachConfig{Index: AnyIndex}, 0, false, nil, "opened writable"},
 		{"too many connections", AttachConfig{Index: AnyIndex, Connections: maxConnections + 1}, 0, false, nil, "--connections"},
 		{"refused URI", AttachConfig{Index: AnyIndex, URI: "nbd://127.0.0.1:1/"}, 0, false, unix.ECONNREFUSED, "refused"},
 		{"TLS URI", AttachConfig{Index: AnyIndex, URI: "nbds://127.0.0.1:1/"}, 0, false, nil, "TLS"},
@@ -333,7 +339,10 @@ func TestAttachErrors(t *testing.T) {
 			c := fakeKernelConn(t, k)
 			cfg := tt.cfg
 			if cfg.URI == "" {
-				cfg.Image = openImage(t, path)
+				// The image is opened the other way round from what the
+				// attach asks for in the mismatch cases.
+				mismatch := bytes.Contains([]byte(tt.name), []byte("image opened"))
+				cfg.Image = openImageMode(t, path, cfg.Writable != mismatch)
 			}
 			a, err := Attach(context.Background(), c, cfg)
 			if err == nil {

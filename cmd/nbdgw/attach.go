@@ -26,7 +26,11 @@ func isNBDURI(s string) bool {
 	return false
 }
 
-func cmdAttach(args []string) error {
+func cmdAttach(args []string) (err error) {
+	var (
+		detached bool   // Wait returned without error
+		dev      string // /dev/nbdN once attached
+	)
 	fs := newFlags("attach")
 	device := fs.String("device", "", "attach to /dev/nbdN (default: the kernel picks a free device)")
 	conns := fs.Int("connections", 1, "number of connections serving the device")
@@ -54,19 +58,34 @@ func cmdAttach(args []string) error {
 		Writable:    *writable,
 		Logf:        func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw attach: "+f+"\n", a...) },
 	}
+	// Caught until the image is closed: a second signal must not cut the
+	// final flush short.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 	if isNBDURI(target) {
 		cfg.URI, cfg.Name = target, target
 	} else {
-		if *writable {
-			return fmt.Errorf("--writable: %w", kernel.ErrWritesUnsupported)
+		// Without --writable no file of the chain is opened for writing.
+		img, oerr := qcow2.Open(target, qcow2.Options{Writable: *writable})
+		if oerr != nil {
+			return oerr
 		}
-		img, err := qcow2.Open(target, qcow2.Options{})
-		if err != nil {
-			return err
-		}
-		defer img.Close()
+		defer func() {
+			// Last: every connection has stopped and Wait has flushed;
+			// Close flushes again (and stores bitmaps back). Only then
+			// may a writable attach report success.
+			cerr := img.Close()
+			if cerr != nil && err == nil {
+				err = fmt.Errorf("closing %s: %w", target, cerr)
+			}
+			if err == nil && *writable && detached {
+				fmt.Fprintf(os.Stderr, "nbdgw attach: %s detached; %s flushed and closed\n", dev, target)
+			}
+		}()
 		cfg.Image = img
-		if cfg.Name, err = filepath.Abs(target); err != nil {
+		if abs, aerr := filepath.Abs(target); aerr == nil {
+			cfg.Name = abs
+		} else {
 			cfg.Name = target
 		}
 	}
@@ -76,14 +95,17 @@ func cmdAttach(args []string) error {
 		return err
 	}
 	defer c.Close()
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	a, err := kernel.Attach(ctx, c, cfg)
 	if err != nil {
 		return err
 	}
-	fmt.Println(a.Path())
-	return a.Wait(ctx)
+	dev = a.Path()
+	fmt.Println(dev)
+	if err := a.Wait(ctx); err != nil {
+		return err
+	}
+	detached = true
+	return nil
 }
 
 func cmdDetach(args []string) error {
