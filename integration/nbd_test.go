@@ -326,12 +326,10 @@ func TestNBDServeCommand(t *testing.T) {
 	dir := t.TempDir()
 	im := nbdPick(t, nbdCorpus(t, dir), "three-layers")
 
-	t.Run("writable refused", func(t *testing.T) {
-		for _, flag := range []string{"--writable", "--snapshot"} {
-			out, err := exec.Command(bin, "serve", flag, "--socket", filepath.Join(dir, "w.sock"), im.path).CombinedOutput()
-			if err == nil || !strings.Contains(string(out), "writes are not supported yet") {
-				t.Errorf("serve %s: %v %s", flag, err, out)
-			}
+	t.Run("writable and snapshot exclusive", func(t *testing.T) {
+		out, err := exec.Command(bin, "serve", "--writable", "--snapshot", "--socket", filepath.Join(dir, "w.sock"), im.path).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "exclude each other") {
+			t.Errorf("serve --writable --snapshot: %v %s", err, out)
 		}
 	})
 	t.Run("tcp export name", func(t *testing.T) {

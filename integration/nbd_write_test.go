@@ -1,0 +1,534 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"errors"
+
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver"
+)
+
+// TestNBDWritable drives `nbdgw serve --writable` (a subprocess on a unix
+// socket) with the Go client and real NBD clients, and checks every
+// result with QEMU's tools reading the image file.
+func TestNBDWritable(t *testing.T) {
+	nbdRequire(t)
+	bin := nbdBuild(t)
+	t.Run("random", func(t *testing.T) {
+		for _, kind := range []string{"backing", "raw-backing", "compressed", "extended-l2"} {
+			t.Run(kind, func(t *testing.T) { nbdWriteRandom(t, bin, kind) })
+		}
+	})
+	t.Run("kill-9", func(t *testing.T) { nbdWriteCrash(t, bin) })
+	t.Run("qemu-io and nbdcopy", func(t *testing.T) { nbdWriteRealClients(t, bin) })
+	t.Run("snapshot", func(t *testing.T) { nbdWriteSnapshot(t, bin) })
+	t.Run("forensic default", func(t *testing.T) { nbdWriteForensic(t, bin) })
+}
+
+// nbdServer is a running `nbdgw serve`.
+type nbdServer struct {
+	cmd    *exec.Cmd
+	sock   string
+	stderr *bytes.Buffer
+	done   chan error
+}
+
+// nbdServe starts `nbdgw serve --socket SOCK args...` and waits until it
+// listens. At cleanup a server still running is killed.
+func nbdServe(t *testing.T, bin string, args ...string) *nbdServer {
+	t.Helper()
+	s := &nbdServer{sock: filepath.Join(t.TempDir(), "nbd.sock"), stderr: new(bytes.Buffer), done: make(chan error, 1)}
+	s.cmd = exec.Command(bin, append([]string{"serve", "--socket", s.sock}, args...)...)
+	s.cmd.Stderr = s.stderr
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.done <- s.cmd.Wait() }()
+	t.Cleanup(func() {
+		if s.cmd.ProcessState == nil {
+			s.cmd.Process.Kill()
+			<-s.done
+		}
+	})
+	for range 200 {
+		if _, err := os.Stat(s.sock); err == nil {
+			return s
+		}
+		select {
+		case err := <-s.done:
+			t.Fatalf("nbdgw serve %q exited: %v\n%s", args, err, s.stderr)
+		case <-time.After(25 * time.Millisecond):
+		}
+	}
+	t.Fatalf("nbdgw serve %q does not listen\n%s", args, s.stderr)
+	return nil
+}
+
+// stop sends SIGTERM and requires a clean exit.
+func (s *nbdServer) stop(t *testing.T) {
+	t.Helper()
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-s.done:
+		if err != nil {
+			t.Fatalf("nbdgw serve after SIGTERM: %v\n%s", err, s.stderr)
+		}
+	case <-time.After(30 * time.Second):
+		s.cmd.Process.Kill()
+		t.Fatalf("nbdgw serve did not stop after SIGTERM\n%s", s.stderr)
+	}
+}
+
+// kill sends SIGKILL and waits for the process to go.
+func (s *nbdServer) kill() {
+	s.cmd.Process.Kill()
+	<-s.done
+}
+
+func (s *nbdServer) uri() string { return nbdURI(s.sock) }
+
+func (s *nbdServer) dial(t *testing.T, opts nbdserver.ClientOptions) *nbdserver.Client {
+	t.Helper()
+	c, err := nbdserver.Dial(context.Background(), s.uri(), opts)
+	if err != nil {
+		t.Fatalf("dial %s: %v\n%s", s.uri(), err, s.stderr)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// nbdWriteImage is fuseWriteImage plus a qcow2 over a raw backing file.
+func nbdWriteImage(t *testing.T, dir, kind string) (string, []string) {
+	if kind != "raw-backing" {
+		return fuseWriteImage(t, dir, kind)
+	}
+	base := filepath.Join(dir, "base.raw")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", base, "32M")
+	fuseRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x71 0 5M", "-c", "write -P 0x72 9M 3M", "-c", "write -P 0x73 31M 1M", base)
+	top := filepath.Join(dir, "top.qcow2")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "32M")
+	fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x74 1M 1M", "-c", "write -z 10M 256k", top)
+	return top, []string{base}
+}
+
+// nbdClusterSize is the cluster size of every image nbdWriteImage makes.
+const nbdClusterSize = 64 << 10
+
+// nbdTrimShadow applies a trim to the shadow as the engine promises it
+// (qcow2.Image.Discard): the whole clusters of the range, and the partial
+// last cluster when the range ends at the end of the image, read as
+// zeroes (v3 zero flag or extended-L2 zero bits); partial clusters keep
+// their content.
+func nbdTrimShadow(shadow []byte, off, n int64) {
+	size := int64(len(shadow))
+	lo := (off + nbdClusterSize - 1) &^ (nbdClusterSize - 1)
+	hi := (off + n) &^ (nbdClusterSize - 1)
+	if off+n == size {
+		hi = size
+	}
+	if lo < hi {
+		clear(shadow[lo:hi])
+	}
+}
+
+// nbdQemuCheck runs qemu-img check (with extra flags such as -U) and
+// returns its exit status and output.
+func nbdQemuCheck(img string, flags ...string) (int, string) {
+	out, err := exec.Command("qemu-img", append(append([]string{"check"}, flags...), img)...).CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, string(out)
+	case errors.As(err, &ee):
+		return ee.ExitCode(), string(out)
+	}
+	return -1, err.Error()
+}
+
+// nbdWriteRandom: seeded random writes (some FUA), zero writes (with and
+// without NO_HOLE, some FAST_ZERO), trims and flushes of random sizes and
+// alignments through two connections in turn, against a shadow. After
+// each batch and a flush: the export read back, `qemu-img convert -U`
+// and the shadow agree and `qemu-img check -U` exits 0. After SIGTERM
+// the same without -U, and the files below are unchanged.
+func nbdWriteRandom(t *testing.T, bin, kind string) {
+	dir := t.TempDir()
+	img, below := nbdWriteImage(t, dir, kind)
+	before := map[string]string{}
+	for _, f := range below {
+		before[f] = fuseSHA(t, f)
+	}
+	shadow := fuseQemuRaw(t, img)
+	size := int64(len(shadow))
+	srv := nbdServe(t, bin, "--writable", img)
+	conns := []*nbdserver.Client{
+		srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true}),
+		srv.dial(t, nbdserver.ClientOptions{ExtendedHeaders: true}),
+	}
+	seed := uint64(0x9e3779b97f4a7c15)
+	for _, c := range kind {
+		seed = seed*31 + uint64(c)
+	}
+	rng := rand.New(rand.NewPCG(seed, 6))
+	t.Logf("seed %#x", seed)
+	const batches, perBatch = 4, 500
+	buf := make([]byte, 3<<20)
+	got := make([]byte, 3<<20)
+	count := map[string]int{}
+	for b := range batches {
+		for i := range perBatch {
+			c := conns[i%2]
+			off, n := fuseRandomRange(rng, size)
+			var err error
+			op := ""
+			switch r := rng.IntN(100); {
+			case r < 50:
+				op = "write"
+				var flags uint16
+				if rng.IntN(8) == 0 {
+					flags, op = nbdserver.CmdFlagFUA, "write-fua"
+				}
+				p := buf[:n]
+				fillRandom(rng, p)
+				if err = c.WriteFlags(p, off, flags); err == nil {
+					copy(shadow[off:], p)
+				}
+			case r < 68:
+				var flags uint16
+				op = "zero"
+				if rng.IntN(2) == 0 {
+					flags, op = nbdserver.CmdFlagNoHole, "zero-nohole"
+				}
+				if rng.IntN(4) == 0 {
+					flags |= nbdserver.CmdFlagFastZero
+					op += "-fast"
+				}
+				err = c.WriteZeroes(off, n, flags)
+				var se *nbdserver.ServerError
+				if errors.As(err, &se) && se.Errno == nbdserver.ENOTSUP && flags&nbdserver.CmdFlagFastZero != 0 {
+					op, err = op+"-enotsup", nil // nothing changed
+				} else if err == nil {
+					clear(shadow[off : off+n])
+				}
+			case r < 85:
+				op = "trim"
+				if err = c.Trim(off, n, 0); err == nil {
+					nbdTrimShadow(shadow, off, n)
+				}
+			case r < 90:
+				op = "flush"
+				err = c.Flush()
+			default:
+				op = "read"
+				if _, err = c.ReadAt(got[:n], off); err == nil && !bytes.Equal(got[:n], shadow[off:off+n]) {
+					t.Fatalf("batch %d op %d: read of %d bytes at %d differs from the shadow at +%s", b, i, n, off, firstDiff(got[:n], shadow[off:off+n]))
+				}
+			}
+			if err != nil {
+				t.Fatalf("batch %d op %d: %s of %d bytes at %d: %v\n%s", b, i, op, n, off, err, srv.stderr)
+			}
+			count[op]++
+		}
+		if err := conns[b%2].Flush(); err != nil {
+			t.Fatal(err)
+		}
+		whole := make([]byte, size)
+		if _, err := conns[(b+1)%2].ReadAt(whole, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(whole, shadow) {
+			t.Fatalf("batch %d: export read back differs from the shadow at %s", b, firstDiff(whole, shadow))
+		}
+		if got := fuseQemuRaw(t, img, "-U"); !bytes.Equal(got, shadow) {
+			t.Fatalf("batch %d: qemu-img convert -U after a flush differs from the shadow at %s", b, firstDiff(got, shadow))
+		}
+		if code, out := nbdQemuCheck(img, "-U"); code != 0 {
+			t.Fatalf("batch %d: qemu-img check -U exits %d:\n%s", b, code, out)
+		}
+	}
+	t.Logf("operations: %v", count)
+	for _, c := range conns {
+		c.Close()
+	}
+	srv.stop(t)
+	if got := fuseQemuRaw(t, img); !bytes.Equal(got, shadow) {
+		t.Errorf("qemu-img convert after stop differs from the shadow at %s", firstDiff(got, shadow))
+	}
+	if code, out := nbdQemuCheck(img); code != 0 {
+		t.Errorf("qemu-img check after stop exits %d:\n%s", code, out)
+	}
+	for _, f := range below {
+		if got := fuseSHA(t, f); got != before[f] {
+			t.Errorf("backing file %s changed: sha256 %s, was %s", f, got, before[f])
+		}
+	}
+	if s := srv.stderr.String(); s != "" {
+		t.Errorf("nbdgw serve said:\n%s", s)
+	}
+}
+
+// nbdWriteCrash: kill -9 the server at random moments of a write load
+// with periodic flushes. Then `qemu-img check` exits 0 or 3 (leaks only)
+// and every byte acknowledged before the last completed flush is there.
+// A byte written once since that flush may hold its old or its new value;
+// one written more than once since, any of them (not tracked).
+func nbdWriteCrash(t *testing.T, bin string) {
+	dir := t.TempDir()
+	img, below := nbdWriteImage(t, dir, "backing")
+	base := fuseSHA(t, below[0])
+	rng := rand.New(rand.NewPCG(0xc4a54, 9))
+	durable := fuseQemuRaw(t, img)
+	size := int64(len(durable))
+	buf := make([]byte, 1<<20)
+	for round := range 4 {
+		srv := nbdServe(t, bin, "--writable", img)
+		conns := []*nbdserver.Client{
+			srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true}),
+			srv.dial(t, nbdserver.ClientOptions{}),
+		}
+		latest := bytes.Clone(durable) // every write sent, acknowledged or not
+		touched := make([]uint8, size) // writes to each byte since the last flush
+		killAt := time.Duration(200+rng.IntN(1300)) * time.Millisecond
+		killed := make(chan struct{})
+		timer := time.AfterFunc(killAt, func() { srv.kill(); close(killed) })
+		var ops, flushes int
+	load:
+		for i := 0; ; i++ {
+			c := conns[i%2]
+			off, n := fuseRandomRange(rng, size)
+			n = min(n, int64(len(buf)))
+			var err error
+			switch r := rng.IntN(100); {
+			case r < 12:
+				// A flush completed: everything sent before it is durable.
+				if err = c.Flush(); err == nil {
+					copy(durable, latest)
+					clear(touched)
+					flushes++
+				}
+			case r < 82:
+				p := buf[:n]
+				fillRandom(rng, p)
+				copy(latest[off:], p)
+				for j := off; j < off+n; j++ {
+					touched[j] = min(touched[j]+1, 2)
+				}
+				err = c.WriteFlags(p, off, 0)
+			case r < 91:
+				clear(latest[off : off+n])
+				for j := off; j < off+n; j++ {
+					touched[j] = min(touched[j]+1, 2)
+				}
+				err = c.WriteZeroes(off, n, 0)
+			default:
+				// Trim changes whole clusters only; the model marks
+				// the range touched with the zeroes it promises.
+				nbdTrimShadow(latest, off, n)
+				for j := off; j < off+n; j++ {
+					touched[j] = min(touched[j]+1, 2)
+				}
+				err = c.Trim(off, n, 0)
+			}
+			if err != nil {
+				select {
+				case <-killed:
+					break load
+				case <-time.After(5 * time.Second):
+					t.Fatalf("round %d op %d: %v\n%s", round, i, err, srv.stderr)
+				}
+			}
+			ops++
+		}
+		timer.Stop()
+		t.Logf("round %d: killed after %v, %d operations, %d flushes", round, killAt, ops, flushes)
+		code, out := nbdQemuCheck(img)
+		t.Logf("round %d: qemu-img check exits %d", round, code)
+		if code != 0 && code != 3 {
+			t.Fatalf("round %d: qemu-img check after kill -9 exits %d (want 0 or 3: leaks only):\n%s", round, code, out)
+		}
+		got := fuseQemuRaw(t, img)
+		for j := range got {
+			ok := got[j] == durable[j] || (touched[j] == 1 && got[j] == latest[j]) || touched[j] > 1
+			if !ok {
+				t.Fatalf("round %d: byte %d is %#x; the last flush made it %#x (written %d times since, latest %#x)", round, j, got[j], durable[j], touched[j], latest[j])
+			}
+		}
+		durable = got // the next round starts from what survived
+	}
+	if got := fuseSHA(t, below[0]); got != base {
+		t.Errorf("backing file changed: sha256 %s, was %s", got, base)
+	}
+}
+
+// nbdWriteRealClients: qemu-io writes and nbdcopy copies into a writable
+// export; qemu-img convert of the image then shows them.
+func nbdWriteRealClients(t *testing.T, bin string) {
+	dir := t.TempDir()
+	img, below := nbdWriteImage(t, dir, "backing")
+	base := fuseSHA(t, below[0])
+	srv := nbdServe(t, bin, "--writable", img)
+	out := string(fuseRun(t, "qemu-io", "-f", "raw",
+		"-c", "write -P 0x81 100k 300k",
+		"-c", "write -f -P 0x82 5M 64k",
+		"-c", "write -z 8M 1M",
+		"-c", "discard 20M 2M",
+		"-c", "flush",
+		"-c", "read -P 0x81 100k 300k",
+		"-c", "read -P 0 8M 1M",
+		srv.uri()))
+	if strings.Contains(out, "fail") || strings.Count(out, "wrote ") != 3 {
+		t.Fatalf("qemu-io:\n%s", out)
+	}
+	// qemu-io through the image file must see the same, once flushed.
+	qout := string(fuseRun(t, "qemu-io", "-U", "-r", "-f", "qcow2",
+		"-c", "read -P 0x81 100k 300k", "-c", "read -P 0x82 5M 64k", "-c", "read -P 0 8M 1M", "-c", "read -P 0 20M 2M", img))
+	if strings.Contains(qout, "fail") || strings.Count(qout, "read ") != 4 {
+		t.Errorf("qemu-io on the image file after the NBD writes:\n%s", qout)
+	}
+
+	// nbdcopy a raw file with data, zeroes and holes over the whole disk.
+	src := filepath.Join(dir, "src.raw")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", src, "32M")
+	fuseRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x91 0 3M", "-c", "write -P 0x92 7M 100k", "-c", "write -P 0x93 31M 1M", src)
+	fuseRun(t, "nbdcopy", "--flush", src, srv.uri())
+	want := fuseReadFile(t, src)
+	if got := fuseQemuRaw(t, img, "-U"); !bytes.Equal(got, want) {
+		t.Errorf("after nbdcopy, qemu-img convert -U differs from the source at %s", firstDiff(got, want))
+	}
+	c := srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true})
+	got := make([]byte, len(want))
+	if _, err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("after nbdcopy, the export reads differently (%v)", err)
+	}
+	c.Close()
+	srv.stop(t)
+	if code, out := nbdQemuCheck(img); code != 0 {
+		t.Errorf("qemu-img check exits %d:\n%s", code, out)
+	}
+	if got := fuseQemuRaw(t, img); !bytes.Equal(got, want) {
+		t.Errorf("after stop, qemu-img convert differs from the source at %s", firstDiff(got, want))
+	}
+	if got := fuseSHA(t, below[0]); got != base {
+		t.Errorf("backing file changed")
+	}
+}
+
+// nbdWriteSnapshot: --snapshot takes writes (read back through the
+// export) and leaves every file of the chain byte-identical.
+func nbdWriteSnapshot(t *testing.T, bin string) {
+	dir := t.TempDir()
+	img, below := nbdWriteImage(t, dir, "backing")
+	files := append([]string{img}, below...)
+	before := map[string]string{}
+	for _, f := range files {
+		before[f] = fuseSHA(t, f)
+	}
+	orig := fuseQemuRaw(t, img)
+	srv := nbdServe(t, bin, "--snapshot", img)
+	c := srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true})
+	if c.TransmissionFlags()&nbdserver.FlagReadOnly != 0 {
+		t.Fatal("--snapshot export is read-only")
+	}
+	shadow := bytes.Clone(orig)
+	rng := rand.New(rand.NewPCG(5, 5))
+	p := make([]byte, 2<<20)
+	for range 40 {
+		off, n := fuseRandomRange(rng, int64(len(shadow)))
+		n = min(n, int64(len(p)))
+		fillRandom(rng, p[:n])
+		if err := c.WriteFlags(p[:n], off, nbdserver.CmdFlagFUA); err != nil {
+			t.Fatal(err)
+		}
+		copy(shadow[off:], p[:n])
+	}
+	if err := c.WriteZeroes(0, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	clear(shadow[:1<<20])
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(shadow))
+	if _, err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, shadow) {
+		t.Fatalf("--snapshot export reads back differently (%v)", err)
+	}
+	if got := fuseQemuRaw(t, img, "-U"); !bytes.Equal(got, orig) {
+		t.Errorf("image content changed under --snapshot at %s", firstDiff(got, orig))
+	}
+	c.Close()
+	srv.stop(t)
+	for _, f := range files {
+		if got := fuseSHA(t, f); got != before[f] {
+			t.Errorf("%s changed under --snapshot", f)
+		}
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != len(files) {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("files left in the image directory: %v", names)
+	}
+}
+
+// nbdWriteForensic: without --writable, writes, zero writes and trims
+// through the Go client and qemu-io fail with EPERM, and no file of the
+// chain changes.
+func nbdWriteForensic(t *testing.T, bin string) {
+	for _, kind := range []string{"backing", "raw-backing", "compressed", "extended-l2"} {
+		t.Run(kind, func(t *testing.T) {
+			dir := t.TempDir()
+			img, below := nbdWriteImage(t, dir, kind)
+			files := append([]string{img}, below...)
+			before := map[string]string{}
+			for _, f := range files {
+				before[f] = fuseSHA(t, f)
+			}
+			srv := nbdServe(t, bin, img)
+			for _, opts := range []nbdserver.ClientOptions{{}, {StructuredReplies: true}, {ExtendedHeaders: true}} {
+				c := srv.dial(t, opts)
+				if c.TransmissionFlags()&nbdserver.FlagReadOnly == 0 {
+					t.Errorf("export without --writable lacks NBD_FLAG_READ_ONLY")
+				}
+				for name, f := range map[string]func() error{
+					"write":        func() error { return c.WriteFlags(make([]byte, 1<<20), 4096, nbdserver.CmdFlagFUA) },
+					"write-zeroes": func() error { return c.WriteZeroes(0, 8<<20, 0) },
+					"fast-zero":    func() error { return c.WriteZeroes(0, 8<<20, nbdserver.CmdFlagFastZero) },
+					"trim":         func() error { return c.Trim(0, 32<<20, 0) },
+				} {
+					var se *nbdserver.ServerError
+					if err := f(); !errors.As(err, &se) || se.Errno != nbdserver.EPERM {
+						t.Errorf("%s on a read-only export (%+v): %v, want EPERM", name, opts, err)
+					}
+				}
+				if err := c.Flush(); err != nil {
+					t.Errorf("flush: %v", err)
+				}
+				c.Close()
+			}
+			for _, cmd := range []string{"write -P 0xee 0 64k", "write -z 1M 1M", "discard 2M 1M"} {
+				// qemu-io honours NBD_FLAG_READ_ONLY: opening the export
+				// for writing fails with EPERM before anything is sent.
+				out, err := exec.Command("qemu-io", "-f", "raw", "-c", cmd, srv.uri()).CombinedOutput()
+				if err == nil || !strings.Contains(string(out), "Permission denied") {
+					t.Errorf("qemu-io %q on a read-only export: %v\n%s", cmd, err, out)
+				}
+			}
+			srv.stop(t)
+			for _, f := range files {
+				if got := fuseSHA(t, f); got != before[f] {
+					t.Errorf("%s changed: sha256 %s, was %s", f, got, before[f])
+				}
+			}
+		})
+	}
+}
