@@ -34,14 +34,18 @@ func vmRepoRoot(t *testing.T) string {
 }
 
 // TestVM runs scripts/vmtest.sh: nbdgw attach/detach/list against the nbd
-// driver of Debian's cloud kernel booted under qemu-system-x86_64. The
-// guest prints "ok"/"not ok" lines and NBDGW-VMTEST: PASS or FAIL.
+// driver of Debian's cloud kernel booted under qemu-system-x86_64, read-only
+// and --writable (mkfs.ext4 and files on a qcow2 overlay, 1 and 2
+// connections). The guest prints "ok"/"not ok" lines and NBDGW-VMTEST: PASS
+// or FAIL; the host then checks the written overlay (qemu-img check, the
+// base unchanged, the files through nbdgw mount + a loop mount) and prints
+// "ok - host: ..." lines.
 func TestVM(t *testing.T) {
 	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
 		t.Skipf("the VM test boots an amd64 Debian kernel; this is %s/%s", runtime.GOOS, runtime.GOARCH)
 	}
 	if testing.Short() {
-		t.Skip("-short: the VM test boots a kernel (about 30s)")
+		t.Skip("-short: the VM test boots a kernel (about 50s)")
 	}
 	// The tools the script needs, by Debian package.
 	tools := []struct{ cmd, pkg string }{
@@ -51,6 +55,8 @@ func TestVM(t *testing.T) {
 		{"cpio", "cpio"},
 		{"depmod", "kmod"},
 		{"mkfs.ext4", "e2fsprogs"},
+		{"mke2fs", "e2fsprogs"}, // copied into the guest with its libraries
+		{"ldd", "libc-bin"},
 		{"debugfs", "e2fsprogs"},
 		{"dpkg-deb", "dpkg"},
 		{"apt-get", "apt"},
@@ -93,7 +99,7 @@ func TestVM(t *testing.T) {
 		}
 	}
 	t.Logf("vmtest.sh took %v", time.Since(start).Round(time.Second))
-	if err != nil || !strings.Contains(console, "\nNBDGW-VMTEST: PASS") {
+	if err != nil || !strings.Contains(console, "\nNBDGW-VMTEST: PASS") || strings.Contains(console, "\nnot ok - ") {
 		t.Logf("full output:\n%s", console)
 		t.Fatalf("vmtest.sh: %v; the guest did not report PASS", err)
 	}

@@ -6,7 +6,19 @@
 # nbdgw and test images built here with qemu-img. The guest's /init runs the
 # checks, prints "ok - ..." / "not ok - ..." lines and a final
 #   NBDGW-VMTEST: PASS     or     NBDGW-VMTEST: FAIL ...
-# on the serial console and powers off. Exit status: 0 on PASS, 1 otherwise.
+# on the serial console and powers off.
+#
+# The write test keeps its chain (a fresh qcow2 overlay over a base) on a
+# virtio disk, an ext4 filesystem image the guest mounts at /work: attach
+# --writable, mkfs.ext4, files written and their sha256 list kept next to the
+# chain; again with --connections 2; then a read-only attach that reads them
+# back and cannot write. After the VM is gone the host reads the disk with
+# debugfs: qemu-img check must exit 0 on the overlay, the base's sha256 must
+# not have changed, and the files must read back with their sha256 through a
+# read-only `nbdgw mount` of the overlay and a loop mount of its disk (root,
+# /dev/fuse and loop devices needed; else that part is skipped and says so).
+# Host checks print "ok - host: ..." / "not ok - host: ...".
+# Exit status: 0 when the guest said PASS and every host check passed, 1 otherwise.
 #
 # Environment:
 #   NBDGW_VM_CACHE        cache for the kernel package and its extracted tree
@@ -35,7 +47,7 @@ t_start=$(date +%s)
 declare -A need=(
 	[qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils
 	[busybox]=busybox-static [cpio]=cpio [depmod]=kmod
-	[mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [dpkg-deb]=dpkg
+	[mkfs.ext4]=e2fsprogs [mke2fs]=e2fsprogs [debugfs]=e2fsprogs [dpkg-deb]=dpkg [ldd]=libc-bin
 	[apt-get]=apt [gzip]=gzip [sha256sum]=coreutils [timeout]=coreutils
 )
 missing=()
@@ -110,27 +122,63 @@ log "kernel $kver ($pkg)"
 
 # --- work tree -----------------------------------------------------------------
 work=$(mktemp -d "${TMPDIR:-/tmp}/nbdgw-vmtest.XXXXXX")
-if [ -z "${NBDGW_VM_KEEP:-}" ]; then
-	trap 'rm -rf "$work"' EXIT
-else
-	log "keeping $work"
-fi
+mpid=
+cleanup() {
+	# The host read-back may have left a loop mount and nbdgw mount behind.
+	mountpoint -q "$work/ro" 2>/dev/null && umount "$work/ro"
+	if [ -n "$mpid" ]; then
+		kill -TERM "$mpid" 2>/dev/null
+		wait "$mpid" 2>/dev/null
+	fi
+	if [ -z "${NBDGW_VM_KEEP:-}" ]; then
+		mountpoint -q "$work/fuse" 2>/dev/null || rm -rf "$work"
+	fi
+}
+trap cleanup EXIT
+[ -n "${NBDGW_VM_KEEP:-}" ] && log "keeping $work"
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,mnt,tmp,images,lib/modules/"$kver"/kernel/drivers/block}
 
 log "building a static nbdgw"
 (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$root/bin/nbdgw" ./cmd/nbdgw)
 cp "$bb" "$root/bin/busybox"
+# mkfs.ext4 for the write test: e2fsprogs' mke2fs and its libraries, as ldd
+# lists them (busybox's mke2fs makes ext2 only).
+mke2fs_bin=$(command -v mke2fs)
+mkdir -p "$root/sbin" "$root/etc"
+cp "$mke2fs_bin" "$root/sbin/mke2fs"
+ln -s mke2fs "$root/sbin/mkfs.ext4"
+for lib in $(ldd "$mke2fs_bin" | grep -o '/[^ ]*'); do
+	mkdir -p "$root$(dirname "$lib")"
+	cp -L "$lib" "$root$lib"
+done
+[ -e /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
 
-# Modules: nbd.ko (uncompressed, so that the plain finit_module path works)
-# plus the files depmod and github.com/pmorjan/kmod read.
-case $nbdko in
-*.ko) cp "$nbdko" "$root/lib/modules/$kver/kernel/drivers/block/nbd.ko" ;;
-*.ko.xz) xz -dc "$nbdko" >"$root/lib/modules/$kver/kernel/drivers/block/nbd.ko" ;;
-*.ko.zst) zstd -qdc "$nbdko" >"$root/lib/modules/$kver/kernel/drivers/block/nbd.ko" ;;
-*.ko.gz) gzip -dc "$nbdko" >"$root/lib/modules/$kver/kernel/drivers/block/nbd.ko" ;;
-*) die "unknown module format $nbdko" ;;
-esac
+# Modules: nbd.ko (uncompressed, so that the plain finit_module path works),
+# virtio_blk and what it needs (the write test keeps its images on a virtio
+# disk that the host reads back afterwards), plus the files depmod and
+# github.com/pmorjan/kmod read.
+copy_mod() { # path under $kmods/kernel without the .ko suffix
+	local src dst=$root/lib/modules/$kver/kernel/$1.ko
+	src=$(ls "$kmods/kernel/$1".ko* 2>/dev/null | head -n1 || true)
+	[ -n "$src" ] || die "$pkg has no module $1 under $kmods"
+	mkdir -p "$(dirname "$dst")"
+	case $src in
+	*.ko) cp "$src" "$dst" ;;
+	*.ko.xz) xz -dc "$src" >"$dst" ;;
+	*.ko.zst) zstd -qdc "$src" >"$dst" ;;
+	*.ko.gz) gzip -dc "$src" >"$dst" ;;
+	*) die "unknown module format $src" ;;
+	esac
+}
+copy_mod drivers/block/nbd
+if grep -q '^CONFIG_VIRTIO_BLK=m' "$ktree/boot/config-$kver" 2>/dev/null; then
+	for m in virtio/virtio virtio/virtio_ring virtio/virtio_pci virtio/virtio_pci_modern_dev \
+		virtio/virtio_pci_legacy_dev block/virtio_blk; do
+		# Some are built in or absent in other configurations.
+		ls "$kmods/kernel/drivers/$m".ko* >/dev/null 2>&1 && copy_mod "drivers/$m"
+	done
+fi
 for f in modules.builtin modules.builtin.modinfo modules.order; do
 	[ -e "$kmods/$f" ] && cp "$kmods/$f" "$root/lib/modules/$kver/"
 done
@@ -169,6 +217,18 @@ overlay_alloc=$(qemu-img map --output=json "$root/images/overlay.qcow2" | grep -
 	echo "OVERLAY_TXT='$(cat "$img/overlay.txt")'"
 } >"$root/images/expected.env"
 rm -rf "$img"
+
+# The write test's chain lives on a virtio disk, an ext4 filesystem the
+# guest mounts at /work and the host reads back after the VM is gone:
+# wbase.qcow2 (a copy of base.qcow2) and a fresh, empty overlay on it.
+wdir=$work/wdisk
+mkdir -p "$wdir"
+cp "$root/images/base.qcow2" "$wdir/wbase.qcow2"
+(cd "$wdir" && qemu-img create -q -f qcow2 -b wbase.qcow2 -F qcow2 woverlay.qcow2)
+sha_wbase=$(sha256sum <"$wdir/wbase.qcow2" | cut -d' ' -f1)
+echo "SHA_WBASE=$sha_wbase" >>"$root/images/expected.env"
+mkfs.ext4 -q -F -b 4096 -L nbdgw-work -d "$wdir" "$work/wdisk.img" 256M
+rm -rf "$wdir"
 
 # --- guest /init ---------------------------------------------------------------
 cat >"$root/init" <<'EOF'
@@ -265,7 +325,7 @@ if start_attach /tmp/a1.log /images/overlay.qcow2; then
 	section "bad input"
 	expect_fail "attach to the busy $dev" "busy" attach --device "$dev" /images/base.qcow2
 	expect_fail "attach with an index out of range" "out of range" attach --device /dev/nbd99999 /images/base.qcow2
-	expect_fail "attach --writable" "writes are not supported yet" attach --writable /images/overlay.qcow2
+	expect_fail "attach --writable to the busy $dev" "busy" attach --writable --device "$dev" /images/base.qcow2
 	expect_fail "attach an image that does not exist" "no such file" attach /images/missing.qcow2
 	expect_fail "attach an overlay whose backing file is missing" "gone.qcow2" attach /images/orphan.qcow2
 	expect_fail "attach an NBD URI that refuses the connection" "refused" attach nbd://127.0.0.1:1/
@@ -339,8 +399,122 @@ else
 	echo "# skip: nbdgw serve --socket not available"
 fi
 
+# 5. Writes. The chain is on the virtio disk (/work): a fresh overlay over
+#    a base. mkfs.ext4 and files through /dev/nbdN, once with 1 connection
+#    (ended by detach), once with 2 (ended by SIGTERM); then a read-only
+#    attach reads everything back and cannot write. The host checks the
+#    image again after the VM is gone.
+section "writable"
+modprobe virtio_pci 2>/dev/null
+modprobe virtio_blk 2>/dev/null
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+mkdir -p /work
+W=/work/woverlay.qcow2
+# write_set NAME MIB: NAME/f1..fMIB.bin of random content and a note on the
+# mounted filesystem, their sha256 list in /work/NAME.sha256 (for the host).
+write_set() {
+	mkdir -p "/mnt/$1"
+	i=1
+	while [ $i -le "$2" ]; do head -c 1048576 /dev/urandom >"/mnt/$1/f$i.bin"; i=$((i + 1)); done
+	echo "$1 written through $dev" >"/mnt/$1/note.txt"
+	(cd "/mnt/$1" && sha256sum f*.bin note.txt >"/work/$1.sha256")
+}
+# verify_set NAME: the files of NAME read back with their sha256.
+verify_set() { (cd "/mnt/$1" && sha256sum -c -s "/work/$1.sha256"); }
+# flags_check LABEL DEV: what the server's flags made of the queue.
+flags_check() {
+	q=/sys/block/${2#/dev/}/queue
+	check "$1: not read-only" [ "$(blockdev --getro "$2")" = 0 ]
+	check "$1: write cache on (SEND_FLUSH; write_cache '$(cat $q/write_cache)')" [ "$(cat $q/write_cache)" = "write back" ]
+	check "$1: FUA (SEND_FUA)" [ "$(cat $q/fua)" = 1 ]
+	check "$1: discard (SEND_TRIM; discard_max_bytes $(cat $q/discard_max_bytes))" [ "$(cat $q/discard_max_bytes)" -gt 0 ]
+}
+# finish_writes LABEL: sync, unmount, flush the device's buffers; the
+# kernel must have sent flushes (field 16 of the device's stat).
+finish_writes() {
+	sync
+	check "$1: umount" umount /mnt
+	check "$1: blockdev --flushbufs" blockdev --flushbufs "$dev"
+	st=$(cat /sys/block/${dev#/dev/}/stat)
+	echo "# $dev stat: $st"
+	check "$1: the kernel sent writes and flushes (stat: $(echo $st | awk '{print $5 " writes, " $16 " flushes"}'))" \
+		sh -c "echo '$st' | awk '{exit !(\$5 > 0 && \$16 > 0)}'"
+}
+if [ -b /dev/vda ] && mount -t ext4 /dev/vda /work; then
+	check "writable: base sha256 before" [ "$(dev_sha /work/wbase.qcow2)" = "$SHA_WBASE" ]
+	if start_attach /tmp/w1.log --writable $W; then
+		ok "attach --writable woverlay.qcow2 -> $dev"
+		flags_check "writable" "$dev"
+		t=$(cut -d' ' -f1 /proc/uptime)
+		echo "# write_zeroes_max_bytes $(cat /sys/block/${dev#/dev/}/queue/write_zeroes_max_bytes) (this kernel's nbd driver may not send WRITE_ZEROES)"
+		if /sbin/mkfs.ext4 -q -F -b 4096 -L written "$dev" >/tmp/mkfs.log 2>&1; then
+			ok "mkfs.ext4 -F $dev ($(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime)-$t}")s)"
+			check "mkfs.ext4 discarded the device through TRIM (discards in stat: $(awk '{print $12}' /sys/block/${dev#/dev/}/stat))" \
+				[ "$(awk '{print $12}' /sys/block/${dev#/dev/}/stat)" -gt 0 ]
+			if mount -t ext4 "$dev" /mnt; then
+				write_set set1 4
+				check "writable: set1 reads back before umount" verify_set set1
+				finish_writes "writable"
+			else
+				notok "writable: mount -t ext4 $dev"
+			fi
+		else
+			cat /tmp/mkfs.log
+			notok "mkfs.ext4 -F $dev"
+		fi
+		check "writable: detach $dev" nbdgw detach "$dev"
+		check "attach --writable exits 0 after detach (image closed and flushed)" wait_exit $pid
+		check "writable: $dev disconnected" none_connected
+	else
+		notok "attach --writable woverlay.qcow2"
+	fi
+
+	section "writable, 2 connections"
+	if start_attach /tmp/w2.log --writable --connections 2 $W; then
+		ok "attach --writable --connections 2 woverlay.qcow2 -> $dev"
+		flags_check "writable, 2 connections" "$dev"
+		if mount -t ext4 "$dev" /mnt; then
+			check "2 connections: set1 (written before) reads back" verify_set set1
+			write_set set2 4
+			check "2 connections: set2 reads back before umount" verify_set set2
+			finish_writes "2 connections"
+		else
+			notok "2 connections: mount -t ext4 $dev"
+		fi
+		kill -TERM $pid
+		check "attach --writable --connections 2 exits 0 on SIGTERM (image closed and flushed)" wait_exit $pid
+		check "2 connections: $dev disconnected" none_connected
+	else
+		notok "attach --writable --connections 2 woverlay.qcow2"
+	fi
+
+	section "read-only after writes"
+	sha_w=$(dev_sha $W)
+	if start_attach /tmp/w3.log $W; then
+		check "read-only: $dev is read-only" [ "$(blockdev --getro "$dev")" = 1 ]
+		check "read-only: a write to $dev fails" sh -c "! dd if=/dev/zero of=$dev bs=4096 count=1 oflag=direct 2>/dev/null"
+		if mount -t ext4 -o ro "$dev" /mnt; then
+			check "read-only: set1 reads back" verify_set set1
+			check "read-only: set2 reads back" verify_set set2
+			umount /mnt
+		else
+			notok "read-only: mount -t ext4 -o ro $dev"
+		fi
+		check "read-only: detach" nbdgw detach "$dev"
+		check "read-only: attach exits 0" wait_exit $pid
+	else
+		notok "attach woverlay.qcow2 read-only"
+	fi
+	check "read-only attach left woverlay.qcow2 byte-identical" [ "$(dev_sha $W)" = "$sha_w" ]
+	check "writable: base sha256 unchanged (backing files are never written)" [ "$(dev_sha /work/wbase.qcow2)" = "$SHA_WBASE" ]
+	ls -ls /work | sed 's/^/# /'
+	umount /work || notok "umount /work"
+else
+	notok "writable: no virtio disk /dev/vda to hold the chain (mount -t ext4 /dev/vda failed)"
+fi
+
 section "done"
-for f in /tmp/a*.log; do sed "s|^|# $f: |" "$f"; done
+for f in /tmp/a*.log /tmp/w*.log; do [ -e "$f" ] && sed "s|^|# $f: |" "$f"; done
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "vmtest-guest: checks took $(awk "BEGIN{print $t1-$t0}")s"
 if [ $fails = 0 ]; then
@@ -364,14 +538,67 @@ set +e
 timeout "$vm_timeout" qemu-system-x86_64 \
 	-accel "$accel" -m 1024 -smp 2 -nographic -no-reboot -net none \
 	-kernel "$vmlinuz" -initrd "$work/initrd.gz" \
+	-drive "file=$work/wdisk.img,format=raw,if=virtio" \
 	-append "console=ttyS0 panic=-1 quiet loglevel=4" </dev/null 2>&1 | tee "$console"
 qrc=${PIPESTATUS[0]}
 set -e
 t_end=$(date +%s)
 log "VM ran $((t_end - t_boot))s, whole test $((t_end - t_start))s (qemu exit $qrc)"
 [ "$qrc" = 124 ] && die "FAIL: the VM did not finish within ${vm_timeout}s"
-if grep -q '^NBDGW-VMTEST: PASS' "$console" && ! grep -q '^not ok' "$console"; then
+
+# --- host: what the guest wrote, read back from the virtio disk -------------
+# Printed as "ok - host: ..." / "not ok - host: ..." like the guest's checks.
+hostfails=0
+hcheck() {
+	local d=$1
+	shift
+	if "$@"; then echo "ok - host: $d"; else echo "not ok - host: $d"; hostfails=$((hostfails + 1)); fi
+}
+out=$work/out
+mkdir -p "$out"
+for f in wbase.qcow2 woverlay.qcow2 set1.sha256 set2.sha256; do
+	debugfs -R "dump /$f $out/$f" "$work/wdisk.img" >/dev/null 2>&1 || true
+done
+hcheck "the guest left woverlay.qcow2 and both sha256 lists on its disk" \
+	test -s "$out/woverlay.qcow2" -a -s "$out/set1.sha256" -a -s "$out/set2.sha256"
+if [ -s "$out/woverlay.qcow2" ]; then
+	crc=0
+	qemu-img check "$out/woverlay.qcow2" >"$out/check.txt" 2>&1 || crc=$?
+	sed 's/^/vmtest: qemu-img check: /' "$out/check.txt" >&2
+	hcheck "qemu-img check woverlay.qcow2 exits 0 (exit $crc)" [ "$crc" = 0 ]
+	hcheck "wbase.qcow2 sha256 unchanged" [ "$(sha256sum <"$out/wbase.qcow2" | cut -d' ' -f1)" = "$sha_wbase" ]
+	fuse=$work/fuse ro=$work/ro
+	mkdir -p "$fuse" "$ro"
+	if [ "$(id -u)" != 0 ] || [ ! -e /dev/fuse ] || [ ! -e /dev/loop-control ]; then
+		echo "# skip: host read-back through nbdgw mount + loop mount needs root, /dev/fuse and /dev/loop-control"
+	else
+		"$root/bin/nbdgw" mount "$out/woverlay.qcow2" "$fuse" 2>"$out/mount.log" &
+		mpid=$!
+		for _ in $(seq 100); do [ -e "$fuse/disk" ] && break; sleep 0.1; done
+		# The loop mount comes from this shell, not from nbdgw's process.
+		if mount -o ro,loop -t ext4 "$fuse/disk" "$ro"; then
+			for set in set1 set2; do
+				hcheck "$set reads back through nbdgw mount + mount -o ro,loop ($(wc -l <"$out/$set.sha256") files)" \
+					sh -c 'cd "$1" && sha256sum --quiet -c "$2"' _ "$ro/$set" "$out/$set.sha256"
+			done
+			umount "$ro" || hcheck "umount $ro" false
+		else
+			hcheck "mount -o ro,loop $fuse/disk" false
+		fi
+		kill -TERM "$mpid" 2>/dev/null || true
+		mrc=0
+		wait "$mpid" || mrc=$?
+		mpid=
+		hcheck "nbdgw mount (read-only) exits 0 (exit $mrc)" [ "$mrc" = 0 ]
+		hcheck "read-only nbdgw mount left woverlay.qcow2 clean (qemu-img check)" qemu-img check -q "$out/woverlay.qcow2"
+		cat "$out/mount.log" >&2
+	fi
+fi
+t_host=$(date +%s)
+log "host read-back took $((t_host - t_end))s; whole test $((t_host - t_start))s"
+
+if [ $hostfails = 0 ] && grep -q '^NBDGW-VMTEST: PASS' "$console" && ! grep -q '^not ok' "$console"; then
 	log "PASS"
 	exit 0
 fi
-die "FAIL (see the console output above)"
+die "FAIL (see the console output and host checks above)"
