@@ -13,10 +13,13 @@ import (
 type reply []replyPart
 
 // replyPart is either bytes (file == nil) or n bytes of file at off.
+// pooled, if set, is a getBuf buffer the reply's bytes point into, given
+// back once the reply is sent.
 type replyPart struct {
 	b      []byte
 	file   *os.File
 	off, n int64
+	pooled []byte
 }
 
 func bytesReply(bs ...[]byte) reply {
@@ -85,6 +88,10 @@ func (s *session) cmdRead(req *request) reply {
 		h := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeOffsetData, req.cookie, req.offset, offsetDataHdrLen+req.length)
 		return append(bytesReply(be.AppendUint64(h, req.offset)), parts...)
 	}
+	var tail reply // the pooled buffer's holder, sent (as nothing) last
+	if k := len(parts) - 1; parts[k].pooled != nil {
+		parts, tail = parts[:k], parts[k:]
+	}
 	out := make(reply, 0, 2*len(segs))
 	for i, sg := range segs {
 		var flags uint16
@@ -100,7 +107,7 @@ func (s *session) cmdRead(req *request) reply {
 		b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, req.cookie, req.offset, uint64(offsetDataHdrLen+sg.length))
 		out = append(out, replyPart{b: be.AppendUint64(b, uint64(sg.off))}, parts[i])
 	}
-	return out
+	return append(out, tail...)
 }
 
 // readParts produces the data of each segment: engine reads into memory
@@ -176,11 +183,12 @@ func (s *session) readSegments(off, n int64, holes bool) []readSegment {
 // sent as a hole only if the snapshot still reads zero there; otherwise
 // it is sent as data.
 func (s *session) readSnapshot(segs []readSegment, off, n int64) ([]readSegment, reply, error) {
-	buf := make([]byte, n)
+	buf := getBuf(int(n))
 	if k, err := s.exp.Image.ReadAt(buf, off); int64(k) < n {
+		putBuf(buf)
 		return nil, nil, fmt.Errorf("read at %d: %v", off, err)
 	}
-	parts := make(reply, len(segs))
+	parts := make(reply, len(segs), len(segs)+1)
 	for i, sg := range segs {
 		b := buf[sg.off-off : sg.off-off+sg.length]
 		if sg.kind == segZero && !allZero(b) {
@@ -188,7 +196,7 @@ func (s *session) readSnapshot(segs []readSegment, off, n int64) ([]readSegment,
 		}
 		parts[i] = replyPart{b: b}
 	}
-	return segs, parts, nil
+	return segs, append(parts, replyPart{pooled: buf}), nil
 }
 
 // allZero reports whether b holds only zero bytes.

@@ -89,7 +89,7 @@ func (s *session) readPayload(req *request) error {
 		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.typ, req.length, limit)
 	}
 	if req.typ == CmdWrite && s.exp.Writable {
-		req.payload = make([]byte, req.length)
+		req.payload = getBuf(int(req.length))
 		_, err := io.ReadFull(s.r, req.payload)
 		return err
 	}
@@ -109,7 +109,13 @@ func (s *session) readPayload(req *request) error {
 // handle answers one request on its own goroutine.
 func (s *session) handle(req request) {
 	defer func() { <-s.slots; s.wg.Done() }()
-	s.send(s.safeDispatch(&req))
+	r := s.safeDispatch(&req)
+	s.send(r)
+	for _, p := range r {
+		if p.pooled != nil {
+			putBuf(p.pooled)
+		}
+	}
 }
 
 // safeDispatch is dispatch with a panic recovered, logged and answered

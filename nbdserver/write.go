@@ -56,6 +56,7 @@ func (s *session) cmdWrite(req *request) reply {
 		return s.errReply(req, EINVAL, fmt.Sprintf("write payload of %d bytes for a length of %d", len(req.payload), req.length))
 	}
 	_, err := s.exp.Image.WriteAt(req.payload, int64(req.offset))
+	putBuf(req.payload) // the engine keeps no reference to it
 	req.payload = nil
 	return s.writeDone(req, err)
 }
