@@ -225,6 +225,7 @@ wdir=$work/wdisk
 mkdir -p "$wdir"
 cp "$root/images/base.qcow2" "$wdir/wbase.qcow2"
 (cd "$wdir" && qemu-img create -q -f qcow2 -b wbase.qcow2 -F qcow2 woverlay.qcow2)
+(cd "$wdir" && qemu-img create -q -f qcow2 -b wbase.qcow2 -F qcow2 crash.qcow2)
 sha_wbase=$(sha256sum <"$wdir/wbase.qcow2" | cut -d' ' -f1)
 echo "SHA_WBASE=$sha_wbase" >>"$root/images/expected.env"
 mkfs.ext4 -q -F -b 4096 -L nbdgw-work -d "$wdir" "$work/wdisk.img" 256M
@@ -445,6 +446,8 @@ if [ -b /dev/vda ] && mount -t ext4 /dev/vda /work; then
 	if start_attach /tmp/w1.log --writable $W; then
 		ok "attach --writable woverlay.qcow2 -> $dev"
 		flags_check "writable" "$dev"
+		check "list shows $dev writable (RO false) with backend nbdgw:$W" \
+			sh -c "nbdgw list | grep -q '^$dev  *yes  *$pid  *[0-9]*  *false  *nbdgw:$W\$'"
 		t=$(cut -d' ' -f1 /proc/uptime)
 		echo "# write_zeroes_max_bytes $(cat /sys/block/${dev#/dev/}/queue/write_zeroes_max_bytes) (this kernel's nbd driver may not send WRITE_ZEROES)"
 		if /sbin/mkfs.ext4 -q -F -b 4096 -L written "$dev" >/tmp/mkfs.log 2>&1; then
@@ -506,6 +509,29 @@ if [ -b /dev/vda ] && mount -t ext4 /dev/vda /work; then
 		notok "attach woverlay.qcow2 read-only"
 	fi
 	check "read-only attach left woverlay.qcow2 byte-identical" [ "$(dev_sha $W)" = "$sha_w" ]
+
+	# kill -9 of a writable attach while writes go on: what was flushed
+	# before must survive (the host checks crash.qcow2).
+	section "writable, SIGKILL"
+	if start_attach /tmp/w4.log --writable /work/crash.qcow2; then
+		head -c 2097152 /dev/urandom >/tmp/flushed.bin
+		check "SIGKILL: 2 MiB written with conv=fsync (NBD_CMD_FLUSH)" \
+			dd if=/tmp/flushed.bin of="$dev" bs=1048576 conv=fsync 2>/dev/null
+		sha256sum </tmp/flushed.bin | cut -d' ' -f1 >/work/crash.sha256
+		# Direct I/O: the writes reach the server while it is killed
+		# (buffered ones would still sit in the page cache).
+		dd if=/dev/urandom of="$dev" bs=1048576 count=24 seek=8 oflag=direct 2>/dev/null &
+		ddpid=$!
+		sleep 0.5
+		echo "# SIGKILL while writing: $(awk '{print $5}' /sys/block/${dev#/dev/}/stat) writes done"
+		kill -9 $pid
+		wait $pid 2>/dev/null
+		check "SIGKILL: detach $dev afterwards" nbdgw detach "$dev"
+		wait $ddpid 2>/dev/null
+		check "SIGKILL: no device connected" none_connected
+	else
+		notok "attach --writable crash.qcow2"
+	fi
 	check "writable: base sha256 unchanged (backing files are never written)" [ "$(dev_sha /work/wbase.qcow2)" = "$SHA_WBASE" ]
 	ls -ls /work | sed 's/^/# /'
 	umount /work || notok "umount /work"
@@ -556,7 +582,7 @@ hcheck() {
 }
 out=$work/out
 mkdir -p "$out"
-for f in wbase.qcow2 woverlay.qcow2 set1.sha256 set2.sha256; do
+for f in wbase.qcow2 woverlay.qcow2 set1.sha256 set2.sha256 crash.qcow2 crash.sha256; do
 	debugfs -R "dump /$f $out/$f" "$work/wdisk.img" >/dev/null 2>&1 || true
 done
 hcheck "the guest left woverlay.qcow2 and both sha256 lists on its disk" \
@@ -593,6 +619,18 @@ if [ -s "$out/woverlay.qcow2" ]; then
 		hcheck "read-only nbdgw mount left woverlay.qcow2 clean (qemu-img check)" qemu-img check -q "$out/woverlay.qcow2"
 		cat "$out/mount.log" >&2
 	fi
+fi
+if [ -s "$out/crash.qcow2" ] && [ -s "$out/crash.sha256" ]; then
+	crc=0
+	qemu-img check "$out/crash.qcow2" >"$out/crash-check.txt" 2>&1 || crc=$?
+	sed 's/^/vmtest: qemu-img check crash.qcow2: /' "$out/crash-check.txt" >&2
+	hcheck "after kill -9 of attach --writable, qemu-img check exits 0 or 3 (leaks only) (exit $crc)" \
+		[ "$crc" = 0 -o "$crc" = 3 ]
+	qemu-img convert -O raw "$out/crash.qcow2" "$out/crash.raw"
+	hcheck "after kill -9, the 2 MiB flushed before it read back (qemu-img convert)" \
+		[ "$(head -c 2097152 "$out/crash.raw" | sha256sum | cut -d' ' -f1)" = "$(cat "$out/crash.sha256")" ]
+else
+	hcheck "the guest left crash.qcow2 and crash.sha256 on its disk" false
 fi
 t_host=$(date +%s)
 log "host read-back took $((t_host - t_end))s; whole test $((t_host - t_start))s"
