@@ -297,3 +297,49 @@ func TestReadsAreSnapshots(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestHostileWrites: oversized and truncated writes to a writable export
+// drop only their own connection and change nothing.
+func TestHostileWrites(t *testing.T) {
+	img, _ := writableImage(t, "4M")
+	_, uri := startServer(t, Config{Exports: []*Export{{Image: img, Writable: true}}, Logf: func(string, ...any) {}})
+	before := make([]byte, 4<<20)
+	if _, err := img.ReadAt(before, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range map[string]struct {
+		ext  bool
+		req  request
+		data []byte
+	}{
+		"huge write":          {true, request{typ: CmdWrite, length: 1 << 40}, nil},
+		"write above limit":   {false, request{typ: CmdWrite, length: 32<<20 + 1}, make([]byte, 1<<20)},
+		"half a write":        {false, request{typ: CmdWrite, length: 1 << 20}, make([]byte, 4096)},
+		"half a write (ext)":  {true, request{typ: CmdWrite, length: 1 << 20}, bytes.Repeat([]byte{7}, 65536)},
+		"write then hang up":  {false, request{typ: CmdWrite, offset: 1 << 20, length: 8}, nil},
+		"zeroes past the end": {true, request{typ: CmdWriteZeroes, offset: 1 << 62, length: 1 << 62}, nil},
+	} {
+		rc := dialRaw(t, uri)
+		if tc.ext {
+			rc.final(OptExtendedHeaders, nil)
+		}
+		rc.goExport()
+		rc.c.Write(append(tc.req.append(nil, tc.ext), tc.data...)) // may fail: the server hangs up
+		rc.c.Close()
+	}
+	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(before))
+	if _, err := c.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, before) {
+		t.Errorf("hostile writes changed the export at %s", diffAt(got, before))
+	}
+}
