@@ -123,6 +123,10 @@ func hardExec(timeout time.Duration, name string, args ...string) hardResult {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.WaitDelay = 2 * time.Second
+	// On timeout kill the whole process group: killing /usr/bin/time
+	// alone would leave a hung nbdgw behind.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	start := time.Now()
 	err := cmd.Run()
 	r := hardResult{args: append([]string{filepath.Base(name)}, args...), stdout: stdout.Bytes(), stderr: stderr.Bytes(), elapsed: time.Since(start)}

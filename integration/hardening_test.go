@@ -86,8 +86,19 @@ func hardCorpusCLI(t *testing.T, bin string, c corpus.Case) {
 		cmds = append(cmds, cmd{args: []string{"map", "--context", name, c.Image}, mapping: true,
 			bitmap: strings.HasPrefix(name, metactx.DirtyBitmapPrefix)})
 	}
-	for _, x := range cmds {
-		r := hardExec(30*time.Second, bin, x.args...)
+	// All at once: a case that hangs costs one timeout, not one each.
+	results := make([]hardResult, len(cmds))
+	var wg sync.WaitGroup
+	for i, x := range cmds {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = hardExec(15*time.Second, bin, x.args...)
+		}()
+	}
+	wg.Wait()
+	for i, x := range cmds {
+		r := results[i]
 		hardSane(t, r)
 		if x.args[0] == "map" && x.args[1] == c.Image && r.code == 1 && bytes.Contains(r.stderr, []byte("compressed clusters")) {
 			continue // qemu-img map's human form refuses compressed clusters too
@@ -948,4 +959,72 @@ func TestHardeningServerMemoryBudget(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestHardeningBlockStatusAmplification: a 40 MiB file can describe a
+// 2 EiB disk whose 4 Mi L1 entries all name one zeroed 2 MiB L2 table.
+// Mapping it all means scanning that table 4 Mi times (qemu-img map takes
+// minutes too); with extended headers one NBD_CMD_BLOCK_STATUS may ask
+// for the whole export, so one small request buys minutes of server CPU,
+// 16 in flight per connection, and the walk goes on after the client has
+// gone. The server must answer (a partial answer is allowed by the
+// protocol) within a few seconds.
+func TestHardeningBlockStatusAmplification(t *testing.T) {
+	hardRequire(t, "qemu-img")
+	bin := hardBinary(t)
+	img := filepath.Join(t.TempDir(), "big.qcow2")
+	if r := hardExec(60*time.Second, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", img, "2047P"); r.code != 0 {
+		t.Fatal(r)
+	}
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h [48]byte
+	if _, err := f.ReadAt(h[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	l1Size, l1Off := hardBE.Uint32(h[36:]), hardBE.Uint64(h[40:])
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2 := (uint64(fi.Size()) + 2<<20 - 1) &^ (2<<20 - 1)
+	if err := f.Truncate(int64(l2 + 2<<20)); err != nil {
+		t.Fatal(err)
+	}
+	l1 := make([]byte, 0, l1Size*8)
+	for i := uint32(0); i < l1Size; i++ {
+		l1 = hardBE.AppendUint64(l1, 1<<63|l2)
+	}
+	if _, err := f.WriteAt(l1, int64(l1Off)); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	s, r := hardServe(t, bin, img)
+	if s == nil {
+		t.Fatal(r)
+	}
+	rc, err := hardHandshake("unix", s.socket, hardOptExtended, metactx.BaseAllocation)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	const limit = 15 * time.Second
+	rc.SetDeadline(time.Now().Add(limit))
+	start := time.Now()
+	rc.Write(hardReq(true, 0, hardCmdBlockStatus, 1, 0, 2047<<50))
+	if _, err := rc.extendedErrno(); err != nil {
+		t.Errorf("SERVER/ENGINE BUG: one extended NBD_CMD_BLOCK_STATUS of a 2 EiB export (a 40 MiB file) got no answer in %v: %v", limit, err)
+	} else {
+		t.Logf("answered in %v", time.Since(start).Round(time.Millisecond))
+	}
+	rc.Close()
+	// SIGTERM must still stop the server promptly.
+	r = s.stop(t)
+	if r.timedOut {
+		t.Errorf("SERVER BUG: nbdgw serve did not exit within 10 s of SIGTERM while a block status walk was running (the graceful stop waits for it)")
+	}
+	hardSaneLimit(t, r, 1<<30)
 }

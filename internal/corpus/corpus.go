@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/nbdgw/nbdgw/qcow2"
 )
@@ -445,6 +446,23 @@ var cases = []spec{
 	{name: "backing-json", stage: Open, want: []string{"not a local file"},
 		build: func(g *gen, dir string) ([]string, error) {
 			return join(dir, "a.qcow2"), run(dir, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", `json:{"driver":"null-co"}`, "-F", "raw", "a.qcow2", "1M")
+		}},
+	// A backing file that is a FIFO: opening it for reading blocks until
+	// a writer comes (qemu-img hangs too). A crafted image must not hang
+	// the gateway: only regular files (and block devices) are layers.
+	{name: "backing-fifo", stage: Open, want: []string{"fifo"},
+		build: func(g *gen, dir string) ([]string, error) {
+			if err := syscall.Mkfifo(filepath.Join(dir, "fifo"), 0o644); err != nil {
+				return nil, err
+			}
+			return join(dir, "a.qcow2"), run(dir, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", "a.qcow2", "1M")
+		}},
+	{name: "backing-directory", stage: Open, want: []string{"adir", "directory"},
+		build: func(g *gen, dir string) ([]string, error) {
+			if err := os.Mkdir(filepath.Join(dir, "adir"), 0o755); err != nil {
+				return nil, err
+			}
+			return join(dir, "a.qcow2"), run(dir, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "adir", "-F", "raw", "a.qcow2", "1M")
 		}},
 	{name: "backing-format-unknown", stage: Open, want: []string{"vmdk"},
 		build: func(g *gen, dir string) ([]string, error) {

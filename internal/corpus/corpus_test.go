@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdgw/nbdgw/qcow2"
 )
@@ -43,7 +44,12 @@ func TestCorpusEngine(t *testing.T) {
 					t.Errorf("error %q is neither a *qcow2.FormatError nor an OS error", err)
 				}
 			}
-			img, err := qcow2.Open(c.Image, qcow2.Options{Warn: func(string) {}})
+			var img *qcow2.Image
+			err := within(t, func() error {
+				var err error
+				img, err = qcow2.Open(c.Image, qcow2.Options{Warn: func(string) {}})
+				return err
+			})
 			if c.Stage == Open {
 				if err == nil {
 					img.Close()
@@ -56,7 +62,7 @@ func TestCorpusEngine(t *testing.T) {
 				t.Fatalf("open: %v", err)
 			}
 			img.Close()
-			err = exercise(c.Image, qcow2.Options{})
+			err = within(t, func() error { return exercise(c.Image, qcow2.Options{}) })
 			switch c.Stage {
 			case Read, Bitmap:
 				if err == nil {
@@ -69,5 +75,20 @@ func TestCorpusEngine(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// within runs fn with a deadline; a hang fails the test (and leaks the
+// goroutine, which cannot be stopped).
+func within(t *testing.T, fn func() error) error {
+	t.Helper()
+	ch := make(chan error, 1)
+	go func() { ch <- fn() }()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatalf("HANG: no answer in 20 s")
+		return nil
 	}
 }
