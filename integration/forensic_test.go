@@ -45,6 +45,7 @@ func TestForensicReadOnly(t *testing.T) {
 			want := hardSHA(hardQemuRaw(t, im.top))
 			w := hardWatch(t, im.files)
 
+			hardForensicCLI(t, bin, im)
 			hardForensicServe(t, bin, im, want)
 			if fuse == "" {
 				hardForensicMount(t, bin, im, want)
@@ -254,6 +255,23 @@ func hardHeldReadOnly(t *testing.T, pid int, files []string, what string) {
 			if fl&syscall.O_ACCMODE != syscall.O_RDONLY {
 				t.Errorf("EVIDENCE AT RISK: %s holds %s with flags %#o", what, f, fl)
 			}
+		}
+	}
+}
+
+// hardForensicCLI runs the read commands (they must succeed; the
+// watcher and fingerprints prove they wrote nothing).
+func hardForensicCLI(t *testing.T, bin string, im hardValid) {
+	for _, args := range [][]string{
+		{"info", "--output=json", im.top},
+		{"map", "--output=json", im.top},
+		{"map", "--context", "qemu:joint-allocation", im.top},
+		{"map", "--no-backing", "--context", "qemu:allocation-depth", im.top},
+	} {
+		r := hardExec(30*time.Second, bin, args...)
+		hardSane(t, r)
+		if r.code != 0 {
+			t.Errorf("%s", r)
 		}
 	}
 }

@@ -39,6 +39,7 @@ step "corpus: map, info, serve, mount" go test -count=1 -timeout 20m -v -run '^T
 step "memory bombs" go test -count=1 -timeout 20m -v -run '^TestHardeningMemoryBombs$' ./integration/
 step "hostile clients" go test -count=1 -timeout 20m -v -run '^TestHardeningHostileClients$' ./integration/
 step "connection limit" go test -count=1 -timeout 20m -v -run '^TestHardeningConnectionLimit$' ./integration/
+step "block status amplification" go test -count=1 -timeout 20m -v -run '^TestHardeningBlockStatusAmplification$' ./integration/
 step "server memory budget" go test -count=1 -timeout 20m -v -run '^TestHardeningServerMemoryBudget$' ./integration/
 NBDGW_HARDENING_FULL=1 step "TLS (real handshake timeout)" go test -count=1 -timeout 20m -v -run '^TestHardeningTLS$' ./integration/
 step "forensic read-only proof" go test -count=1 -timeout 20m -v -run '^TestForensicReadOnly$' ./integration/
