@@ -29,7 +29,8 @@ import (
 // under the FUSE mount). Every attempt must fail, nbdgw must hold every
 // chain file O_RDONLY (/proc/PID/fdinfo), inotify must see no file of the
 // chain opened for writing or modified, and the sha256 and mtime of every
-// file must be the same afterwards.
+// file must be the same afterwards. serve --snapshot must accept writes
+// into a temporary overlay, with the same guarantees for the chain.
 func TestForensicReadOnly(t *testing.T) {
 	hardRequire(t, "qemu-img", "qemu-io", "nbdcopy")
 	bin := hardBinary(t)
@@ -47,6 +48,7 @@ func TestForensicReadOnly(t *testing.T) {
 
 			hardForensicCLI(t, bin, im)
 			hardForensicServe(t, bin, im, want)
+			hardForensicSnapshot(t, bin, im)
 			if fuse == "" {
 				hardForensicMount(t, bin, im, want)
 			}
@@ -345,6 +347,60 @@ func hardForensicServe(t *testing.T, bin string, im hardValid, want string) {
 	hardHeldReadOnly(t, s.cmd.Process.Pid, im.files, "nbdgw serve")
 	r = s.stop(t)
 	hardSane(t, r)
+}
+
+// hardForensicSnapshot serves with --snapshot: writes are accepted and
+// read back, into a temporary overlay; the chain is still held read-only
+// and nothing is left behind next to it.
+func hardForensicSnapshot(t *testing.T, bin string, im hardValid) {
+	dir := filepath.Dir(im.top)
+	entries := func() []string {
+		es, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, e := range es {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	before := entries()
+	s, r := hardServe(t, bin, "--snapshot", im.top)
+	if s == nil {
+		if strings.Contains(string(r.stderr), "not supported") {
+			t.Logf("serve --snapshot: %s", r.stderr)
+			return
+		}
+		t.Fatalf("serve --snapshot: %s", r)
+	}
+	hardHeldReadOnly(t, s.cmd.Process.Pid, im.files, "nbdgw serve --snapshot")
+	w := hardExec(30*time.Second, "qemu-io", "-f", "raw", "-c", "write -q -P 0xee 0 64k", "-c", "write -q -z 64k 64k", "-c", "discard -q 128k 64k", s.uri)
+	if w.code != 0 || len(w.stderr) != 0 {
+		t.Errorf("writes to a --snapshot export: %s", w)
+	}
+	got := hardExec(60*time.Second, "nbdcopy", s.uri, "-")
+	if got.code != 0 || len(got.stdout) < 128<<10 {
+		t.Fatalf("nbdcopy of the --snapshot export: %s", got)
+	}
+	for i, b := range got.stdout[:64<<10] {
+		if b != 0xee {
+			t.Errorf("--snapshot export at %d reads %#x after writing 0xee", i, b)
+			break
+		}
+	}
+	for i, b := range got.stdout[64<<10 : 128<<10] {
+		if b != 0 {
+			t.Errorf("--snapshot export at %d reads %#x after write zeroes", 64<<10+i, b)
+			break
+		}
+	}
+	hardHeldReadOnly(t, s.cmd.Process.Pid, im.files, "nbdgw serve --snapshot")
+	r = s.stop(t)
+	hardSane(t, r)
+	if after := entries(); strings.Join(after, " ") != strings.Join(before, " ") {
+		t.Errorf("serve --snapshot left files next to the image: before %q, after %q", before, after)
+	}
 }
 
 // extendedErrno reads one extended reply chunk and returns the errno of
