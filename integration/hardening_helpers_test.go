@@ -27,6 +27,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdgw/nbdgw/internal/hostile"
 	"github.com/nbdgw/nbdgw/nbdserver"
 )
 
@@ -480,42 +481,13 @@ const (
 
 var hardBE = binary.BigEndian
 
-func hardOpt(opt uint32, data []byte) []byte {
-	b := hardBE.AppendUint64(nil, hardOptsMagic)
-	b = hardBE.AppendUint32(b, opt)
-	b = hardBE.AppendUint32(b, uint32(len(data)))
-	return append(b, data...)
-}
-
-func hardReq(ext bool, flags, typ uint16, cookie, off, length uint64) []byte {
-	magic := uint32(hardReqMagic)
-	if ext {
-		magic = hardExtReqMagic
-	}
-	b := hardBE.AppendUint32(nil, magic)
-	b = hardBE.AppendUint16(b, flags)
-	b = hardBE.AppendUint16(b, typ)
-	b = hardBE.AppendUint64(b, cookie)
-	b = hardBE.AppendUint64(b, off)
-	if ext {
-		return hardBE.AppendUint64(b, length)
-	}
-	return hardBE.AppendUint32(b, uint32(length))
-}
-
-// hardGoData is NBD_OPT_GO for the default export with no info requests.
-func hardGoData() []byte { return []byte{0, 0, 0, 0, 0, 0} }
-
-// hardMetaData is the data of NBD_OPT_SET_META_CONTEXT for export "".
-func hardMetaData(names ...string) []byte {
-	b := hardBE.AppendUint32(nil, 0)
-	b = hardBE.AppendUint32(b, uint32(len(names)))
-	for _, n := range names {
-		b = hardBE.AppendUint32(b, uint32(len(n)))
-		b = append(b, n...)
-	}
-	return b
-}
+// The encoders are package hostile's.
+var (
+	hardOpt      = hostile.Opt
+	hardReq      = hostile.Req
+	hardGoData   = hostile.GoData
+	hardMetaData = hostile.MetaData
+)
 
 // hardRawConn is a hand-driven NBD connection.
 type hardRawConn struct {

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/internal/corpus"
+	"github.com/nbdgw/nbdgw/internal/hostile"
 	"github.com/nbdgw/nbdgw/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
@@ -399,18 +399,11 @@ func TestHardeningHostileClients(t *testing.T) {
 	const slow = 2
 	var slowConns []net.Conn
 	for k := 0; k < slow; k++ {
-		rc, err := hardHandshake("unix", s.socket, hardOptStructured)
+		c, err := hostile.Stall("unix", s.socket, 64, 32<<20)
 		if err != nil {
 			t.Fatal(err)
 		}
-		slowConns = append(slowConns, rc)
-		go func() {
-			for j := 0; j < 64; j++ {
-				if _, err := rc.Write(hardReq(false, 0, hardCmdRead, uint64(j), 0, 32<<20)); err != nil {
-					return
-				}
-			}
-		}()
+		slowConns = append(slowConns, c)
 	}
 	time.Sleep(time.Second)
 	slowRSS, _ := hardProcRSS(pid)
@@ -423,7 +416,7 @@ func TestHardeningHostileClients(t *testing.T) {
 	}
 
 	// Hostile waves.
-	hostile := hardHostileSessions()
+	sessions := hostile.Sessions(int64(len(o.data)), hardAllContexts)
 	var hw sync.WaitGroup
 	var tried atomic.Int64
 	for w := 0; w < 8; w++ {
@@ -431,8 +424,10 @@ func TestHardeningHostileClients(t *testing.T) {
 		go func(w int) {
 			defer hw.Done()
 			for round := 0; round < 5; round++ {
-				for _, h := range hostile {
-					hardHostile(t, s.socket, h)
+				for _, h := range sessions {
+					if err := hostile.Play("unix", s.socket, h, 300*time.Millisecond); err != nil {
+						t.Error(err)
+					}
 					tried.Add(1)
 				}
 			}
@@ -440,7 +435,7 @@ func TestHardeningHostileClients(t *testing.T) {
 	}
 	hw.Wait()
 	_, hwm := hardProcRSS(pid)
-	t.Logf("%d hostile sessions (%d kinds, 8 at a time); server peak RSS %d MiB", tried.Load(), len(hostile), hwm>>20)
+	t.Logf("%d hostile sessions (%d kinds, 8 at a time); server peak RSS %d MiB", tried.Load(), len(sessions), hwm>>20)
 	close(stop)
 	wg.Wait()
 	for _, c := range slowConns {
@@ -461,105 +456,6 @@ func TestHardeningHostileClients(t *testing.T) {
 	hardSaneLimit(t, r, 1<<40)
 	if r.code != 0 {
 		t.Errorf("serve after SIGTERM: %s", r)
-	}
-}
-
-// hardSession is one hostile byte stream; handshake says whether to
-// negotiate (structured replies, all contexts, GO) first.
-type hardSession struct {
-	name      string
-	handshake bool
-	bytes     []byte
-	readSome  int // read this many reply bytes before closing (abrupt close mid-reply)
-}
-
-func hardHostileSessions() []hardSession {
-	rng := rand.New(rand.NewPCG(3, 4))
-	garbage := make([]byte, 8192)
-	for i := range garbage {
-		garbage[i] = byte(rng.Uint32())
-	}
-	flags := hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes)
-	cat := func(b ...[]byte) []byte {
-		var out []byte
-		for _, x := range b {
-			out = append(out, x...)
-		}
-		return out
-	}
-	req := func(flags, typ uint16, off, n uint64) []byte { return hardReq(false, flags, typ, 7, off, n) }
-	many := func(b []byte, n int) []byte { return bytes.Repeat(b, n) }
-	return []hardSession{
-		{name: "garbage", bytes: garbage},
-		{name: "zero bytes then close"},
-		{name: "half the client flags", bytes: flags[:2]},
-		{name: "unknown client flags", bytes: hardBE.AppendUint32(nil, 0xfffffff0)},
-		{name: "oldstyle zero flags", bytes: hardBE.AppendUint32(nil, 0)},
-		{name: "bad option magic", bytes: cat(flags, garbage[:64])},
-		{name: "option length 4 GiB", bytes: cat(flags, hardOpt(hardOptGo, nil)[:12], hardBE.AppendUint32(nil, 0xffffffff))},
-		{name: "export name 1 GiB", bytes: cat(flags, hardOpt(hardOptExportName, nil)[:12], hardBE.AppendUint32(nil, 1<<30), garbage)},
-		{name: "option 900 KiB (too big, discarded)", bytes: cat(flags, hardOpt(hardOptList, make([]byte, 900<<10)))},
-		{name: "unknown options", bytes: cat(flags, hardOpt(0x7fff, garbage[:100]), hardOpt(0xffffffff, nil), hardOpt(hardOptAbort, nil))},
-		{name: "meta context query 4 GiB names", bytes: cat(flags, hardOpt(hardOptStructured, nil), hardOpt(hardOptSetMeta, cat(hardBE.AppendUint32(nil, 0), hardBE.AppendUint32(nil, 0xffffffff), garbage[:64])))},
-		{name: "meta context name length 4 GiB", bytes: cat(flags, hardOpt(hardOptStructured, nil), hardOpt(hardOptSetMeta, cat(hardBE.AppendUint32(nil, 0), hardBE.AppendUint32(nil, 1), hardBE.AppendUint32(nil, 0xffffffff))))},
-		{name: "go with info count 65535", bytes: cat(flags, hardOpt(hardOptGo, cat(hardBE.AppendUint32(nil, 0), hardBE.AppendUint16(nil, 0xffff))))},
-		{name: "starttls without tls", bytes: cat(flags, hardOpt(hardOptStartTLS, nil), garbage[:300])},
-		{name: "disconnect mid-option", bytes: cat(flags, hardOpt(hardOptList, nil)[:10])},
-		{name: "bad request magic", handshake: true, bytes: garbage[:28]},
-		{name: "read 4 GiB", handshake: true, bytes: req(0, hardCmdRead, 0, 0xffffffff)},
-		{name: "read past the end", handshake: true, bytes: req(0, hardCmdRead, 1<<62, 4096)},
-		{name: "read offset overflow", handshake: true, bytes: req(0, hardCmdRead, 0xfffffffffffff000, 0x2000)},
-		{name: "unknown commands and flags", handshake: true, bytes: cat(req(0, 99, 0, 1), req(0xffff, 0xffff, 0, 0), req(0x8000, hardCmdRead, 0, 512))},
-		{name: "writes on a read-only export", handshake: true, bytes: cat(req(0, hardCmdWrite, 0, 512), make([]byte, 512), req(0, hardCmdTrim, 0, 1<<20), req(0, hardCmdWriteZeroes, 0, 1<<20))},
-		{name: "write claiming 4 GiB payload", handshake: true, bytes: cat(req(0, hardCmdWrite, 0, 0xffffffff), garbage)},
-		{name: "half a request", handshake: true, bytes: req(0, hardCmdRead, 0, 512)[:13]},
-		{name: "block status of 4 GiB at the end", handshake: true, bytes: req(0, hardCmdBlockStatus, 64<<20-1, 0xffffffff)},
-		{name: "abrupt close mid-reply", handshake: true, bytes: many(req(0, hardCmdRead, 0, 32<<20), 16), readSome: 100 << 10},
-		{name: "close with reads in flight", handshake: true, bytes: many(req(0, hardCmdRead, 0, 1<<20), 64)},
-		{name: "many block status then close", handshake: true, bytes: many(req(0, hardCmdBlockStatus, 0, 64<<20), 200)},
-	}
-}
-
-// hardHostile plays one hostile session and drops the connection.
-func hardHostile(t *testing.T, socket string, h hardSession) {
-	var c net.Conn
-	if h.handshake {
-		rc, err := hardHandshake("unix", socket, hardOptStructured, hardAllContexts...)
-		if err != nil {
-			t.Errorf("%s: handshake: %v", h.name, err)
-			return
-		}
-		c = rc
-	} else {
-		var err error
-		if c, err = net.Dial("unix", socket); err != nil {
-			t.Errorf("%s: dial: %v", h.name, err)
-			return
-		}
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if h.readSome > 0 {
-			io.CopyN(io.Discard, c, int64(h.readSome))
-			c.Close()
-			return
-		}
-		io.Copy(io.Discard, c)
-	}()
-	c.Write(h.bytes)
-	if h.readSome > 0 {
-		<-done
-		return
-	}
-	if cw, ok := c.(interface{ CloseWrite() error }); ok && !h.handshake {
-		cw.CloseWrite()
-	}
-	select {
-	case <-done:
-	case <-time.After(300 * time.Millisecond):
 	}
 }
 
