@@ -276,30 +276,100 @@ func hardCorpusMount(t *testing.T, bin string, c corpus.Case, want []byte) {
 func TestHardeningMemoryBombs(t *testing.T) {
 	hardRequire(t, "qemu-img")
 	bin := hardBinary(t)
-	dir := t.TempDir()
-	// A chain of 64 layers (the limit), each with an L1 table of 32 MiB
-	// (QEMU's limit) in a sparse file: 2 GiB of L1 tables if all loaded.
-	const layers = 64
-	for i := layers; i >= 1; i-- {
-		name := filepath.Join(dir, hardLayerName(i))
-		args := []string{"create", "-q", "-f", "qcow2"}
-		if i < layers {
-			args = append(args, "-u", "-b", hardLayerName(i+1), "-F", "qcow2")
+	t.Run("chain-of-64-with-32MiB-L1-tables", func(t *testing.T) {
+		dir := t.TempDir()
+		// A chain of 64 layers (the limit), each with an L1 table of
+		// 32 MiB (QEMU's limit) in a sparse file: 2 GiB of L1 tables if
+		// all are loaded.
+		const layers = 64
+		for i := layers; i >= 1; i-- {
+			name := filepath.Join(dir, hardLayerName(i))
+			args := []string{"create", "-q", "-f", "qcow2"}
+			if i < layers {
+				args = append(args, "-u", "-b", hardLayerName(i+1), "-F", "qcow2")
+			}
+			if r := hardExec(30*time.Second, "qemu-img", append(args, name, "1M")...); r.code != 0 {
+				t.Fatal(r)
+			}
+			hardBloatL1(t, name)
 		}
-		if r := hardExec(30*time.Second, "qemu-img", append(args, name, "1M")...); r.code != 0 {
-			t.Fatal(r)
+		top := filepath.Join(dir, hardLayerName(1))
+		for _, args := range [][]string{{"info", top}, {"map", "--output=json", top}} {
+			r := hardExec(120*time.Second, bin, args...)
+			t.Logf("%s: exit %d, peak RSS %d MiB, %v", strings.Join(args, " "), r.code, r.rss>>20, r.elapsed.Round(time.Millisecond))
+			if r.rss > hardMaxRSS {
+				t.Errorf("ENGINE BUG (qcow2): every layer's L1 table is loaded whole, so a chain of sparse files costs layers x 32 MiB (x2 while decoding)")
+			}
+			hardSane(t, r)
 		}
-		hardBloatL1(t, name)
+	})
+	t.Run("bitmap-table-of-1GiB", func(t *testing.T) {
+		// A 1 EiB image with 2 MiB clusters and a bitmap of granularity
+		// 512: its table has 2^27 entries (1 GiB, QEMU's
+		// BME_MAX_TABLE_SIZE) in a sparse region. QEMU refuses it at
+		// open ("doesn't satisfy the constraints": the bitmap's data
+		// would exceed BME_MAX_PHYS_SIZE, 512 MiB).
+		img := filepath.Join(t.TempDir(), "bm.qcow2")
+		for _, s := range [][]string{
+			{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", img, "4M"},
+			{"qemu-img", "bitmap", "--add", "-g", "512", img, "b0"},
+		} {
+			if r := hardExec(30*time.Second, s[0], s[1:]...); r.code != 0 {
+				t.Fatal(r)
+			}
+		}
+		hardBloatBitmap(t, img)
+		if r := hardExec(30*time.Second, "qemu-img", "info", img); r.code == 0 {
+			t.Logf("NOTE: qemu-img info accepts the image")
+		}
+		for _, args := range [][]string{{"info", img}, {"map", "--context", "qemu:dirty-bitmap:b0", img}} {
+			r := hardExec(120*time.Second, bin, args...)
+			t.Logf("%s: exit %d, peak RSS %d MiB, %v", strings.Join(args, " "), r.code, r.rss>>20, r.elapsed.Round(time.Millisecond))
+			if r.rss > hardMaxRSS {
+				t.Errorf("ENGINE BUG (qcow2): a bitmap table is loaded whole ([]byte and []uint64: 2 GiB for 2^27 entries); QEMU refuses such a bitmap at open (BME_MAX_PHYS_SIZE)")
+			}
+			hardSane(t, r)
+		}
+	})
+}
+
+// hardBloatBitmap turns a 4 MiB image with 2 MiB clusters and one bitmap
+// of granularity 512 into a 1 EiB image: a new zeroed L1 table and a new
+// zeroed bitmap table of 2^27 entries, both in a sparse tail.
+func hardBloatBitmap(t *testing.T, name string) {
+	t.Helper()
+	b, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
 	}
-	top := filepath.Join(dir, hardLayerName(1))
-	for _, args := range [][]string{{"info", top}, {"map", "--output=json", top}} {
-		r := hardExec(120*time.Second, bin, args...)
-		t.Logf("%s: exit %d, peak RSS %d MiB, %v", strings.Join(args, " "), r.code, r.rss>>20, r.elapsed.Round(time.Millisecond))
-		if r.rss > hardMaxRSS {
-			t.Errorf("ENGINE BUG (qcow2): every layer's L1 table is loaded whole, so a chain of sparse files costs layers x 32 MiB (x2 while decoding)")
-		}
-		hardSane(t, r)
+	const cs = 2 << 20
+	h, err := qcow2.ParseHeader(name, b[:min(len(b), cs)], int64(len(b)))
+	if err != nil || !h.HasBitmapExt {
+		t.Fatalf("header: %v, bitmaps %v", err, h != nil && h.HasBitmapExt)
 	}
+	const size = 1 << 60
+	const l1Entries = size / (cs / 8 * cs)
+	const tableEntries = 1 << 27
+	l1 := (uint64(len(b)) + cs - 1) &^ (cs - 1)
+	table := (l1 + l1Entries*8 + cs - 1) &^ (cs - 1)
+	f, err := os.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(int64(table + tableEntries*8)); err != nil {
+		t.Fatal(err)
+	}
+	put := func(off uint64, v []byte) {
+		if _, err := f.WriteAt(v, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(24, hardBE.AppendUint64(nil, size))
+	put(36, hardBE.AppendUint32(nil, l1Entries))
+	put(40, hardBE.AppendUint64(nil, l1))
+	put(h.BitmapDirOffset, hardBE.AppendUint64(nil, table))
+	put(h.BitmapDirOffset+8, hardBE.AppendUint32(nil, tableEntries))
 }
 
 func hardLayerName(i int) string { return fmt.Sprintf("l%02d.qcow2", i) }
