@@ -31,6 +31,10 @@ import (
 	"github.com/nbdgw/nbdgw/nbdserver"
 )
 
+// hardStartWait bounds how long serve and mount may take to be ready
+// (they take milliseconds; a hang must not cost much).
+const hardStartWait = 10 * time.Second
+
 // hardMaxRSS is the memory bound every nbdgw process must stay under
 // (maximum resident set size, from getrusage of the reaped child).
 const hardMaxRSS = 300 << 20
@@ -266,7 +270,7 @@ func hardServe(t testing.TB, bin string, args ...string) (*hardServeProc, hardRe
 	p := hardStart(t, bin, append([]string{"serve", "--socket", sock}, args...)...)
 	s := &hardServeProc{hardProc: p, socket: sock, uri: "nbd+unix:///?socket=" + sock}
 	t.Cleanup(func() { s.stop(t) })
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(hardStartWait)
 	for {
 		select {
 		case <-p.exited:
@@ -339,7 +343,7 @@ func hardMount(t testing.TB, bin string, args ...string) (*hardMountProc, hardRe
 		}
 		os.RemoveAll(base)
 	})
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(hardStartWait)
 	for !hardMounted(dir) {
 		select {
 		case <-p.exited:
