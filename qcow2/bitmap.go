@@ -24,7 +24,8 @@ const (
 	bmeTypeDirty        = 1
 	bmeMinGranBits      = 9
 	bmeMaxGranBits      = 31
-	bmeMaxTableEntries  = 0x8000000
+	bmeMaxTableEntries  = 0x8000000  // BME_MAX_TABLE_SIZE
+	bmeMaxPhysSize      = 0x20000000 // BME_MAX_PHYS_SIZE: bytes of bitmap data
 	bmeMaxExtraData     = 1 << 20
 	bmeEntryHeaderBytes = 24
 	bmeTableOffsetMask  = 0x00fffffffffffe00
@@ -101,12 +102,21 @@ func DecodeBitmapDirectory(name string, dir []byte, dirOffset int64, n uint32, c
 		gran := int64(1) << granBits
 		bits := (imageSize + gran - 1) / gran
 		need := ((bits+7)/8 + clusterSize - 1) / clusterSize
-		if b.tableSize != need || b.tableSize > bmeMaxTableEntries {
+		if b.tableSize > bmeMaxTableEntries || b.tableSize*clusterSize > bmeMaxPhysSize {
+			return nil, corrupt(name, at+8, int64(i), "bitmap %q too large: %d table entries (%d bytes of bitmap data, QEMU's limit is %d)", nm, b.tableSize, b.tableSize*clusterSize, bmeMaxPhysSize)
+		}
+		if b.tableSize != need {
 			return nil, corrupt(name, at+8, int64(i), "bitmap %q table has %d entries, image size needs %d", nm, b.tableSize, need)
+		}
+		if b.tableOffset == 0 {
+			return nil, corrupt(name, at, int64(i), "bitmap %q has no table", nm)
+		}
+		if typ != bmeTypeDirty {
+			return nil, corrupt(name, at+16, int64(i), "bitmap %q has unknown type %d", nm, typ)
 		}
 		b.flags = flags
 		b.info = BitmapInfo{Name: nm, Granularity: gran, InUse: flags&bmeFlagInUse != 0, Auto: flags&bmeFlagAuto != 0}
-		b.usable = typ == bmeTypeDirty && !b.info.InUse && (extra == 0 || flags&bmeFlagExtraCompat != 0)
+		b.usable = !b.info.InUse && (extra == 0 || flags&bmeFlagExtraCompat != 0)
 		out = append(out, b)
 		off += int(entryLen)
 	}
@@ -135,7 +145,7 @@ func (q *qcow2Layer) loadBitmaps() error {
 		if b.info.InUse {
 			q.warnf(fmt.Sprintf("%s: bitmap %q is inconsistent (in use, not saved cleanly): not exported", q.h.name, b.info.Name))
 		} else if !b.usable {
-			q.warnf(fmt.Sprintf("%s: bitmap %q has an unknown type or extra data: not exported", q.h.name, b.info.Name))
+			q.warnf(fmt.Sprintf("%s: bitmap %q has unknown extra data: not exported", q.h.name, b.info.Name))
 		}
 	}
 	q.bms = bms

@@ -22,7 +22,7 @@ func (q *qcow2Layer) loadBitmapsForWriting() error {
 			continue // already inconsistent: left alone, not tracked
 		}
 		if !b.usable {
-			return unsupported(q.h.name, "bitmap %q has an unknown type or incompatible extra data: refusing to open for writing", b.info.Name)
+			return unsupported(q.h.name, "bitmap %q has incompatible extra data: refusing to open for writing", b.info.Name)
 		}
 		total += b.tableSize * q.csize
 		if total > maxBitmapMemory {

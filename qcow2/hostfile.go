@@ -21,24 +21,45 @@ type hostFile struct {
 // openHost opens a file of the chain, read-only unless writable: nothing
 // but an explicit request for writes ever opens a file for writing.
 func openHost(name string, writable bool) (*hostFile, error) {
-	flag := os.O_RDONLY
+	flag := unix.O_RDONLY
 	if writable {
-		flag = os.O_RDWR
+		flag = unix.O_RDWR
 	}
-	f, err := os.OpenFile(name, flag, 0)
+	// O_NONBLOCK so that a FIFO (or another special file) named as an
+	// image or backing file cannot hang the open; anything but a regular
+	// file or a block device is refused before it is read.
+	fd, err := unix.Open(name, flag|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, err
+		return nil, &os.PathError{Op: "open", Path: name, Err: err}
 	}
-	return &hostFile{name: name, f: f}, nil
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, &os.PathError{Op: "stat", Path: name, Err: err}
+	}
+	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFBLK {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: not a regular file or block device", name)
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		unix.Close(fd)
+		return nil, &os.PathError{Op: "fcntl", Path: name, Err: err}
+	}
+	return &hostFile{name: name, f: os.NewFile(uintptr(fd), name)}, nil
 }
 
-// length is the file's current size in bytes.
+// length is the file's current size in bytes (for a block device, its
+// size: stat reports 0 there).
 func (h *hostFile) length() (int64, error) {
 	fi, err := h.f.Stat()
 	if err != nil {
 		return 0, err
 	}
-	return fi.Size(), nil
+	if fi.Mode().IsRegular() {
+		return fi.Size(), nil
+	}
+	// Only pread/pwrite are used, so moving the file offset is harmless.
+	return h.f.Seek(0, io.SeekEnd)
 }
 
 // allocated is st_blocks * 512, QEMU's bdrv_get_allocated_file_size().
