@@ -55,14 +55,24 @@ var (
 	hardBinErr  error
 )
 
-// hardBinary builds nbdgw once per test binary into a temporary
-// directory (removed when the process exits only if the OS cleans /tmp:
-// go build output is small and the build is cached).
+// hardBinary builds nbdgw once per test process into
+// $TMPDIR/nbdgw-hardening-PID (the package has no TestMain to remove it,
+// so each run removes the directories of processes that are gone).
 func hardBinary(t testing.TB) string {
 	t.Helper()
 	hardBinOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nbdgw-hardening-")
-		if err != nil {
+		old, _ := filepath.Glob(filepath.Join(os.TempDir(), "nbdgw-hardening-*"))
+		for _, d := range old {
+			pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "nbdgw-hardening-"))
+			if err != nil || pid <= 0 || pid > 1<<22 { // not a pid (pid_max is at most 2^22)
+				continue
+			}
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); errors.Is(err, os.ErrNotExist) {
+				os.RemoveAll(d)
+			}
+		}
+		dir := filepath.Join(os.TempDir(), fmt.Sprintf("nbdgw-hardening-%d", os.Getpid()))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
 			hardBinErr = err
 			return
 		}
