@@ -2,6 +2,7 @@ package nbdserver
 
 import (
 	"context"
+	"sync"
 	"testing"
 )
 
@@ -58,4 +59,46 @@ func BenchmarkWrite(b *testing.B) {
 			}
 		}
 	}
+}
+
+// BenchmarkRandWrite4K overwrites random 4 KiB blocks of an allocated
+// 64 MiB export from 16 connections (queue depth 16).
+func BenchmarkRandWrite4K(b *testing.B) {
+	img, _ := writableImage(b, "64M")
+	if err := img.WriteZeroes(0, 64<<20, 0); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := img.WriteAt(make([]byte, 64<<20), 0); err != nil {
+		b.Fatal(err)
+	}
+	_, uri := startServer(b, Config{Exports: []*Export{{Image: img, Writable: true}}})
+	const conns = 16
+	cs := make([]*Client, conns)
+	for i := range cs {
+		c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		cs[i] = c
+	}
+	b.SetBytes(4096)
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := make([]byte, 4096)
+			x := uint64(i + 1)
+			for range b.N / conns {
+				x = x*6364136223846793005 + 1442695040888963407
+				if _, err := c.WriteAt(p, int64(x>>40)%(64<<20/4096)*4096); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
