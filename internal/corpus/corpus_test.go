@@ -38,10 +38,16 @@ func TestCorpusEngine(t *testing.T) {
 						t.Errorf("error %q does not mention %q", err, w)
 					}
 				}
-				var fe *qcow2.FormatError
+				// The engine's contract (qcow2/errors.go): every error for
+				// a bad image wraps one of its sentinels; a file that
+				// cannot be opened is an OS error.
 				var pe *os.PathError
-				if !errors.As(err, &fe) && !errors.As(err, &pe) {
-					t.Errorf("error %q is neither a *qcow2.FormatError nor an OS error", err)
+				sentinel := false
+				for _, s := range []error{qcow2.ErrNotQcow2, qcow2.ErrUnsupported, qcow2.ErrCorrupt, qcow2.ErrBackingChain} {
+					sentinel = sentinel || errors.Is(err, s)
+				}
+				if !sentinel && !errors.As(err, &pe) {
+					t.Errorf("error %q wraps none of the engine's sentinels (ErrNotQcow2, ErrUnsupported, ErrCorrupt, ErrBackingChain) nor an OS error", err)
 				}
 			}
 			var img *qcow2.Image
