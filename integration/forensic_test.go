@@ -32,6 +32,7 @@ import (
 // file must be the same afterwards. serve --snapshot must accept writes
 // into a temporary overlay, with the same guarantees for the chain.
 func TestForensicReadOnly(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "nbdcopy")
 	bin := hardBinary(t)
 	images := hardValidCorpus(t, t.TempDir())

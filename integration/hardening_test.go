@@ -32,6 +32,7 @@ import (
 // images QEMU reads without complaint, agree with qemu-img byte for byte;
 // never panic, never hang, never exceed hardMaxRSS.
 func TestHardeningCorpus(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
 	bin := hardBinary(t)
 	cases, err := corpus.Generate(t.TempDir())
@@ -274,6 +275,7 @@ func hardCorpusMount(t *testing.T, bin string, c corpus.Case, want []byte) {
 // large as the format allows, in sparse files that cost nothing on disk:
 // the engine must stay within hardMaxRSS or refuse.
 func TestHardeningMemoryBombs(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img")
 	bin := hardBinary(t)
 	t.Run("chain-of-64-with-32MiB-L1-tables", func(t *testing.T) {
@@ -423,6 +425,7 @@ var hardAllContexts = []string{metactx.BaseAllocation, metactx.AllocationDepth, 
 // nbdserver's in-process TestHostileClients with the real binary,
 // concurrency, slow readers, and the limits.
 func TestHardeningHostileClients(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
 	bin := hardBinary(t)
 	top, _ := hardChain(t, t.TempDir())
@@ -617,6 +620,7 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 // DefaultMaxConnections: the extra ones are closed at once, and a slot
 // freed is a slot usable again.
 func TestHardeningConnectionLimit(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img")
 	bin := hardBinary(t)
 	img := filepath.Join(t.TempDir(), "a.qcow2")
@@ -678,6 +682,7 @@ func TestHardeningConnectionLimit(t *testing.T) {
 // certificate from another CA is refused, a trusted client reads correct
 // data, and a client that never finishes the TLS handshake is dropped.
 func TestHardeningTLS(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
 	bin := hardBinary(t)
 	work := t.TempDir()
@@ -883,6 +888,7 @@ func hardOpenImage(t testing.TB, path string) *qcow2.Image {
 // of image and asks the server to stay under 1 GiB (4 such clients may
 // pin 2 GiB today).
 func TestHardeningServerMemoryBudget(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io")
 	bin := hardBinary(t)
 	dir := t.TempDir()
@@ -937,6 +943,7 @@ func TestHardeningServerMemoryBudget(t *testing.T) {
 // gone. The server must answer (a partial answer is allowed by the
 // protocol) within a few seconds.
 func TestHardeningBlockStatusAmplification(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img")
 	bin := hardBinary(t)
 	img := filepath.Join(t.TempDir(), "big.qcow2")

@@ -22,6 +22,7 @@ import (
 // NBDGW_LOAD_REQUESTS change the size (scripts/check.sh runs the full
 // size; -short runs 32 x 100).
 func TestHardeningLoad(t *testing.T) {
+	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
 	clients, requests := 32, 1000
 	if testing.Short() {
