@@ -88,7 +88,32 @@ func Flags(name string, e qcow2.Extent) uint32 {
 // walk streams: nothing is held but the extent being built. If fn returns
 // an error the walk stops and Walk returns it.
 func Walk(img *qcow2.Image, name string, off, length int64, fn func(off, length int64, flags uint32) error) error {
+	_, err := WalkLimit(img, name, off, length, 0, fn)
+	return err
+}
+
+// errBudget stops a walk that used up its budget.
+var errBudget = errors.New("budget used up")
+
+// WalkLimit is Walk with a bound on the work done: it stops after budget
+// extents from the engine (0: no bound), however few coalesced extents they
+// made, and returns the offset the walk reached. A crafted image whose
+// extents alternate in the engine but coalesce here can then not make one
+// request walk for hours; a server answers the part walked, as NBD allows.
+func WalkLimit(img *qcow2.Image, name string, off, length int64, budget int, fn func(off, length int64, flags uint32) error) (int64, error) {
 	c := coalescer{fn: fn}
+	end := off
+	n := 0
+	step := func(start, length int64, f uint32) error {
+		if err := c.add(start, length, f); err != nil {
+			return err
+		}
+		end = start + length
+		if n++; budget > 0 && n >= budget {
+			return errBudget
+		}
+		return nil
+	}
 	var err error
 	if bm, ok := strings.CutPrefix(name, DirtyBitmapPrefix); ok {
 		err = img.BitmapStatus(bm, off, length, func(start, n int64, dirty bool) error {
@@ -96,22 +121,22 @@ func Walk(img *qcow2.Image, name string, off, length int64, fn func(off, length 
 			if dirty {
 				f = StateDirty
 			}
-			return c.add(start, n, f)
+			return step(start, n, f)
 		})
 	} else {
 		switch name {
 		case BaseAllocation, AllocationDepth, JointAllocation:
 		default:
-			return fmt.Errorf("%w: %q", ErrUnknownContext, name)
+			return off, fmt.Errorf("%w: %q", ErrUnknownContext, name)
 		}
 		err = img.BlockStatus(off, length, func(e qcow2.Extent) error {
-			return c.add(e.Start, e.Length, Flags(name, e))
+			return step(e.Start, e.Length, Flags(name, e))
 		})
 	}
-	if err != nil {
-		return err
+	if err != nil && err != errBudget {
+		return end, err
 	}
-	return c.flush()
+	return end, c.flush()
 }
 
 type coalescer struct {
