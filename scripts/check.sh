@@ -30,7 +30,7 @@ step() { # step NAME COMMAND...: run, keep the log, record the result
 	else
 		status=1
 		summary+=("FAIL  $name ($((SECONDS - start)) s)")
-		grep -a -E -- '--- FAIL|BUG|PANIC|HANG|MEMORY|EVIDENCE|panic:|^FAIL' "$out/log" | head -n 40
+		grep -a -E -- '--- FAIL|BUG|PANIC|HANG|MEMORY|EVIDENCE|panic:|^FAIL|_test.go:[0-9]+:|Failing input|testdata/fuzz|fuzzing process|go test -run' "$out/log" | head -n 40
 	fi
 }
 
