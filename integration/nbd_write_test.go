@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 
 	"math/rand/v2"
@@ -121,6 +122,14 @@ func nbdWriteImage(t *testing.T, dir, kind string) (string, []string) {
 	return top, []string{base}
 }
 
+// nbdData is a seeded source of random write data (fast, also under the
+// race detector).
+func nbdData(seed uint64) *rand.ChaCha8 {
+	var s [32]byte
+	binary.LittleEndian.PutUint64(s[:], seed)
+	return rand.NewChaCha8(s)
+}
+
 // nbdClusterSize is the cluster size of every image nbdWriteImage makes.
 const nbdClusterSize = 64 << 10
 
@@ -180,6 +189,7 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 		seed = seed*31 + uint64(c)
 	}
 	rng := rand.New(rand.NewPCG(seed, 6))
+	data := nbdData(seed)
 	t.Logf("seed %#x", seed)
 	const batches, perBatch = 4, 500
 	buf := make([]byte, 3<<20)
@@ -199,7 +209,7 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 					flags, op = nbdserver.CmdFlagFUA, "write-fua"
 				}
 				p := buf[:n]
-				fillRandom(rng, p)
+				data.Read(p)
 				if err = c.WriteFlags(p, off, flags); err == nil {
 					copy(shadow[off:], p)
 				}
@@ -297,7 +307,8 @@ func nbdWriteCrash(t *testing.T, bin string) {
 			srv.dial(t, nbdserver.ClientOptions{}),
 		}
 		latest := bytes.Clone(durable) // every write sent, acknowledged or not
-		touched := make([]uint8, size) // writes to each byte since the last flush
+		var since [][2]int64           // ranges written since the last flush
+		data := nbdData(uint64(round))
 		killAt := time.Duration(200+rng.IntN(1300)) * time.Millisecond
 		killed := make(chan struct{})
 		timer := time.AfterFunc(killAt, func() { srv.kill(); close(killed) })
@@ -313,30 +324,24 @@ func nbdWriteCrash(t *testing.T, bin string) {
 				// A flush completed: everything sent before it is durable.
 				if err = c.Flush(); err == nil {
 					copy(durable, latest)
-					clear(touched)
+					since = since[:0]
 					flushes++
 				}
 			case r < 82:
 				p := buf[:n]
-				fillRandom(rng, p)
+				data.Read(p)
 				copy(latest[off:], p)
-				for j := off; j < off+n; j++ {
-					touched[j] = min(touched[j]+1, 2)
-				}
+				since = append(since, [2]int64{off, n})
 				err = c.WriteFlags(p, off, 0)
 			case r < 91:
 				clear(latest[off : off+n])
-				for j := off; j < off+n; j++ {
-					touched[j] = min(touched[j]+1, 2)
-				}
+				since = append(since, [2]int64{off, n})
 				err = c.WriteZeroes(off, n, 0)
 			default:
 				// Trim changes whole clusters only; the model marks
 				// the range touched with the zeroes it promises.
 				nbdTrimShadow(latest, off, n)
-				for j := off; j < off+n; j++ {
-					touched[j] = min(touched[j]+1, 2)
-				}
+				since = append(since, [2]int64{off, n})
 				err = c.Trim(off, n, 0)
 			}
 			if err != nil {
@@ -357,8 +362,17 @@ func nbdWriteCrash(t *testing.T, bin string) {
 			t.Fatalf("round %d: qemu-img check after kill -9 exits %d (want 0 or 3: leaks only):\n%s", round, code, out)
 		}
 		got := fuseQemuRaw(t, img)
+		touched := make([]uint8, size) // writes to each byte since the last flush
+		for _, r := range since {
+			for j := r[0]; j < r[0]+r[1]; j++ {
+				touched[j] = min(touched[j]+1, 2)
+			}
+		}
 		for j := range got {
-			ok := got[j] == durable[j] || (touched[j] == 1 && got[j] == latest[j]) || touched[j] > 1
+			if got[j] == durable[j] {
+				continue
+			}
+			ok := (touched[j] == 1 && got[j] == latest[j]) || touched[j] > 1
 			if !ok {
 				t.Fatalf("round %d: byte %d is %#x; the last flush made it %#x (written %d times since, latest %#x)", round, j, got[j], durable[j], touched[j], latest[j])
 			}
@@ -441,11 +455,12 @@ func nbdWriteSnapshot(t *testing.T, bin string) {
 	}
 	shadow := bytes.Clone(orig)
 	rng := rand.New(rand.NewPCG(5, 5))
+	data := nbdData(5)
 	p := make([]byte, 2<<20)
 	for range 40 {
 		off, n := fuseRandomRange(rng, int64(len(shadow)))
 		n = min(n, int64(len(p)))
-		fillRandom(rng, p[:n])
+		data.Read(p[:n])
 		if err := c.WriteFlags(p[:n], off, nbdserver.CmdFlagFUA); err != nil {
 			t.Fatal(err)
 		}
@@ -546,13 +561,15 @@ func nbdWriteSigterm(t *testing.T, bin string) {
 	size := int64(len(shadow))
 	srv := nbdServe(t, bin, "--writable", img)
 	type result struct {
-		acked   []byte // the shadow with the acknowledged writes
+		k       int    // the connection
+		acked   []byte // the shadow with its acknowledged writes
 		pending [2]int64
 	}
 	results := make(chan result, 2)
 	for k := range 2 {
 		c := srv.dial(t, nbdserver.ClientOptions{StructuredReplies: k == 0})
 		rng := rand.New(rand.NewPCG(uint64(k), 77))
+		data := nbdData(uint64(k))
 		go func() {
 			// Each connection writes its own half of the disk.
 			acked := bytes.Clone(shadow)
@@ -562,9 +579,9 @@ func nbdWriteSigterm(t *testing.T, bin string) {
 				off, n := fuseRandomRange(rng, half)
 				n = min(n, int64(len(p)))
 				off += int64(k) * half
-				fillRandom(rng, p[:n])
+				data.Read(p[:n])
 				if err := c.WriteFlags(p[:n], off, 0); err != nil {
-					results <- result{acked: acked, pending: [2]int64{off, n}}
+					results <- result{k: k, acked: acked, pending: [2]int64{off, n}}
 					return
 				}
 				copy(acked[off:], p[:n])
@@ -574,8 +591,9 @@ func nbdWriteSigterm(t *testing.T, bin string) {
 	time.Sleep(700 * time.Millisecond)
 	srv.stop(t)
 	var res [2]result
-	for k := range 2 {
-		res[k] = <-results
+	for range 2 {
+		r := <-results
+		res[r.k] = r
 	}
 	if code, out := nbdQemuCheck(img); code != 0 {
 		t.Errorf("qemu-img check after SIGTERM exits %d:\n%s", code, out)
