@@ -33,6 +33,7 @@ func TestNBDWritable(t *testing.T) {
 	t.Run("sigterm under load", func(t *testing.T) { nbdWriteSigterm(t, bin) })
 	t.Run("qemu-io and nbdcopy", func(t *testing.T) { nbdWriteRealClients(t, bin) })
 	t.Run("snapshot", func(t *testing.T) { nbdWriteSnapshot(t, bin) })
+	t.Run("refusals", func(t *testing.T) { nbdWriteRefusals(t, bin) })
 	t.Run("forensic default", func(t *testing.T) { nbdWriteForensic(t, bin) })
 }
 
@@ -605,6 +606,41 @@ func nbdWriteSigterm(t *testing.T, bin string) {
 			if got[j] != r.acked[j] && (j < r.pending[0] || j >= r.pending[0]+r.pending[1]) {
 				t.Fatalf("byte %d is %#x, the last acknowledged write made it %#x (unanswered write: %d+%d)", j, got[j], r.acked[j], r.pending[0], r.pending[1])
 			}
+		}
+	}
+}
+
+// nbdWriteRefusals: command lines that must not serve writes, each
+// leaving the chain byte-identical.
+func nbdWriteRefusals(t *testing.T, bin string) {
+	dir := t.TempDir()
+	img, below := nbdWriteImage(t, dir, "backing")
+	snap := filepath.Join(dir, "snap.qcow2")
+	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", snap, "1M")
+	fuseRun(t, "qemu-img", "snapshot", "-c", "s1", snap)
+	files := append([]string{img, snap}, below...)
+	before := map[string]string{}
+	for _, f := range files {
+		before[f] = fuseSHA(t, f)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--writable", "--no-backing", img}, "has a backing file"},
+		{[]string{"--writable", "--snapshot", img}, "exclude each other"},
+		{[]string{"--writable", snap}, "snapshots"},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		out, err := exec.CommandContext(ctx, bin, append([]string{"serve", "--socket", filepath.Join(dir, "x.sock")}, tc.args...)...).CombinedOutput()
+		cancel()
+		if err == nil || !strings.Contains(string(out), tc.want) {
+			t.Errorf("serve %q: %v %s (want it to mention %q)", tc.args, err, out, tc.want)
+		}
+	}
+	for _, f := range files {
+		if got := fuseSHA(t, f); got != before[f] {
+			t.Errorf("%s changed", f)
 		}
 	}
 }
