@@ -96,44 +96,43 @@ func Walk(img *qcow2.Image, name string, off, length int64, fn func(off, length 
 var errBudget = errors.New("budget used up")
 
 // WalkLimit is Walk with a bound on the work done: it stops after budget
-// extents from the engine (0: no bound), however few coalesced extents they
-// made, and returns the offset the walk reached. A crafted image whose
-// extents alternate in the engine but coalesce here can then not make one
-// request walk for hours; a server answers the part walked, as NBD allows.
+// lookups in the engine (0: no bound; for bitmaps, budget runs), however
+// few coalesced extents they made, and returns the offset the walk
+// reached. A crafted image whose extents coalesce here (or in the engine)
+// can then not make one request walk for hours; a server answers the part
+// walked, as NBD allows.
 func WalkLimit(img *qcow2.Image, name string, off, length int64, budget int, fn func(off, length int64, flags uint32) error) (int64, error) {
 	c := coalescer{fn: fn}
-	end := off
-	n := 0
-	step := func(start, length int64, f uint32) error {
-		if err := c.add(start, length, f); err != nil {
-			return err
-		}
-		end = start + length
-		if n++; budget > 0 && n >= budget {
-			return errBudget
-		}
-		return nil
-	}
-	var err error
 	if bm, ok := strings.CutPrefix(name, DirtyBitmapPrefix); ok {
-		err = img.BitmapStatus(bm, off, length, func(start, n int64, dirty bool) error {
+		end, n := off, 0
+		err := img.BitmapStatus(bm, off, length, func(start, length int64, dirty bool) error {
 			var f uint32
 			if dirty {
 				f = StateDirty
 			}
-			return step(start, n, f)
+			if err := c.add(start, length, f); err != nil {
+				return err
+			}
+			end = start + length
+			if n++; budget > 0 && n >= budget {
+				return errBudget
+			}
+			return nil
 		})
-	} else {
-		switch name {
-		case BaseAllocation, AllocationDepth, JointAllocation:
-		default:
-			return off, fmt.Errorf("%w: %q", ErrUnknownContext, name)
+		if err != nil && err != errBudget {
+			return end, err
 		}
-		err = img.BlockStatus(off, length, func(e qcow2.Extent) error {
-			return step(e.Start, e.Length, Flags(name, e))
-		})
+		return end, c.flush()
 	}
-	if err != nil && err != errBudget {
+	switch name {
+	case BaseAllocation, AllocationDepth, JointAllocation:
+	default:
+		return off, fmt.Errorf("%w: %q", ErrUnknownContext, name)
+	}
+	end, err := img.BlockStatusBudget(off, length, budget, func(e qcow2.Extent) error {
+		return c.add(e.Start, e.Length, Flags(name, e))
+	})
+	if err != nil {
 		return end, err
 	}
 	return end, c.flush()

@@ -9,7 +9,7 @@ import (
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
-// TestWalkLimit: a bounded walk stops after its budget of engine extents,
+// TestWalkLimit: a bounded walk stops after its budget of engine lookups,
 // reports how far it got, and resuming from there gives the same map as
 // an unbounded walk (after coalescing).
 func TestWalkLimit(t *testing.T) {

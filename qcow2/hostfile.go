@@ -39,7 +39,7 @@ func openHost(name string, writable bool) (*hostFile, error) {
 	}
 	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFBLK {
 		unix.Close(fd)
-		return nil, fmt.Errorf("%s: not a regular file or block device", name)
+		return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "not a regular file or block device", Err: ErrUnsupported}
 	}
 	if err := unix.SetNonblock(fd, false); err != nil {
 		unix.Close(fd)

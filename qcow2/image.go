@@ -324,23 +324,36 @@ func (img *Image) readBelow(i int, p []byte, off int64) error {
 // stops and BlockStatus returns that error. fn runs with the image's lock
 // held shared: it must not call back into the image.
 func (img *Image) BlockStatus(off, length int64, fn func(Extent) error) error {
+	_, err := img.BlockStatusBudget(off, length, 0, fn)
+	return err
+}
+
+// errBudget stops a walk that used up its budget.
+var errBudget = errors.New("qcow2: block status budget used up")
+
+// BlockStatusBudget is BlockStatus bounded in work: it stops after steps
+// lookups in the layers (0: no bound) and returns the offset it reached,
+// having reported everything before it. However many lookups a crafted
+// image needs per extent (millions of L1 entries pointing at empty L2
+// tables, say), one call then costs a bounded time.
+func (img *Image) BlockStatusBudget(off, length int64, steps int, fn func(Extent) error) (int64, error) {
 	if off < 0 || length < 0 {
-		return errors.New("qcow2: negative offset or length")
+		return off, errors.New("qcow2: negative offset or length")
 	}
 	end := off + length
 	if end > img.Size() || end < off {
 		end = img.Size()
 	}
 	if off >= end {
-		return nil
+		return off, nil
 	}
-	m := merger{fn: fn}
+	m := merger{fn: fn, budget: steps, reached: off}
 	img.mu.RLock()
 	defer img.mu.RUnlock()
-	if err := img.walk(0, off, end, &m); err != nil {
-		return err
+	if err := img.walk(0, off, end, &m); err != nil && err != errBudget {
+		return m.reached, err
 	}
-	return m.flush()
+	return m.reached, m.flush()
 }
 
 // walk is bdrv_co_common_block_status_above() and qemu-img's
@@ -349,6 +362,12 @@ func (img *Image) BlockStatus(off, length int64, fn func(Extent) error) error {
 func (img *Image) walk(i int, off, end int64, m *merger) error {
 	l := img.layers[i]
 	for off < end {
+		if m.budget > 0 {
+			if m.steps >= m.budget {
+				return errBudget
+			}
+			m.steps++
+		}
 		st, err := l.status(off, end-off)
 		if err != nil {
 			return err
@@ -401,12 +420,16 @@ func unallocExtent(off, n int64, st layerStatus, depth, mapDepth int) Extent {
 
 // merger joins adjacent extents that agree in every field.
 type merger struct {
-	fn  func(Extent) error
-	cur Extent
-	has bool
+	fn      func(Extent) error
+	cur     Extent
+	has     bool
+	budget  int   // lookups allowed (0: no bound)
+	steps   int   // lookups made
+	reached int64 // end of the last extent added
 }
 
 func (m *merger) add(e Extent) error {
+	m.reached = e.Start + e.Length
 	if m.has {
 		c := &m.cur
 		if c.Start+c.Length == e.Start && c.Data == e.Data && c.Zero == e.Zero &&

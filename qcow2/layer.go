@@ -67,8 +67,9 @@ type qcow2Layer struct {
 
 	l1 l1Table // changed only by writes, under the image's lock
 
-	l2 *lru[int64]  // L2 tables by host offset
-	zc *lru[uint64] // decompressed clusters by compressed offset
+	l2     *lru[int64]  // L2 tables by host offset
+	zeroL2 sync.Map     // int64 -> true: L2 tables known to be all zero
+	zc     *lru[uint64] // decompressed clusters by compressed offset
 
 	preOnce sync.Once // guards pre
 	pre     bool      // metadata preallocation detected (QEMU's heuristic)
@@ -234,8 +235,21 @@ func (q *qcow2Layer) l2Table(off int64) ([]byte, error) {
 	if err := q.h.readFull(t, off); err != nil {
 		return nil, fmt.Errorf("%s: reading L2 table at %#x: %w", q.h.name, off, err)
 	}
+	if zeroEntries(t) == int64(len(t)) {
+		q.zeroL2.Store(off, true)
+	}
 	q.l2.put(off, t)
 	return t, nil
+}
+
+// knownZeroTable reports an L2 table seen to be all zero (and not changed
+// since): crafted images point millions of L1 entries at one.
+func (q *qcow2Layer) knownZeroTable(off int64) bool {
+	if q.w != nil && q.w.l2Dirty[off] != nil {
+		return false
+	}
+	_, ok := q.zeroL2.Load(off)
+	return ok
 }
 
 func (q *qcow2Layer) entry(t []byte, i int64) (e, bm uint64) {
@@ -331,6 +345,10 @@ func (q *qcow2Layer) lookup(off, length int64) (mapping, error) {
 	}
 	if l2off > q.fileLen-q.csize && (q.w == nil || q.w.l2Dirty[l2off] == nil) {
 		return mapping{}, corrupt(q.h.name, l1At, l1i, "L2 table offset %#x past the end of the file (%d bytes)", l2off, q.fileLen)
+	}
+	if q.knownZeroTable(l2off) {
+		// An all-zero L2 table: unallocated to its end, in one step.
+		return mapping{typ: scUnallocPlain, length: min((l1i+1)*cover, off+length) - off}, nil
 	}
 	t, err := q.l2Table(l2off)
 	if err != nil {

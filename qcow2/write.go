@@ -568,6 +568,7 @@ func (w *qwriter) flush() error {
 			return err
 		}
 		q.l2.put(off, t)
+		q.zeroL2.Delete(off)
 	}
 	if err := f.Sync(); err != nil {
 		return err
