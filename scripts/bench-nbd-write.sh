@@ -11,7 +11,8 @@
 #      into the export (1 connection: qemu-nbd does not offer multi-conn
 #      on writable exports), then the same with 4 connections to nbdgw;
 #   3. read-back cost of no sendfile on writable exports: nbdcopy of the
-#      written image to null through nbdgw --writable vs read-only.
+#      written image to null through nbdgw --writable vs read-only (and
+#      qemu-nbd -r for scale).
 # Afterwards qemu-img check must pass on both images and qemu-img compare
 # must find the nbdcopy results identical to the source.
 # Usage: scripts/bench-nbd-write.sh [WORKDIR]   (needs ~4 GiB free)
@@ -98,4 +99,5 @@ echo "== 3: reading back through nbdgw, writable (no sendfile) vs read-only (sen
 best() { local b=; for _ in 1 2 3; do local t=$(secs "$@"); b=$(awk -v t="$t" -v b="${b:-}" 'BEGIN{print (b=="" || t<b) ? t : b}'); done; echo "$b"; }
 gnbd "$gimg"; w=$(best nbdcopy --connections=1 "$(uri "$work/g.sock")" null:); stop
 start "$work/g.sock" "$work/nbdgw" serve --socket "$work/g.sock" "$gimg"; r=$(best nbdcopy --connections=1 "$(uri "$work/g.sock")" null:); stop
-echo "writable ${w}s  read-only ${r}s  writable/read-only time $(ratio "$w" "$r")x"
+start "$work/q.sock" qemu-nbd -t -e 16 -r -f qcow2 -k "$work/q.sock" "$gimg"; q=$(best nbdcopy --connections=1 "$(uri "$work/q.sock")" null:); stop
+echo "writable ${w}s  read-only ${r}s  writable/read-only time $(ratio "$w" "$r")x  (qemu-nbd -r ${q}s: ratio qemu-nbd/nbdgw-writable $(ratio "$q" "$w")x)"
