@@ -40,7 +40,9 @@
 //     only once a request slot is free: a connection holds at most
 //     MaxInFlight payloads of at most MaxRequest bytes.
 //
-// Reads on a writable export are not sent with sendfile (see below):
+// Reads on a writable export, or on any export of an image opened
+// writable (which something else may write), are not sent with sendfile
+// (see below):
 // each NBD_CMD_READ reads its whole range with one engine call, which
 // holds the image's lock, so a reply is the content at one instant even
 // when writes to the same range run concurrently; zero runs found by the

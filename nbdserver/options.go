@@ -396,7 +396,7 @@ func (n *negotiation) session(exp *Export, flags uint16) *session {
 		mode:     n.mode,
 		contexts: n.contexts,
 		flags:    flags,
-		zeroCopy: canSendfile(n.conn) && !exp.Writable, // see doc.go
+		zeroCopy: canSendfile(n.conn) && !exp.Writable && !exp.Image.Writable(), // see doc.go
 		slots:    make(chan struct{}, n.srv.cfg.MaxInFlight),
 	}
 }

@@ -73,7 +73,7 @@ func (s *session) cmdRead(req *request) reply {
 	segs := s.readSegments(int64(req.offset), int64(req.length), holes)
 	var parts reply
 	var err error
-	if s.exp.Writable {
+	if s.exp.Writable || s.exp.Image.Writable() {
 		segs, parts, err = s.readSnapshot(segs, int64(req.offset), int64(req.length))
 	} else {
 		parts, err = s.readParts(segs)
