@@ -394,13 +394,19 @@ func TestNBDServeCommand(t *testing.T) {
 		}
 	})
 	t.Run("tls", func(t *testing.T) {
+		// With a client certificate and the default verify-peer, and
+		// without one where --tls-verify-peer=false allows it.
 		for _, withClient := range []bool{true, false} {
 			creds := t.TempDir()
 			if err := testcerts.Write(creds, withClient); err != nil {
 				t.Fatal(err)
 			}
 			sock := filepath.Join(creds, "tls.sock")
-			nbdStart(t, sock, bin, "serve", "--socket", sock, "--tls-creds", creds, "--tls-required", im.path)
+			args := []string{"serve", "--socket", sock, "--tls-creds", creds, "--tls-required"}
+			if !withClient {
+				args = append(args, "--tls-verify-peer=false")
+			}
+			nbdStart(t, sock, bin, append(args, im.path)...)
 			out := string(nbdOut(t, "nbdinfo", "nbds+unix:///?socket="+sock+"&tls-certificates="+creds))
 			if !strings.Contains(out, "with TLS") {
 				t.Errorf("nbdinfo over TLS (client cert %v):\n%s", withClient, out)
@@ -408,6 +414,24 @@ func TestNBDServeCommand(t *testing.T) {
 			if err := exec.Command("nbdinfo", nbdURI(sock)).Run(); err == nil {
 				t.Error("plain client accepted by --tls-required server")
 			}
+		}
+		// By default a client without a certificate is refused, as
+		// qemu-nbd's verify-peer=on refuses it.
+		creds, caOnly := t.TempDir(), t.TempDir()
+		if err := testcerts.Write(creds, true); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"ca-cert.pem"} {
+			b, err := os.ReadFile(filepath.Join(creds, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(filepath.Join(caOnly, f), b, 0o600)
+		}
+		sock := filepath.Join(creds, "verify.sock")
+		nbdStart(t, sock, bin, "serve", "--socket", sock, "--tls-creds", creds, im.path)
+		if out, err := exec.Command("nbdinfo", "nbds+unix:///?socket="+sock+"&tls-certificates="+caOnly).CombinedOutput(); err == nil {
+			t.Errorf("client without a certificate accepted:\n%s", out)
 		}
 	})
 	t.Run("qemu-io and nbdfuse", func(t *testing.T) {

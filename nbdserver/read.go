@@ -158,7 +158,7 @@ func (s *session) readSegments(off, n int64, holes bool) []readSegment {
 		case e.Zero:
 			sg.kind = segZero
 		case s.zeroCopy && e.Data && e.HasOffset && e.File != "":
-			if f := s.srv.hostFile(e.File); f != nil {
+			if f := s.exp.Image.HostFile(e.File); f != nil {
 				sg.kind, sg.file, sg.hostOff = segFile, f, e.Offset+(start-e.Start)
 			}
 		}

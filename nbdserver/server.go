@@ -7,12 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"runtime/debug"
 	"sync"
 	"time"
 
 	"github.com/nbdgw/nbdgw/qcow2"
+	"golang.org/x/sync/semaphore"
 )
 
 // Export is one named image the server offers.
@@ -36,6 +36,8 @@ type Config struct {
 	MaxInFlight      int           // requests in flight per connection (DefaultMaxInFlight)
 	MaxRequest       int           // largest READ/WRITE payload (DefaultMaxRequest)
 	HandshakeTimeout time.Duration // whole option haggling (DefaultHandshakeTimeout)
+	MaxBufferBytes   int64         // buffers held by requests in flight, server-wide (DefaultMaxBufferBytes)
+	SendTimeout      time.Duration // longest a reply may take to be taken by the client (DefaultSendTimeout)
 }
 
 // Defaults of the Config limits.
@@ -44,18 +46,20 @@ const (
 	DefaultMaxInFlight      = 16
 	DefaultMaxRequest       = 32 << 20 // like QEMU's NBD_MAX_BUFFER_SIZE
 	DefaultHandshakeTimeout = time.Minute
+	DefaultMaxBufferBytes   = 256 << 20
+	DefaultSendTimeout      = time.Minute
 )
 
 // Server serves exports over NBD. It is safe for concurrent use.
 type Server struct {
 	cfg  Config
-	slot chan struct{} // one token per open connection
+	slot chan struct{}       // one token per open connection
+	mem  *semaphore.Weighted // bytes of request buffers, server-wide
 
-	mu        sync.Mutex // guards listeners, conns, closed, files
+	mu        sync.Mutex // guards listeners, conns, closed
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
 	closed    bool
-	files     map[string]*os.File // host files for zero-copy reads; nil: unusable
 
 	wg sync.WaitGroup // connections being served
 }
@@ -80,12 +84,19 @@ func NewServer(cfg Config) *Server {
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = DefaultHandshakeTimeout
 	}
+	if cfg.MaxBufferBytes <= 0 {
+		cfg.MaxBufferBytes = DefaultMaxBufferBytes
+	}
+	cfg.MaxBufferBytes = max(cfg.MaxBufferBytes, int64(cfg.MaxRequest))
+	if cfg.SendTimeout <= 0 {
+		cfg.SendTimeout = DefaultSendTimeout
+	}
 	return &Server{
 		cfg:       cfg,
+		mem:       semaphore.NewWeighted(cfg.MaxBufferBytes),
 		slot:      make(chan struct{}, cfg.MaxConnections),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
-		files:     map[string]*os.File{},
 	}
 }
 
@@ -195,14 +206,6 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for name, f := range s.files {
-		if f != nil {
-			f.Close()
-		}
-		delete(s.files, name)
-	}
 	return nil
 }
 
@@ -281,20 +284,3 @@ func transmissionFlags(exp *Export, mode replyMode, payload bool) uint16 {
 }
 
 func (e *Export) String() string { return fmt.Sprintf("export %q", e.Name) }
-
-// hostFile returns a read-only handle on a file of an export's chain,
-// opened once per server, or nil if it cannot be opened.
-func (s *Server) hostFile(name string) *os.File {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if f, ok := s.files[name]; ok {
-		return f
-	}
-	f, err := os.Open(name)
-	if err != nil {
-		s.cfg.Logf("nbd: zero-copy reads from %s disabled: %v", name, err)
-		f = nil
-	}
-	s.files[name] = f
-	return f
-}

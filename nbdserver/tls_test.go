@@ -9,8 +9,10 @@ import (
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 )
 
-// TestTLS connects over TLS with and without a client certificate, and
-// checks that a TLS-only server refuses everything before STARTTLS.
+// TestTLS connects over TLS with a client certificate (verify-peer) and
+// without one (verify-peer off), checks that a client without a
+// certificate is refused by default, and that a TLS-only server refuses
+// everything before STARTTLS.
 func TestTLS(t *testing.T) {
 	withClient, caOnly := t.TempDir(), t.TempDir()
 	if err := testcerts.Write(withClient, true); err != nil {
@@ -20,8 +22,12 @@ func TestTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := rawImage(t, 1<<20)
-	for _, dir := range []string{withClient, caOnly} {
-		srvTLS, err := LoadServerTLS(dir)
+	for _, c := range []struct {
+		dir        string
+		verifyPeer bool
+	}{{withClient, true}, {caOnly, false}} {
+		dir := c.dir
+		srvTLS, err := LoadServerTLS(dir, c.verifyPeer)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -50,16 +56,31 @@ func TestTLS(t *testing.T) {
 			}
 		}
 	}
-	// A client certificate from another CA is refused.
-	other := t.TempDir()
-	if err := testcerts.Write(other, true); err != nil {
-		t.Fatal(err)
-	}
-	srvTLS, err := LoadServerTLS(caOnly)
+	// By default (verify-peer, as qemu-nbd) a client without a
+	// certificate is refused.
+	srvTLS, err := LoadServerTLS(withClient, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS})
+	noCert, err := LoadClientTLS(caOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	noCert.InsecureSkipVerify = true // caOnly's CA is not the server's: only the server's check is tested
+	if _, err := Dial(context.Background(), uri, ClientOptions{TLS: noCert}); err == nil {
+		t.Error("client without a certificate accepted with verify-peer")
+	}
+	// A client certificate from another CA is refused, verify-peer or not.
+	other := t.TempDir()
+	if err := testcerts.Write(other, true); err != nil {
+		t.Fatal(err)
+	}
+	srvTLS, err = LoadServerTLS(caOnly, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, uri = startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS})
 	cliTLS, err := LoadClientTLS(other)
 	if err != nil {
 		t.Fatal(err)

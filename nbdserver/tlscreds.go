@@ -22,12 +22,12 @@ const (
 
 // LoadServerTLS builds the server TLS configuration from dir: the
 // server's certificate and key, and the CA that client certificates are
-// verified against when a client presents one. Unlike qemu-nbd, whose
-// tls-creds-x509 default verify-peer=on refuses clients without a
-// certificate, a client that presents none is accepted: a credentials
-// directory holding only the CA and the server's files then serves
-// nbdinfo ...?tls-certificates=DIR too.
-func LoadServerTLS(dir string) (*tls.Config, error) {
+// verified against. Like qemu-nbd's tls-creds-x509 (verify-peer=on by
+// default), a client must present a certificate signed by that CA: TLS
+// then authenticates clients, not only the server. verifyPeer false
+// accepts clients without a certificate (a presented one is still
+// verified), as verify-peer=off does.
+func LoadServerTLS(dir string, verifyPeer bool) (*tls.Config, error) {
 	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, ServerCertFile), filepath.Join(dir, ServerKeyFile))
 	if err != nil {
 		return nil, fmt.Errorf("loading TLS credentials: %w", err)
@@ -36,10 +36,14 @@ func LoadServerTLS(dir string) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	auth := tls.RequireAndVerifyClientCert
+	if !verifyPeer {
+		auth = tls.VerifyClientCertIfGiven
+	}
 	return &tls.Config{
 		Certificates: []tls.Certificate{cert},
 		ClientCAs:    pool,
-		ClientAuth:   tls.VerifyClientCertIfGiven,
+		ClientAuth:   auth,
 		MinVersion:   tls.VersionTLS12,
 	}, nil
 }

@@ -2,6 +2,7 @@ package nbdserver
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
 )
@@ -18,6 +20,9 @@ const (
 	// maxExtentBytes bounds the descriptors of one block status chunk,
 	// like QEMU's 1 MiB (NBD_MAX_BLOCK_STATUS_EXTENTS * 8).
 	maxExtentBytes = 1 << 20
+	// statusBudget bounds the engine lookups one block status chunk may
+	// cost (a few tens of milliseconds at worst).
+	statusBudget = 1 << 16
 )
 
 // session is the transmission phase of one connection.
@@ -64,8 +69,17 @@ func (s *session) serve() error {
 		// MaxInFlight payloads of at most MaxRequest bytes are held per
 		// connection.
 		s.slots <- struct{}{}
+		// The buffers the request may hold (its payload or its reply)
+		// count against the server-wide budget until the reply is sent.
+		req.mem = s.bufferWeight(&req)
+		if req.mem > 0 {
+			if err := s.srv.mem.Acquire(context.Background(), req.mem); err != nil {
+				<-s.slots
+				return err
+			}
+		}
 		if err := s.readPayload(&req); err != nil {
-			<-s.slots
+			s.release(&req)
 			return err
 		}
 		s.wg.Add(1)
@@ -106,9 +120,35 @@ func (s *session) readPayload(req *request) error {
 	return err
 }
 
+// bufferWeight is how many bytes of buffers req may hold while in flight:
+// its payload or its reply data (reads sent with sendfile are counted
+// too: the segmentation is not known yet), or its block status chunks.
+func (s *session) bufferWeight(req *request) int64 {
+	var w int64
+	switch req.typ {
+	case CmdRead:
+		w = int64(min(req.length, uint64(s.srv.cfg.MaxRequest)))
+	case CmdWrite:
+		if s.exp.Writable {
+			w = int64(min(req.length, uint64(s.srv.cfg.MaxRequest)))
+		}
+	case CmdBlockStatus:
+		w = int64(len(s.contexts)) * maxExtentBytes
+	}
+	return min(w, s.srv.cfg.MaxBufferBytes)
+}
+
+// release gives back a request's slot and buffer budget.
+func (s *session) release(req *request) {
+	if req.mem > 0 {
+		s.srv.mem.Release(req.mem)
+	}
+	<-s.slots
+}
+
 // handle answers one request on its own goroutine.
 func (s *session) handle(req request) {
-	defer func() { <-s.slots; s.wg.Done() }()
+	defer func() { s.release(&req); s.wg.Done() }()
 	r := s.safeDispatch(&req)
 	s.send(r)
 	for _, p := range r {
@@ -205,6 +245,9 @@ func (s *session) send(r reply) {
 	if s.sendErr != nil {
 		return
 	}
+	// A client that does not read its replies loses the connection
+	// rather than holding buffers (and the server-wide budget) forever.
+	s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.SendTimeout))
 	var bufs net.Buffers
 	for _, p := range r {
 		if p.file == nil {
@@ -338,7 +381,10 @@ func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint
 	}
 	var body []byte
 	count := 0
-	err := metactx.Walk(s.exp.Image, s.contexts[id], int64(req.offset), int64(length), func(off, n int64, f uint32) error {
+	// The walk is bounded in work, not only in extents: a crafted image
+	// can make millions of lookups coalesce into one extent. What was
+	// walked is answered; the client asks again from there.
+	_, err := metactx.WalkLimit(s.exp.Image, s.contexts[id], int64(req.offset), int64(length), statusBudget, func(off, n int64, f uint32) error {
 		if uint64(n) > maxLen {
 			n = int64(maxLen &^ 0xfff)
 			count = limit - 1 // a clipped extent ends the chunk

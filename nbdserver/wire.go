@@ -95,6 +95,7 @@ type request struct {
 
 	payload []byte // block status payload, read after the header
 	discard bool   // a payload was consumed that the command cannot take
+	mem     int64  // bytes of the server-wide buffer budget held
 }
 
 // decodeRequest decodes a request header. b holds at least requestLen

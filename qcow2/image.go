@@ -127,6 +127,7 @@ type layer interface {
 	read(p []byte, off int64) (n int, unalloc bool, err error)
 	bitmaps() []BitmapInfo
 	bitmapStatus(name string, off, length int64, fn func(start, length int64, dirty bool) error) error
+	hostFiles() []*hostFile
 	close() error
 }
 
@@ -555,4 +556,23 @@ func (img *Image) Flush() error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	return img.w.flush()
+}
+
+// HostFile returns the engine's own open handle on the chain file named
+// name (as Extent.File names it), or nil. It is for zero-copy reads of
+// ranges block status mapped to that file on a read-only image: callers
+// use it only with positioned reads (pread, sendfile with an offset) and
+// never close it.
+func (img *Image) HostFile(name string) *os.File {
+	if img.w != nil {
+		return nil // mappings change under writes
+	}
+	for _, l := range img.layers {
+		for _, h := range l.hostFiles() {
+			if h.name == name {
+				return h.f
+			}
+		}
+	}
+	return nil
 }

@@ -213,6 +213,13 @@ func (q *qcow2Layer) close() error {
 	return err
 }
 
+func (q *qcow2Layer) hostFiles() []*hostFile {
+	if q.data != q.h {
+		return []*hostFile{q.h, q.data}
+	}
+	return []*hostFile{q.h}
+}
+
 // closeData closes an external data file (the caller closes q.h).
 func (q *qcow2Layer) closeData() error {
 	if q.data != q.h {

@@ -54,6 +54,8 @@ func (r *rawLayer) bitmapStatus(name string, off, length int64, fn func(int64, i
 
 func (r *rawLayer) close() error { return r.h.close() }
 
+func (r *rawLayer) hostFiles() []*hostFile { return []*hostFile{r.h} }
+
 // rawWriter is a raw layer opened for writing: plain writes, holes punched
 // for discard and unmapping zero writes.
 type rawWriter struct{ *rawLayer }

@@ -24,6 +24,7 @@ func cmdServe(args []string) error {
 	snapshot := fs.Bool("snapshot", false, "allow writes, to a temporary overlay deleted at exit (the chain is not changed)")
 	tlsCreds := fs.String("tls-creds", "", "directory with ca-cert.pem, server-cert.pem, server-key.pem")
 	tlsRequired := fs.Bool("tls-required", false, "refuse clients that do not start TLS")
+	tlsVerifyPeer := fs.Bool("tls-verify-peer", true, "require client certificates signed by the CA (as qemu-nbd's verify-peer=on)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -42,7 +43,7 @@ func cmdServe(args []string) error {
 		Logf:        func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw serve: "+f+"\n", a...) },
 	}
 	if *tlsCreds != "" {
-		if cfg.TLS, err = nbdserver.LoadServerTLS(*tlsCreds); err != nil {
+		if cfg.TLS, err = nbdserver.LoadServerTLS(*tlsCreds, *tlsVerifyPeer); err != nil {
 			return err
 		}
 	}
