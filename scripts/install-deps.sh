@@ -18,6 +18,7 @@ packages=(
 	util-linux       # losetup, mount
 	procps           # pgrep/pkill in scripts
 	time             # /usr/bin/time in benchmarks
+	fio              # random-write benchmark (its nbd engine)
 )
 
 missing=()
