@@ -82,9 +82,28 @@ func fuseMounted(t *testing.T, dir string) bool {
 type fuseMount struct {
 	dir    string
 	cmd    *exec.Cmd
-	stderr *bytes.Buffer
+	stderr *lockedBuffer
 	exited chan struct{}
 	err    error // set when exited is closed
+}
+
+// lockedBuffer collects a child's output; it may be read while the child
+// still writes.
+type lockedBuffer struct {
+	mu sync.Mutex // guards b
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // fuseStart runs `nbdgw mount ARGS... IMAGE DIR` and waits until DIR is
@@ -101,7 +120,7 @@ func fuseStart(t *testing.T, bin, image string, args ...string) *fuseMount {
 
 func fuseStartAt(t *testing.T, bin, image, dir string, args ...string) *fuseMount {
 	t.Helper()
-	m := &fuseMount{dir: dir, stderr: &bytes.Buffer{}, exited: make(chan struct{})}
+	m := &fuseMount{dir: dir, stderr: &lockedBuffer{}, exited: make(chan struct{})}
 	m.cmd = exec.Command(bin, append(append([]string{"mount"}, args...), image, dir)...)
 	m.cmd.Stderr = m.stderr
 	if err := m.cmd.Start(); err != nil {

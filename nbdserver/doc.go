@@ -114,9 +114,11 @@
 //     (the part walked is answered), so a crafted image cannot make one
 //     request walk for minutes;
 //   - buffers held by requests in flight (read data, write payloads,
-//     block status chunks) count against Config.MaxBufferBytes (256 MiB)
-//     across all connections; a request waits for budget before its
-//     payload is read;
+//     block status chunks) count against the connection's share,
+//     Config.MaxConnBufferBytes (64 MiB), then against
+//     Config.MaxBufferBytes (1 GiB) across all connections; a request
+//     waits for both before its payload is read, so a client that stops
+//     reading replies throttles itself first;
 //   - a reply must be taken by the client within Config.SendTimeout (a
 //     minute), else the connection is dropped and its budget freed.
 //

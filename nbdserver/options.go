@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"golang.org/x/sync/semaphore"
 	"io"
 	"net"
 	"strings"
@@ -398,5 +399,6 @@ func (n *negotiation) session(exp *Export, flags uint16) *session {
 		flags:    flags,
 		zeroCopy: canSendfile(n.conn) && !exp.Writable && !exp.Image.Writable(), // see doc.go
 		slots:    make(chan struct{}, n.srv.cfg.MaxInFlight),
+		mem:      semaphore.NewWeighted(n.srv.cfg.MaxConnBufferBytes),
 	}
 }

@@ -32,22 +32,24 @@ type Config struct {
 	TLSRequired bool
 	Logf        func(format string, args ...any) // nil: discard
 
-	MaxConnections   int           // concurrent connections (DefaultMaxConnections)
-	MaxInFlight      int           // requests in flight per connection (DefaultMaxInFlight)
-	MaxRequest       int           // largest READ/WRITE payload (DefaultMaxRequest)
-	HandshakeTimeout time.Duration // whole option haggling (DefaultHandshakeTimeout)
-	MaxBufferBytes   int64         // buffers held by requests in flight, server-wide (DefaultMaxBufferBytes)
-	SendTimeout      time.Duration // longest a reply may take to be taken by the client (DefaultSendTimeout)
+	MaxConnections     int           // concurrent connections (DefaultMaxConnections)
+	MaxInFlight        int           // requests in flight per connection (DefaultMaxInFlight)
+	MaxRequest         int           // largest READ/WRITE payload (DefaultMaxRequest)
+	HandshakeTimeout   time.Duration // whole option haggling (DefaultHandshakeTimeout)
+	MaxBufferBytes     int64         // buffers held by requests in flight, server-wide (DefaultMaxBufferBytes)
+	MaxConnBufferBytes int64         // the same, per connection (DefaultMaxConnBufferBytes)
+	SendTimeout        time.Duration // longest a reply may take to be taken by the client (DefaultSendTimeout)
 }
 
 // Defaults of the Config limits.
 const (
-	DefaultMaxConnections   = 256
-	DefaultMaxInFlight      = 16
-	DefaultMaxRequest       = 32 << 20 // like QEMU's NBD_MAX_BUFFER_SIZE
-	DefaultHandshakeTimeout = time.Minute
-	DefaultMaxBufferBytes   = 256 << 20
-	DefaultSendTimeout      = time.Minute
+	DefaultMaxConnections     = 256
+	DefaultMaxInFlight        = 16
+	DefaultMaxRequest         = 32 << 20 // like QEMU's NBD_MAX_BUFFER_SIZE
+	DefaultHandshakeTimeout   = time.Minute
+	DefaultMaxBufferBytes     = 1 << 30
+	DefaultMaxConnBufferBytes = 2 * DefaultMaxRequest
+	DefaultSendTimeout        = time.Minute
 )
 
 // Server serves exports over NBD. It is safe for concurrent use.
@@ -87,7 +89,11 @@ func NewServer(cfg Config) *Server {
 	if cfg.MaxBufferBytes <= 0 {
 		cfg.MaxBufferBytes = DefaultMaxBufferBytes
 	}
-	cfg.MaxBufferBytes = max(cfg.MaxBufferBytes, int64(cfg.MaxRequest))
+	if cfg.MaxConnBufferBytes <= 0 {
+		cfg.MaxConnBufferBytes = DefaultMaxConnBufferBytes
+	}
+	cfg.MaxConnBufferBytes = max(cfg.MaxConnBufferBytes, int64(cfg.MaxRequest))
+	cfg.MaxBufferBytes = max(cfg.MaxBufferBytes, cfg.MaxConnBufferBytes)
 	if cfg.SendTimeout <= 0 {
 		cfg.SendTimeout = DefaultSendTimeout
 	}

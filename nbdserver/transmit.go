@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"golang.org/x/sync/semaphore"
 )
 
 // Reply size limits.
@@ -36,8 +37,9 @@ type session struct {
 	flags    uint16   // transmission flags advertised
 	zeroCopy bool     // data may be sent from host files with sendfile
 
-	slots chan struct{}  // one token per request in flight
-	wg    sync.WaitGroup // requests in flight
+	slots chan struct{}       // one token per request in flight
+	mem   *semaphore.Weighted // this connection's share of buffer bytes
+	wg    sync.WaitGroup      // requests in flight
 
 	sendMu  sync.Mutex // guards writes to conn and sendErr
 	sendErr error
@@ -71,9 +73,16 @@ func (s *session) serve() error {
 		s.slots <- struct{}{}
 		// The buffers the request may hold (its payload or its reply)
 		// count against the server-wide budget until the reply is sent.
+		// The connection's own share is taken first, so a client that
+		// stalls only throttles itself.
 		req.mem = s.bufferWeight(&req)
 		if req.mem > 0 {
+			if err := s.mem.Acquire(context.Background(), req.mem); err != nil {
+				<-s.slots
+				return err
+			}
 			if err := s.srv.mem.Acquire(context.Background(), req.mem); err != nil {
+				s.mem.Release(req.mem)
 				<-s.slots
 				return err
 			}
@@ -135,13 +144,14 @@ func (s *session) bufferWeight(req *request) int64 {
 	case CmdBlockStatus:
 		w = int64(len(s.contexts)) * maxExtentBytes
 	}
-	return min(w, s.srv.cfg.MaxBufferBytes)
+	return min(w, s.srv.cfg.MaxConnBufferBytes)
 }
 
 // release gives back a request's slot and buffer budget.
 func (s *session) release(req *request) {
 	if req.mem > 0 {
 		s.srv.mem.Release(req.mem)
+		s.mem.Release(req.mem)
 	}
 	<-s.slots
 }
