@@ -118,8 +118,8 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 		return fail(err)
 	}
 	if !cfg.Writable {
-		flags |= FlagReadOnly
-	} else if flags&FlagReadOnly != 0 {
+		flags |= nbdserver.FlagReadOnly
+	} else if flags&nbdserver.FlagReadOnly != 0 {
 		if cfg.Image != nil {
 			a.shutdown()
 			return fail(fmt.Errorf("the in-process server offers the image read-only (flags %#x)", flags))
@@ -212,7 +212,7 @@ func exportOf(clients []*nbdserver.Client, want int) (int64, uint64, error) {
 				size, flags, cl.Size(), cl.TransmissionFlags())
 		}
 	}
-	if want > 1 && flags&FlagCanMultiConn == 0 {
+	if want > 1 && flags&nbdserver.FlagCanMultiConn == 0 {
 		return 0, 0, errors.New("the server does not allow multiple connections (no NBD_FLAG_CAN_MULTI_CONN); use --connections 1")
 	}
 	if size <= 0 {

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver"
 )
 
 // NBD commands and command flags as the kernel sends them.
@@ -186,8 +188,8 @@ func TestAttachLocalWritable(t *testing.T) {
 			if len(conns) != tt.connections {
 				t.Fatalf("kernel got %d sockets, want %d", len(conns), tt.connections)
 			}
-			wantFlags := uint64(FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagWriteZeroes | FlagCanMultiConn)
-			if flags&wantFlags != wantFlags || flags&FlagReadOnly != 0 {
+			wantFlags := uint64(nbdserver.FlagHasFlags | nbdserver.FlagSendFlush | nbdserver.FlagSendFUA | nbdserver.FlagSendTrim | nbdserver.FlagSendWriteZeroes | nbdserver.FlagCanMultiConn)
+			if flags&wantFlags != wantFlags || flags&nbdserver.FlagReadOnly != 0 {
 				t.Errorf("server flags %#x: want %#x set and READ_ONLY clear", flags, wantFlags)
 			}
 
@@ -300,7 +302,7 @@ func TestAttachReadOnlyRefusesWrites(t *testing.T) {
 	k.mu.Lock()
 	conns, flags := k.conns, k.serverFlags
 	k.mu.Unlock()
-	if flags&FlagReadOnly == 0 {
+	if flags&nbdserver.FlagReadOnly == 0 {
 		t.Errorf("server flags %#x lack READ_ONLY", flags)
 	}
 	for i, op := range writeLoad[:3] {

@@ -68,17 +68,8 @@ func (c Command) String() string {
 	return "NBD_CMD_" + strconv.Itoa(int(c))
 }
 
-// Transmission flags the kernel understands (NBD_FLAG_*, include/uapi/linux/nbd.h).
-const (
-	FlagHasFlags     = 1 << 0
-	FlagReadOnly     = 1 << 1
-	FlagSendFlush    = 1 << 2
-	FlagSendFUA      = 1 << 3
-	FlagRotational   = 1 << 4
-	FlagSendTrim     = 1 << 5
-	FlagWriteZeroes  = 1 << 6
-	FlagCanMultiConn = 1 << 8
-)
+// The transmission flags the kernel is given are the NBD protocol's own
+// (nbdserver.Flag*); include/uapi/linux/nbd.h defines the same bits.
 
 // Client flags (NBD_CFLAG_*).
 const (
