@@ -423,6 +423,19 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 	if int64(len(p)) > c.size-off {
 		p = p[:c.size-off]
 	}
+	done, err := c.inChunks(len(p), func(at, n int) error {
+		return c.read(p[at:at+n], off+int64(at))
+	})
+	if err == nil && done < want {
+		err = io.EOF
+	}
+	return done, err
+}
+
+// inChunks calls fn for successive pieces [at, at+n) of [0, length), each
+// no larger than the server's maximum block size, holding the client's
+// lock; it returns how much was done before an error.
+func (c *Client) inChunks(length int, fn func(at, n int) error) (int, error) {
 	step := clientReadChunk
 	if c.maxBlock > 0 && int(c.maxBlock) < step {
 		step = int(c.maxBlock)
@@ -430,15 +443,12 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	done := 0
-	for done < len(p) {
-		n := min(step, len(p)-done)
-		if err := c.read(p[done:done+n], off+int64(done)); err != nil {
+	for done < length {
+		n := min(step, length-done)
+		if err := fn(done, n); err != nil {
 			return done, err
 		}
 		done += n
-	}
-	if done < want {
-		return done, io.EOF
 	}
 	return done, nil
 }
@@ -634,22 +644,10 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 	if off < 0 || off > c.size || int64(len(p)) > c.size-off {
 		return 0, fmt.Errorf("nbd: write of %d bytes at %d outside the export", len(p), off)
 	}
-	step := clientReadChunk
-	if c.maxBlock > 0 && int(c.maxBlock) < step {
-		step = int(c.maxBlock)
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	done := 0
-	for done < len(p) {
-		n := min(step, len(p)-done)
-		req := request{typ: CmdWrite, flags: flags, offset: uint64(off + int64(done)), length: uint64(n)}
-		if err := c.command(req, p[done:done+n]); err != nil {
-			return done, err
-		}
-		done += n
-	}
-	return done, nil
+	return c.inChunks(len(p), func(at, n int) error {
+		req := request{typ: CmdWrite, flags: flags, offset: uint64(off + int64(at)), length: uint64(n)}
+		return c.command(req, p[at:at+n])
+	})
 }
 
 // WriteZeroes makes [off, off+length) read as zeroes. flags may hold
