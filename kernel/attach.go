@@ -342,6 +342,23 @@ func withFDs(conns []syscall.RawConn, fn func([]int) (int, error), fds []int) (i
 }
 
 // shutdown stops the local server and waits for its connections.
+// drainTimeout bounds how long a detached device's in-process connections
+// may take to finish the requests the kernel sent before disconnecting.
+const drainTimeout = 30 * time.Second
+
+// drain waits until every in-process connection has ended by itself
+// (each ends at NBD_CMD_DISC or EOF, after answering what came before).
+func (a *Attachment) drain() {
+	if a.served == nil {
+		return
+	}
+	select {
+	case <-a.served:
+	case <-time.After(drainTimeout):
+		a.cfg.Logf("%s: connections still busy %v after the disconnect; stopping them", a.Path(), drainTimeout)
+	}
+}
+
 func (a *Attachment) shutdown() {
 	a.cancel()
 	if a.srv != nil {
@@ -417,6 +434,11 @@ func (a *Attachment) Wait(ctx context.Context) (err error) {
 			return nil
 		case <-tick.C:
 			if !a.ours() {
+				// The kernel let the device go (nbdgw detach). What it
+				// sent before NBD_CMD_DISC may still be queued on the
+				// sockets: the server must handle all of it before we
+				// stop serving, as the spec requires for DISC.
+				a.drain()
 				return nil
 			}
 		case <-dead:

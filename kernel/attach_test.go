@@ -206,6 +206,33 @@ func openImageMode(t *testing.T, path string, writable bool) *qcow2.Image {
 	return img
 }
 
+// stopAndWait ends an attachment as how says ("detach": DISCONNECT of
+// device index; "signal": its context is cancelled, as on SIGTERM) and
+// checks that Wait returns without error within limit.
+func stopAndWait(t *testing.T, a *Attachment, c *Conn, how string, index int, limit time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- a.Wait(ctx) }()
+	switch how {
+	case "detach":
+		if err := c.Disconnect(index); err != nil {
+			t.Fatal(err)
+		}
+	case "signal":
+		cancel()
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Wait after %s: %v", how, err)
+		}
+	case <-time.After(limit):
+		t.Fatalf("Wait did not return within %v of the %s", limit, how)
+	}
+}
+
 func fakeKernelConn(t *testing.T, k *fakeKernel) *Conn {
 	t.Helper()
 	gc := genltest.Dial(genltest.ServeFamily(fakeFamily, k.serve))
@@ -287,26 +314,7 @@ func TestAttachLocal(t *testing.T) {
 				t.Error("device content differs from qemu-img convert's")
 			}
 
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			done := make(chan error, 1)
-			go func() { done <- a.Wait(ctx) }()
-			switch tt.stop {
-			case "detach":
-				if err := c.Disconnect(5); err != nil {
-					t.Fatal(err)
-				}
-			case "signal":
-				cancel()
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("Wait: %v", err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("Wait did not return after the disconnect")
-			}
+			stopAndWait(t, a, c, tt.stop, 5, 10*time.Second)
 			k.mu.Lock()
 			defer k.mu.Unlock()
 			if k.connected || k.disconnects != 1 {

@@ -248,26 +248,7 @@ func TestAttachLocalWritable(t *testing.T) {
 				}
 			}
 
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			done := make(chan error, 1)
-			go func() { done <- a.Wait(ctx) }()
-			switch tt.stop {
-			case "detach":
-				if err := c.Disconnect(2); err != nil {
-					t.Fatal(err)
-				}
-			case "signal":
-				cancel()
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatalf("Wait: %v", err)
-				}
-			case <-time.After(20 * time.Second):
-				t.Fatal("Wait did not return after the stop")
-			}
+			stopAndWait(t, a, c, tt.stop, 2, 20*time.Second)
 			// Wait flushed the image (it is not closed yet): everything
 			// written, including what was in flight, is in the file.
 			got, out, cerr := qemuView(t, path)

@@ -281,8 +281,16 @@ func (s *session) send(r reply) {
 
 // fail records a send error and drops the connection: a reply may have
 // gone out in part. Caller holds sendMu.
+// fail records that replies can no longer be sent. Only the sending side
+// is shut: the requests the client already sent (writes before its
+// NBD_CMD_DISC, say, from a client that closed without reading replies,
+// as the kernel does at disconnect) are still read and carried out, as the
+// spec requires for outstanding requests; their replies are dropped.
 func (s *session) fail(err error) {
 	s.sendErr = err
+	if cw, ok := s.conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		return
+	}
 	s.conn.Close()
 }
 
