@@ -34,7 +34,7 @@ import (
 func TestForensicReadOnly(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "nbdcopy")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	images := hardValidCorpus(t, t.TempDir())
 	fuse := hardFUSE()
 	if fuse != "" {

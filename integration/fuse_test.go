@@ -37,30 +37,6 @@ func fuseRequire(t *testing.T, tools ...string) {
 	}
 }
 
-// fuseBuild builds nbdgw into dir.
-func fuseBuild(t *testing.T, dir string) string {
-	t.Helper()
-	bin := filepath.Join(dir, "nbdgw")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/nbdgw/nbdgw/cmd/nbdgw")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
-func fuseRun(t *testing.T, name string, args ...string) []byte {
-	t.Helper()
-	out, err := exec.Command(name, args...).Output()
-	if err != nil {
-		var stderr []byte
-		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = ee.Stderr
-		}
-		t.Fatalf("%s %q: %v\n%s", name, args, err, stderr)
-	}
-	return out
-}
-
 // fuseMounted reports whether dir is a mount point, from mountinfo.
 func fuseMounted(t *testing.T, dir string) bool {
 	t.Helper()
@@ -203,17 +179,17 @@ func fuseChain(t *testing.T, dir string) (top, base string) {
 	t.Helper()
 	base = filepath.Join(dir, "base.qcow2")
 	top = filepath.Join(dir, "top.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
-	fuseRun(t, "qemu-io", "-f", "qcow2",
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
+	runOutput(t, "qemu-io", "-f", "qcow2",
 		"-c", "write -P 0x11 0 4M",
 		"-c", "write -c -P 0x12 8M 256k", // compressed clusters
 		"-c", "write -P 0x13 16M 1M",
 		"-c", "write -z 20M 1M", // zero clusters in the backing file
 		"-c", "write -P 0x14 40M 3M",
 		base)
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "64M")
-	fuseRun(t, "qemu-img", "bitmap", "--add", top, "b0")
-	fuseRun(t, "qemu-io", "-f", "qcow2",
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "64M")
+	runOutput(t, "qemu-img", "bitmap", "--add", top, "b0")
+	runOutput(t, "qemu-io", "-f", "qcow2",
 		"-c", "write -P 0x21 1M 1M",
 		"-c", "write -z 2560k 512k", // zero clusters over backing data
 		"-c", "write -c -P 0x22 12M 128k",
@@ -233,7 +209,7 @@ func fuseLayerSpec(file string) string {
 func TestFUSEMount(t *testing.T) {
 	fuseRequire(t)
 	work := t.TempDir()
-	bin := fuseBuild(t, work)
+	bin := nbdgwBinary(t)
 	top, base := fuseChain(t, work)
 	chain := []string{top, base}
 	before := map[string]string{}
@@ -241,7 +217,7 @@ func TestFUSEMount(t *testing.T) {
 		before[f] = fuseSHA(t, f)
 	}
 	rawTop := filepath.Join(work, "top.raw")
-	fuseRun(t, "qemu-img", "convert", "-O", "raw", top, rawTop)
+	runOutput(t, "qemu-img", "convert", "-O", "raw", top, rawTop)
 
 	t.Run("session", func(t *testing.T) {
 		m := fuseStart(t, bin, top)
@@ -255,7 +231,7 @@ func TestFUSEMount(t *testing.T) {
 			}
 			for _, l := range layers {
 				raw := filepath.Join(t.TempDir(), "layer.raw")
-				fuseRun(t, "qemu-img", "convert", "-O", "raw", l.spec, raw)
+				runOutput(t, "qemu-img", "convert", "-O", "raw", l.spec, raw)
 				if got, want := fuseSHA(t, l.file), fuseSHA(t, raw); got != want {
 					t.Errorf("%s sha256 %s, qemu-img convert %s", l.file, got, want)
 				}
@@ -266,7 +242,7 @@ func TestFUSEMount(t *testing.T) {
 		t.Run("sparse-copy", func(t *testing.T) { fuseSparseCopy(t, m.dir, top, rawTop) })
 		t.Run("info-json", func(t *testing.T) {
 			got := fuseReadFile(t, filepath.Join(m.dir, "info.json"))
-			want := fuseRun(t, bin, "info", "--output=json", top)
+			want := runOutput(t, bin, "info", "--output=json", top)
 			if !bytes.Equal(got, want) {
 				t.Errorf("info.json:\n%s\nnbdgw info --output=json:\n%s", got, want)
 			}
@@ -286,7 +262,7 @@ func TestFUSEMount(t *testing.T) {
 	t.Run("no-backing", func(t *testing.T) {
 		m := fuseStart(t, bin, top, "--no-backing")
 		raw := filepath.Join(t.TempDir(), "top-alone.raw")
-		fuseRun(t, "qemu-img", "convert", "-O", "raw", fuseLayerSpec(top), raw)
+		runOutput(t, "qemu-img", "convert", "-O", "raw", fuseLayerSpec(top), raw)
 		if got, want := fuseSHA(t, filepath.Join(m.dir, "disk")), fuseSHA(t, raw); got != want {
 			t.Errorf("--no-backing disk sha256 %s, qemu-img convert %s", got, want)
 		}
@@ -414,7 +390,7 @@ func fuseCheckMaps(t *testing.T, bin, dir, top string) {
 				if json {
 					args = append(args, "--output=json")
 				}
-				if cli := fuseRun(t, bin, append(args, v.nbdgwArgs...)...); !bytes.Equal(got, cli) {
+				if cli := runOutput(t, bin, append(args, v.nbdgwArgs...)...); !bytes.Equal(got, cli) {
 					t.Errorf("%s differs from nbdgw %q:\n%s\nwant:\n%s", file, append(args, v.nbdgwArgs...), got, cli)
 				}
 				// qemu-nbd serves base:allocation, allocation-depth
@@ -431,7 +407,7 @@ func fuseCheckMaps(t *testing.T, bin, dir, top string) {
 					nargs = append(nargs, "--json")
 				}
 				nargs = append(append(append(nargs, "--", "[", "qemu-nbd"), qargs...), "]")
-				if q := fuseRun(t, "nbdinfo", nargs...); !bytes.Equal(got, q) {
+				if q := runOutput(t, "nbdinfo", nargs...); !bytes.Equal(got, q) {
 					t.Errorf("%s differs from nbdinfo %q:\n%s\nwant:\n%s", file, nargs, got, q)
 				}
 				names++
@@ -628,7 +604,7 @@ func fusePartitionExt4(t *testing.T, bin string) {
 		t.Fatal(err)
 	}
 	raw := filepath.Join(dir, "guest.raw")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", raw, "64M")
+	runOutput(t, "qemu-img", "create", "-q", "-f", "raw", raw, "64M")
 	cmd := exec.Command("sfdisk", "-q", "--no-reread", "--no-tell-kernel", raw)
 	cmd.Stdin = strings.NewReader("label: dos\nstart=2048,size=40960,type=83\n,,83\n")
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -636,9 +612,9 @@ func fusePartitionExt4(t *testing.T, bin string) {
 	}
 	// mke2fs writes at an offset into the image file: no loop device
 	// needed to build it.
-	fuseRun(t, "mkfs.ext4", "-q", "-F", "-E", "offset=1048576", "-d", src, raw, "20M")
+	runOutput(t, "mkfs.ext4", "-q", "-F", "-E", "offset=1048576", "-d", src, raw, "20M")
 	qc := filepath.Join(dir, "guest.qcow2")
-	fuseRun(t, "qemu-img", "convert", "-O", "qcow2", raw, qc)
+	runOutput(t, "qemu-img", "convert", "-O", "qcow2", raw, qc)
 
 	m := fuseStart(t, bin, qc)
 	p1 := filepath.Join(m.dir, "partitions", "p1")
@@ -698,7 +674,7 @@ func fuseLifecycle(t *testing.T, bin, top string) {
 	}
 
 	m = fuseStart(t, bin, top)
-	fuseRun(t, "fusermount3", "-u", m.dir)
+	runOutput(t, "fusermount3", "-u", m.dir)
 	if err := m.wait(t); err != nil {
 		t.Errorf("after fusermount3 -u: %v\n%s", err, m.stderr)
 	}
@@ -710,7 +686,7 @@ func fuseLifecycle(t *testing.T, bin, top string) {
 	if err == nil || !strings.Contains(string(out), "fusermount3 -u") {
 		t.Errorf("mount over a dead mount: %v, %q; want a failure that says to run fusermount3 -u", err, out)
 	}
-	fuseRun(t, "fusermount3", "-u", m.dir)
+	runOutput(t, "fusermount3", "-u", m.dir)
 	m2 := fuseStartAt(t, bin, top, m.dir)
 	if _, err := os.Stat(filepath.Join(m2.dir, "disk")); err != nil {
 		t.Errorf("new mount after fusermount3 -u: %v", err)
@@ -736,8 +712,8 @@ func fuseBadInput(t *testing.T, bin, top string) {
 	}
 	// Internal snapshots: readable, but the engine refuses to write.
 	snap := filepath.Join(dir, "snap.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", snap, "1M")
-	fuseRun(t, "qemu-img", "snapshot", "-c", "s1", snap)
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", snap, "1M")
+	runOutput(t, "qemu-img", "snapshot", "-c", "s1", snap)
 	tests := []struct {
 		name string
 		args []string
@@ -794,7 +770,7 @@ func fuseManyExtents(t *testing.T, bin, work string) {
 	}
 	f.Close()
 	qc := filepath.Join(work, "striped.qcow2")
-	fuseRun(t, "qemu-img", "convert", "-S", "512", "-O", "qcow2", "-o", "cluster_size=512", raw, qc)
+	runOutput(t, "qemu-img", "convert", "-S", "512", "-O", "qcow2", "-o", "cluster_size=512", raw, qc)
 	m := fuseStart(t, bin, qc)
 	for _, ctx := range []string{metactx.BaseAllocation, metactx.AllocationDepth} {
 		file := filepath.Join(m.dir, "maps", fuseMapFile(ctx))
@@ -805,10 +781,10 @@ func fuseManyExtents(t *testing.T, bin, work string) {
 		if lines := bytes.Count(out, []byte("\n")); lines != size/512 {
 			t.Errorf("%s: %d lines, want %d", file, lines, size/512)
 		}
-		if cli := fuseRun(t, bin, "map", "--context", ctx, qc); !bytes.Equal(out, cli) {
+		if cli := runOutput(t, bin, "map", "--context", ctx, qc); !bytes.Equal(out, cli) {
 			t.Errorf("%s (%d bytes) differs from nbdgw map --context (%d bytes)", file, len(out), len(cli))
 		}
-		if q := fuseRun(t, "nbdinfo", "--map="+ctx, "--", "[", "qemu-nbd", "-r", "-A", "-f", "qcow2", qc, "]"); !bytes.Equal(out, q) {
+		if q := runOutput(t, "nbdinfo", "--map="+ctx, "--", "[", "qemu-nbd", "-r", "-A", "-f", "qcow2", qc, "]"); !bytes.Equal(out, q) {
 			t.Errorf("%s (%d bytes) differs from nbdinfo over qemu-nbd (%d bytes)", file, len(out), len(q))
 		}
 		// One open file read twice from offset 0.
@@ -840,8 +816,8 @@ func fuseManyExtents(t *testing.T, bin, work string) {
 func fuseCorrupt(t *testing.T, bin string) {
 	dir := t.TempDir()
 	qc := filepath.Join(dir, "corrupt.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", qc, "64M")
-	fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 32M 64k", qc)
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", qc, "64M")
+	runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 32M 64k", qc)
 	f, err := os.OpenFile(qc, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)

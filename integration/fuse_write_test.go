@@ -25,8 +25,7 @@ import (
 // checks every result against QEMU's tools reading the image afterwards.
 func TestFUSEWritable(t *testing.T) {
 	fuseRequire(t)
-	work := t.TempDir()
-	bin := fuseBuild(t, work)
+	bin := nbdgwBinary(t)
 	t.Run("random", func(t *testing.T) {
 		for _, kind := range []string{"backing", "extended-l2", "compressed", "small-clusters", "raw"} {
 			t.Run(kind, func(t *testing.T) { fuseWriteRandom(t, bin, kind) })
@@ -46,7 +45,7 @@ func TestFUSEWritable(t *testing.T) {
 func fuseWriteSignalBusy(t *testing.T, bin string) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "busy.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
 	m := fuseStart(t, bin, img, "--writable")
 	f, err := os.OpenFile(filepath.Join(m.dir, "disk"), os.O_RDWR, 0)
 	if err != nil {
@@ -127,7 +126,7 @@ func fuseWriteCrash(t *testing.T, bin string) {
 	m.cmd.Process.Kill()
 	m.wait(t)
 	f.Close()
-	fuseRun(t, "fusermount3", "-u", "-z", m.dir)
+	runOutput(t, "fusermount3", "-u", "-z", m.dir)
 
 	out, err := exec.Command("qemu-img", "check", img).CombinedOutput()
 	var ee *exec.ExitError
@@ -156,14 +155,14 @@ func fuseWritePartitionView(t *testing.T, bin string) {
 	fuseRequire(t, "sfdisk")
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "mbr.raw")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", raw, "8M")
+	runOutput(t, "qemu-img", "create", "-q", "-f", "raw", raw, "8M")
 	cmd := exec.Command("sfdisk", "-q", "--no-reread", "--no-tell-kernel", raw)
 	cmd.Stdin = strings.NewReader("label: dos\nstart=2048,size=4096,type=83\n")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("sfdisk: %v\n%s", err, out)
 	}
 	img := filepath.Join(dir, "mbr.qcow2")
-	fuseRun(t, "qemu-img", "convert", "-O", "qcow2", raw, img)
+	runOutput(t, "qemu-img", "convert", "-O", "qcow2", raw, img)
 	m := fuseStart(t, bin, img, "--writable")
 	p1 := filepath.Join(m.dir, "partitions", "p1")
 	if f, err := os.OpenFile(p1, os.O_RDWR, 0); !errors.Is(err, syscall.EROFS) {
@@ -212,8 +211,8 @@ func fuseWriteImage(t *testing.T, dir, kind string) (string, []string) {
 	const size = "32M"
 	base := filepath.Join(dir, "base.qcow2")
 	mkBase := func() {
-		fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", base, size)
-		fuseRun(t, "qemu-io", "-f", "qcow2",
+		runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", base, size)
+		runOutput(t, "qemu-io", "-f", "qcow2",
 			"-c", "write -P 0x11 0 6M",
 			"-c", "write -c -P 0x12 8M 1M",
 			"-c", "write -z 10M 1M",
@@ -225,8 +224,8 @@ func fuseWriteImage(t *testing.T, dir, kind string) (string, []string) {
 	switch kind {
 	case "backing":
 		mkBase()
-		fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, size)
-		fuseRun(t, "qemu-io", "-f", "qcow2",
+		runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, size)
+		runOutput(t, "qemu-io", "-f", "qcow2",
 			"-c", "write -P 0x21 1M 1M",
 			"-c", "write -z 2M 512k",
 			"-c", "write -c -P 0x22 12M 256k",
@@ -235,9 +234,9 @@ func fuseWriteImage(t *testing.T, dir, kind string) (string, []string) {
 		return top, []string{base}
 	case "extended-l2":
 		mkBase()
-		fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k",
+		runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k",
 			"-b", "base.qcow2", "-F", "qcow2", top, size)
-		fuseRun(t, "qemu-io", "-f", "qcow2",
+		runOutput(t, "qemu-io", "-f", "qcow2",
 			"-c", "write -P 0x31 100k 5k",
 			"-c", "write -P 0x32 1M 2k",
 			"-c", "write -z 3000k 8k",
@@ -246,25 +245,25 @@ func fuseWriteImage(t *testing.T, dir, kind string) (string, []string) {
 		return top, []string{base}
 	case "compressed":
 		raw := filepath.Join(dir, "src.raw")
-		fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", raw, size)
-		fuseRun(t, "qemu-io", "-f", "raw",
+		runOutput(t, "qemu-img", "create", "-q", "-f", "raw", raw, size)
+		runOutput(t, "qemu-io", "-f", "raw",
 			"-c", "write -P 0x41 0 4M",
 			"-c", "write -P 0x42 5M 3M",
 			"-c", "write -P 0x43 16M 7M",
 			"-c", "write -P 0x44 30M 2M",
 			raw)
-		fuseRun(t, "qemu-img", "convert", "-q", "-c", "-O", "qcow2", raw, top)
+		runOutput(t, "qemu-img", "convert", "-q", "-c", "-O", "qcow2", raw, top)
 		return top, nil
 	case "small-clusters":
 		mkBase()
-		fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+		runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
 			"-b", "base.qcow2", "-F", "qcow2", top, size)
-		fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x51 3M 100k", top)
+		runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x51 3M 100k", top)
 		return top, []string{base}
 	case "raw":
 		raw := filepath.Join(dir, "disk.raw")
-		fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", raw, size)
-		fuseRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 3M", "-c", "write -P 0x62 20M 1M", raw)
+		runOutput(t, "qemu-img", "create", "-q", "-f", "raw", raw, size)
+		runOutput(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 3M", "-c", "write -P 0x62 20M 1M", raw)
 		return raw, nil
 	}
 	t.Fatalf("unknown image kind %q", kind)
@@ -419,7 +418,7 @@ func firstDiff(a, b []byte) string {
 func fuseQemuRaw(t *testing.T, img string, flags ...string) []byte {
 	t.Helper()
 	raw := filepath.Join(t.TempDir(), "content.raw")
-	fuseRun(t, "qemu-img", append(append([]string{"convert"}, flags...), "-O", "raw", img, raw)...)
+	runOutput(t, "qemu-img", append(append([]string{"convert"}, flags...), "-O", "raw", img, raw)...)
 	b := fuseReadFile(t, raw)
 	os.Remove(raw)
 	return b
@@ -536,7 +535,7 @@ func fuseWriteSemantics(t *testing.T, bin string) {
 	if err := os.WriteFile(src, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	fuseRun(t, "dd", "if="+src, "of="+disk, "bs=1M", "seek=5", "conv=notrunc,fsync", "status=none")
+	runOutput(t, "dd", "if="+src, "of="+disk, "bs=1M", "seek=5", "conv=notrunc,fsync", "status=none")
 	copy(shadow[5<<20:], data)
 	// Without conv=notrunc, dd opens with O_TRUNC when it does not seek:
 	// refused before anything is written. With seek= it ftruncates to
@@ -651,7 +650,7 @@ func fuseWriteSemantics(t *testing.T, bin string) {
 	// the engine, as QEMU, consults only when its once-per-open
 	// metadata-preallocation test said so.)
 	mapAfter := fuseReadFile(t, mapFile)
-	want := fuseRun(t, bin, "map", "--context", "base:allocation", img)
+	want := runOutput(t, bin, "map", "--context", "base:allocation", img)
 	if got, want := fuseHoles(t, mapAfter), fuseHoles(t, want); got != want {
 		t.Errorf("maps/base-allocation after writes has holes %s\nnbdgw map --context base:allocation: %s", got, want)
 	}
@@ -672,7 +671,7 @@ func fuseWriteSemantics(t *testing.T, bin string) {
 		t.Errorf("st_blocks still %d 4s after writes and punched holes", blocksAfter)
 	}
 	f.Close()
-	fuseRun(t, "fusermount3", "-u", m.dir)
+	runOutput(t, "fusermount3", "-u", m.dir)
 	if err := m.wait(t); err != nil {
 		t.Fatalf("nbdgw mount after fusermount3 -u: %v\n%s", err, m.stderr)
 	}
@@ -738,13 +737,13 @@ func fuseWritePunchHole(t *testing.T, bin string) {
 			img := filepath.Join(dir, "img.qcow2")
 			if kind == "backing" {
 				base := filepath.Join(dir, "base.qcow2")
-				fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
-				fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 16M", base)
-				fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
-				fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 8M", img)
+				runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
+				runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 16M", base)
+				runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
+				runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 8M", img)
 			} else {
-				fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
-				fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 16M", img)
+				runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
+				runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 16M", img)
 			}
 			shadow := fuseQemuRaw(t, img)
 			m := fuseStart(t, bin, img, "--writable")
@@ -761,7 +760,7 @@ func fuseWritePunchHole(t *testing.T, bin string) {
 				{"--zero-range", 12<<20 + 7, 100000, false},
 			}
 			for _, r := range ranges {
-				fuseRun(t, "fallocate", r.flag, "--offset", strconv.FormatInt(r.off, 10), "--length", strconv.FormatInt(r.n, 10), disk)
+				runOutput(t, "fallocate", r.flag, "--offset", strconv.FormatInt(r.off, 10), "--length", strconv.FormatInt(r.n, 10), disk)
 				clear(shadow[r.off : r.off+r.n])
 			}
 			if got := fuseReadFile(t, disk); !bytes.Equal(got, shadow) {
@@ -770,10 +769,10 @@ func fuseWritePunchHole(t *testing.T, bin string) {
 			// fallocate(1) closes the disk, which flushes the image:
 			// other readers see the result now.
 			var qmap, gmap []qemuMapEntry
-			if err := json.Unmarshal(fuseRun(t, "qemu-img", "map", "-U", "--output=json", img), &qmap); err != nil {
+			if err := json.Unmarshal(runOutput(t, "qemu-img", "map", "-U", "--output=json", img), &qmap); err != nil {
 				t.Fatal(err)
 			}
-			if err := json.Unmarshal(fuseRun(t, bin, "map", "--output=json", img), &gmap); err != nil {
+			if err := json.Unmarshal(runOutput(t, bin, "map", "--output=json", img), &gmap); err != nil {
 				t.Fatal(err)
 			}
 			if fmt.Sprint(qmap) != fmt.Sprint(gmap) {
@@ -789,7 +788,7 @@ func fuseWritePunchHole(t *testing.T, bin string) {
 					}
 				}
 			}
-			fuseRun(t, "fusermount3", "-u", m.dir)
+			runOutput(t, "fusermount3", "-u", m.dir)
 			if err := m.wait(t); err != nil {
 				t.Fatalf("nbdgw mount after fusermount3 -u: %v\n%s", err, m.stderr)
 			}
@@ -812,10 +811,10 @@ func fuseWriteMkfs(t *testing.T, bin string) {
 	}
 	dir := t.TempDir()
 	img := filepath.Join(dir, "fs.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "64M")
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "64M")
 	m := fuseStart(t, bin, img, "--writable")
 	disk := filepath.Join(m.dir, "disk")
-	fuseRun(t, "mkfs.ext4", "-q", "-F", disk)
+	runOutput(t, "mkfs.ext4", "-q", "-F", disk)
 	mnt := filepath.Join(dir, "ext4")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
@@ -838,7 +837,7 @@ func fuseWriteMkfs(t *testing.T, bin string) {
 	}
 	fuseQemuCheck(t, img)
 	raw := filepath.Join(dir, "fs.raw")
-	fuseRun(t, "qemu-img", "convert", "-O", "raw", img, raw)
+	runOutput(t, "qemu-img", "convert", "-O", "raw", img, raw)
 	if out, err := exec.Command("e2fsck", "-fn", raw).CombinedOutput(); err != nil {
 		t.Errorf("e2fsck -fn of the written file system: %v\n%s", err, out)
 	}

@@ -34,7 +34,7 @@ import (
 func TestHardeningCorpus(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	cases, err := corpus.Generate(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -277,7 +277,7 @@ func hardCorpusMount(t *testing.T, bin string, c corpus.Case, want []byte) {
 func TestHardeningMemoryBombs(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	t.Run("chain-of-64-with-32MiB-L1-tables", func(t *testing.T) {
 		dir := t.TempDir()
 		// A chain of 64 layers (the limit), each with an L1 table of
@@ -427,7 +427,7 @@ var hardAllContexts = []string{metactx.BaseAllocation, metactx.AllocationDepth, 
 func TestHardeningHostileClients(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	top, _ := hardChain(t, t.TempDir())
 	o := hardQemuOracle(t, top, "b0")
 	s, r := hardServe(t, bin, top)
@@ -622,7 +622,7 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 func TestHardeningConnectionLimit(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	img := filepath.Join(t.TempDir(), "a.qcow2")
 	if r := hardExec(30*time.Second, "qemu-img", "create", "-q", "-f", "qcow2", img, "1M"); r.code != 0 {
 		t.Fatal(r)
@@ -684,7 +684,7 @@ func TestHardeningConnectionLimit(t *testing.T) {
 func TestHardeningTLS(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	work := t.TempDir()
 	creds, foreign, mixed, caOnly := filepath.Join(work, "creds"), filepath.Join(work, "foreign"), filepath.Join(work, "mixed"), filepath.Join(work, "ca-only")
 	for _, d := range []string{creds, foreign, mixed, caOnly} {
@@ -889,7 +889,7 @@ func hardOpenImage(t testing.TB, path string) *qcow2.Image {
 func TestHardeningServerMemoryBudget(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img", "qemu-io")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	dir := t.TempDir()
 	raw, plain, zipped := filepath.Join(dir, "a.raw"), filepath.Join(dir, "plain.qcow2"), filepath.Join(dir, "compressed.qcow2")
 	for _, s := range [][]string{
@@ -944,7 +944,7 @@ func TestHardeningServerMemoryBudget(t *testing.T) {
 func TestHardeningBlockStatusAmplification(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img")
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	img := filepath.Join(t.TempDir(), "big.qcow2")
 	if r := hardExec(60*time.Second, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", img, "2047P"); r.code != 0 {
 		t.Fatal(r)

@@ -34,7 +34,7 @@ func TestHardeningLoad(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("NBDGW_LOAD_REQUESTS")); err == nil && v > 0 {
 		requests = v
 	}
-	bin := hardBinary(t)
+	bin := nbdgwBinary(t)
 	top, _ := hardChain(t, t.TempDir())
 	o := hardQemuOracle(t, top, "b0")
 	s, r := hardServe(t, bin, top)

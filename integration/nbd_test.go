@@ -31,30 +31,6 @@ func nbdRequire(t *testing.T, tools ...string) {
 	}
 }
 
-// nbdBuild builds nbdgw into a temporary directory.
-func nbdBuild(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "nbdgw")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nbdgw/nbdgw/cmd/nbdgw").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
-// nbdOut runs a program and returns its standard output.
-func nbdOut(t *testing.T, name string, args ...string) []byte {
-	t.Helper()
-	out, err := exec.Command(name, args...).Output()
-	if err != nil {
-		var stderr []byte
-		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = ee.Stderr
-		}
-		t.Fatalf("%s %q: %v\n%s", name, args, err, stderr)
-	}
-	return out
-}
-
 // nbdStart starts a server process that listens on sock and stops it
 // with SIGTERM at cleanup, checking that it exits cleanly.
 func nbdStart(t *testing.T, sock string, name string, args ...string) *exec.Cmd {
@@ -105,7 +81,7 @@ func nbdCorpus(t *testing.T, dir string) []nbdImage {
 	p := func(n string) string { return filepath.Join(dir, n) }
 	sh := func(cmds ...[]string) {
 		for _, c := range cmds {
-			nbdOut(t, c[0], c[1:]...)
+			runOutput(t, c[0], c[1:]...)
 		}
 	}
 	// Seed 000: a raw base, a qcow2 top.
@@ -172,7 +148,7 @@ type mapEntry struct {
 func nbdMapJSON(t *testing.T, uri, ctx string) []mapEntry {
 	t.Helper()
 	var es []mapEntry
-	if err := json.Unmarshal(nbdOut(t, "nbdinfo", "--json", "--map="+ctx, uri), &es); err != nil {
+	if err := json.Unmarshal(runOutput(t, "nbdinfo", "--json", "--map="+ctx, uri), &es); err != nil {
 		t.Fatal(err)
 	}
 	return es
@@ -215,7 +191,7 @@ func jointFromQemu(base, depth []mapEntry) []mapEntry {
 // qemu-nbd's maps; and nbdgw map NBD-URI against nbdinfo and qemu-img.
 func TestNBDContextsMatchQemuNBD(t *testing.T) {
 	nbdRequire(t, "nbdcopy")
-	bin := nbdBuild(t)
+	bin := nbdgwBinary(t)
 	dir := t.TempDir()
 	for i, im := range nbdCorpus(t, dir) {
 		t.Run(im.name, func(t *testing.T) {
@@ -238,11 +214,11 @@ func TestNBDContextsMatchQemuNBD(t *testing.T) {
 			}
 			for _, ctx := range ctxs {
 				for _, form := range [][]string{{"--map=" + ctx}, {"--json", "--map=" + ctx}} {
-					want := nbdOut(t, "nbdinfo", append(form, q)...)
-					if got := nbdOut(t, "nbdinfo", append(form, o)...); !bytes.Equal(got, want) {
+					want := runOutput(t, "nbdinfo", append(form, q)...)
+					if got := runOutput(t, "nbdinfo", append(form, o)...); !bytes.Equal(got, want) {
 						t.Errorf("nbdinfo %v:\n got %s\nwant %s", form, got, want)
 					}
-					if got := nbdOut(t, bin, append(mapArgs(form), o)...); !bytes.Equal(got, want) {
+					if got := runOutput(t, bin, append(mapArgs(form), o)...); !bytes.Equal(got, want) {
 						t.Errorf("nbdgw map %v:\n got %s\nwant %s", mapArgs(form), got, want)
 					}
 				}
@@ -252,27 +228,27 @@ func TestNBDContextsMatchQemuNBD(t *testing.T) {
 				t.Errorf("joint-allocation:\n got %v\nwant %v", got, wantJoint)
 			}
 			for _, out := range []string{"json", "human"} {
-				want := nbdOut(t, "qemu-img", "map", "--output="+out, q)
+				want := runOutput(t, "qemu-img", "map", "--output="+out, q)
 				want = bytes.ReplaceAll(want, []byte(theirs), []byte(ours))
-				if got := nbdOut(t, "qemu-img", "map", "--output="+out, o); !bytes.Equal(got, want) {
+				if got := runOutput(t, "qemu-img", "map", "--output="+out, o); !bytes.Equal(got, want) {
 					t.Errorf("qemu-img map --output=%s:\n got %s\nwant %s", out, got, want)
 				}
-				if got := nbdOut(t, bin, "map", "--output="+out, o); !bytes.Equal(got, want) {
+				if got := runOutput(t, bin, "map", "--output="+out, o); !bytes.Equal(got, want) {
 					t.Errorf("nbdgw map --output=%s URI:\n got %s\nwant %s", out, got, want)
 				}
 			}
 			ref := filepath.Join(dir, fmt.Sprintf("ref%d.raw", i))
-			nbdOut(t, "qemu-img", "convert", "-O", "raw", im.qemuSpec(), ref)
+			runOutput(t, "qemu-img", "convert", "-O", "raw", im.qemuSpec(), ref)
 			want := nbdSum(t, ref)
 			for _, conns := range []string{"1", "4"} {
 				cp := filepath.Join(dir, fmt.Sprintf("cp%d.raw", i))
-				nbdOut(t, "nbdcopy", "--connections="+conns, o, cp)
+				runOutput(t, "nbdcopy", "--connections="+conns, o, cp)
 				if got := nbdSum(t, cp); got != want {
 					t.Errorf("nbdcopy --connections=%s: sha256 %s, want %s", conns, got, want)
 				}
 			}
 			cv := filepath.Join(dir, fmt.Sprintf("cv%d.raw", i))
-			nbdOut(t, "qemu-img", "convert", "-O", "raw", o, cv)
+			runOutput(t, "qemu-img", "convert", "-O", "raw", o, cv)
 			if got := nbdSum(t, cv); got != want {
 				t.Errorf("qemu-img convert from nbdgw: sha256 %s, want %s", got, want)
 			}
@@ -307,10 +283,10 @@ func nbdSum(t *testing.T, path string) string {
 // context, so there is no QEMU oracle to ask).
 func TestNBDSeed000(t *testing.T) {
 	nbdRequire(t)
-	bin := nbdBuild(t)
+	bin := nbdgwBinary(t)
 	dir := t.TempDir()
 	im := nbdPick(t, nbdCorpus(t, dir), "seed000-no-backing")
-	got := nbdOut(t, "nbdinfo", "--map=qemu:joint-allocation", "--", "[", bin, "serve", "--no-backing", im.path, "]")
+	got := runOutput(t, "nbdinfo", "--map=qemu:joint-allocation", "--", "[", bin, "serve", "--no-backing", im.path, "]")
 	want := "         0       65536    3\n     65536       65536    4\n    131072       65536    7\n    196608       65536    3\n"
 	if string(got) != want {
 		t.Errorf("joint-allocation:\n%s\nwant\n%s", got, want)
@@ -322,7 +298,7 @@ func TestNBDSeed000(t *testing.T) {
 // and nbdfuse.
 func TestNBDServeCommand(t *testing.T) {
 	nbdRequire(t)
-	bin := nbdBuild(t)
+	bin := nbdgwBinary(t)
 	dir := t.TempDir()
 	im := nbdPick(t, nbdCorpus(t, dir), "three-layers")
 
@@ -351,14 +327,14 @@ func TestNBDServeCommand(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		list := string(nbdOut(t, "nbdinfo", "--list", "nbd://"+addr))
+		list := string(runOutput(t, "nbdinfo", "--list", "nbd://"+addr))
 		for _, want := range []string{`export="disk1"`, "qemu:joint-allocation", "qemu:dirty-bitmap:bm2", "can_multi_conn: true", "is_read_only: true"} {
 			if !strings.Contains(list, want) {
 				t.Errorf("nbdinfo --list lacks %q:\n%s", want, list)
 			}
 		}
-		size := strings.TrimSpace(string(nbdOut(t, "nbdinfo", "--size", "nbd://"+addr+"/disk1")))
-		if want := strings.TrimSpace(string(nbdOut(t, "nbdinfo", "--size", "--", "[", "qemu-nbd", "-r", im.path, "]"))); size != want {
+		size := strings.TrimSpace(string(runOutput(t, "nbdinfo", "--size", "nbd://"+addr+"/disk1")))
+		if want := strings.TrimSpace(string(runOutput(t, "nbdinfo", "--size", "--", "[", "qemu-nbd", "-r", im.path, "]"))); size != want {
 			t.Errorf("size %s, want %s", size, want)
 		}
 		var info struct {
@@ -369,7 +345,7 @@ func TestNBDServeCommand(t *testing.T) {
 				ReadOnly bool     `json:"is_read_only"`
 			} `json:"exports"`
 		}
-		if err := json.Unmarshal(nbdOut(t, "nbdinfo", "--json", "nbd://"+addr+"/disk1"), &info); err != nil {
+		if err := json.Unmarshal(runOutput(t, "nbdinfo", "--json", "nbd://"+addr+"/disk1"), &info); err != nil {
 			t.Fatal(err)
 		}
 		wantCtx := []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation, "qemu:dirty-bitmap:bm1", "qemu:dirty-bitmap:bm2"}
@@ -377,8 +353,8 @@ func TestNBDServeCommand(t *testing.T) {
 			t.Errorf("nbdinfo --json: %+v", info)
 		}
 		for _, out := range []string{"human", "json"} {
-			want := nbdOut(t, "qemu-img", "map", "--output="+out, "nbd://"+addr+"/disk1")
-			if got := nbdOut(t, bin, "map", "--output="+out, "nbd://"+addr+"/disk1"); !bytes.Equal(got, want) {
+			want := runOutput(t, "qemu-img", "map", "--output="+out, "nbd://"+addr+"/disk1")
+			if got := runOutput(t, bin, "map", "--output="+out, "nbd://"+addr+"/disk1"); !bytes.Equal(got, want) {
 				t.Errorf("nbdgw map --output=%s over TCP:\n got %s\nwant %s", out, got, want)
 			}
 		}
@@ -387,8 +363,8 @@ func TestNBDServeCommand(t *testing.T) {
 		}
 	})
 	t.Run("socket activation", func(t *testing.T) {
-		got := nbdOut(t, "nbdinfo", "--map=base:allocation", "--", "[", bin, "serve", im.path, "]")
-		want := nbdOut(t, "nbdinfo", "--map=base:allocation", "--", "[", "qemu-nbd", "-r", im.path, "]")
+		got := runOutput(t, "nbdinfo", "--map=base:allocation", "--", "[", bin, "serve", im.path, "]")
+		want := runOutput(t, "nbdinfo", "--map=base:allocation", "--", "[", "qemu-nbd", "-r", im.path, "]")
 		if !bytes.Equal(got, want) {
 			t.Errorf("socket-activated map:\n%s\nwant\n%s", got, want)
 		}
@@ -407,7 +383,7 @@ func TestNBDServeCommand(t *testing.T) {
 				args = append(args, "--tls-verify-peer=false")
 			}
 			nbdStart(t, sock, bin, append(args, im.path)...)
-			out := string(nbdOut(t, "nbdinfo", "nbds+unix:///?socket="+sock+"&tls-certificates="+creds))
+			out := string(runOutput(t, "nbdinfo", "nbds+unix:///?socket="+sock+"&tls-certificates="+creds))
 			if !strings.Contains(out, "with TLS") {
 				t.Errorf("nbdinfo over TLS (client cert %v):\n%s", withClient, out)
 			}
@@ -437,7 +413,7 @@ func TestNBDServeCommand(t *testing.T) {
 	t.Run("qemu-io and nbdfuse", func(t *testing.T) {
 		sock := filepath.Join(dir, "io.sock")
 		nbdStart(t, sock, bin, "serve", "--socket", sock, im.path)
-		out := string(nbdOut(t, "qemu-io", "-r", "-f", "raw", "-c", "read -P 5 2M 5k", "-c", "read -P 6 4M 64k", "-c", "read -P 0 5M 128k", "-c", "read -P 1 0 20k", nbdURI(sock)))
+		out := string(runOutput(t, "qemu-io", "-r", "-f", "raw", "-c", "read -P 5 2M 5k", "-c", "read -P 6 4M 64k", "-c", "read -P 0 5M 128k", "-c", "read -P 1 0 20k", nbdURI(sock)))
 		if strings.Count(out, "read ") != 4 || strings.Contains(out, "fail") {
 			t.Errorf("qemu-io:\n%s", out)
 		}
@@ -468,7 +444,7 @@ func nbdFuse(t *testing.T, uri, image string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	ref := filepath.Join(t.TempDir(), "ref.raw")
-	nbdOut(t, "qemu-img", "convert", "-O", "raw", image, ref)
+	runOutput(t, "qemu-img", "convert", "-O", "raw", image, ref)
 	if got, want := nbdSum(t, filepath.Join(mnt, "disk")), nbdSum(t, ref); got != want {
 		t.Errorf("nbdfuse content sha256 %s, want %s", got, want)
 	}
@@ -482,7 +458,7 @@ func TestNBDGoClientInterop(t *testing.T) {
 	dir := t.TempDir()
 	im := nbdPick(t, nbdCorpus(t, dir), "three-layers")
 	raw := filepath.Join(dir, "interop.raw")
-	nbdOut(t, "qemu-img", "convert", "-O", "raw", im.path, raw)
+	runOutput(t, "qemu-img", "convert", "-O", "raw", im.path, raw)
 	want, err := os.ReadFile(raw)
 	if err != nil {
 		t.Fatal(err)

@@ -23,7 +23,7 @@ import (
 // result with QEMU's tools reading the image file.
 func TestNBDWritable(t *testing.T) {
 	nbdRequire(t)
-	bin := nbdBuild(t)
+	bin := nbdgwBinary(t)
 	t.Run("random", func(t *testing.T) {
 		for _, kind := range []string{"backing", "raw-backing", "compressed", "extended-l2"} {
 			t.Run(kind, func(t *testing.T) { nbdWriteRandom(t, bin, kind) })
@@ -115,11 +115,11 @@ func nbdWriteImage(t *testing.T, dir, kind string) (string, []string) {
 		return fuseWriteImage(t, dir, kind)
 	}
 	base := filepath.Join(dir, "base.raw")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", base, "32M")
-	fuseRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x71 0 5M", "-c", "write -P 0x72 9M 3M", "-c", "write -P 0x73 31M 1M", base)
+	runOutput(t, "qemu-img", "create", "-q", "-f", "raw", base, "32M")
+	runOutput(t, "qemu-io", "-f", "raw", "-c", "write -P 0x71 0 5M", "-c", "write -P 0x72 9M 3M", "-c", "write -P 0x73 31M 1M", base)
 	top := filepath.Join(dir, "top.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "32M")
-	fuseRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x74 1M 1M", "-c", "write -z 10M 256k", top)
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "32M")
+	runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x74 1M 1M", "-c", "write -z 10M 256k", top)
 	return top, []string{base}
 }
 
@@ -392,7 +392,7 @@ func nbdWriteRealClients(t *testing.T, bin string) {
 	img, below := nbdWriteImage(t, dir, "backing")
 	base := fuseSHA(t, below[0])
 	srv := nbdServe(t, bin, "--writable", img)
-	out := string(fuseRun(t, "qemu-io", "-f", "raw",
+	out := string(runOutput(t, "qemu-io", "-f", "raw",
 		"-c", "write -P 0x81 100k 300k",
 		"-c", "write -f -P 0x82 5M 64k",
 		"-c", "write -z 8M 1M",
@@ -405,7 +405,7 @@ func nbdWriteRealClients(t *testing.T, bin string) {
 		t.Fatalf("qemu-io:\n%s", out)
 	}
 	// qemu-io through the image file must see the same, once flushed.
-	qout := string(fuseRun(t, "qemu-io", "-U", "-r", "-f", "qcow2",
+	qout := string(runOutput(t, "qemu-io", "-U", "-r", "-f", "qcow2",
 		"-c", "read -P 0x81 100k 300k", "-c", "read -P 0x82 5M 64k", "-c", "read -P 0 8M 1M", "-c", "read -P 0 20M 2M", img))
 	if strings.Contains(qout, "fail") || strings.Count(qout, "read ") != 4 {
 		t.Errorf("qemu-io on the image file after the NBD writes:\n%s", qout)
@@ -413,9 +413,9 @@ func nbdWriteRealClients(t *testing.T, bin string) {
 
 	// nbdcopy a raw file with data, zeroes and holes over the whole disk.
 	src := filepath.Join(dir, "src.raw")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "raw", src, "32M")
-	fuseRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x91 0 3M", "-c", "write -P 0x92 7M 100k", "-c", "write -P 0x93 31M 1M", src)
-	fuseRun(t, "nbdcopy", "--flush", src, srv.uri())
+	runOutput(t, "qemu-img", "create", "-q", "-f", "raw", src, "32M")
+	runOutput(t, "qemu-io", "-f", "raw", "-c", "write -P 0x91 0 3M", "-c", "write -P 0x92 7M 100k", "-c", "write -P 0x93 31M 1M", src)
+	runOutput(t, "nbdcopy", "--flush", src, srv.uri())
 	want := fuseReadFile(t, src)
 	if got := fuseQemuRaw(t, img, "-U"); !bytes.Equal(got, want) {
 		t.Errorf("after nbdcopy, qemu-img convert -U differs from the source at %s", firstDiff(got, want))
@@ -616,8 +616,8 @@ func nbdWriteRefusals(t *testing.T, bin string) {
 	dir := t.TempDir()
 	img, below := nbdWriteImage(t, dir, "backing")
 	snap := filepath.Join(dir, "snap.qcow2")
-	fuseRun(t, "qemu-img", "create", "-q", "-f", "qcow2", snap, "1M")
-	fuseRun(t, "qemu-img", "snapshot", "-c", "s1", snap)
+	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", snap, "1M")
+	runOutput(t, "qemu-img", "snapshot", "-c", "s1", snap)
 	files := append([]string{img, snap}, below...)
 	before := map[string]string{}
 	for _, f := range files {
