@@ -63,25 +63,6 @@ type fuseMount struct {
 	err    error // set when exited is closed
 }
 
-// lockedBuffer collects a child's output; it may be read while the child
-// still writes.
-type lockedBuffer struct {
-	mu sync.Mutex // guards b
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // fuseStart runs `nbdgw mount ARGS... IMAGE DIR` and waits until DIR is
 // mounted. The cleanup unmounts (SIGINT, then fusermount3 -u -z) and reaps
 // the process.

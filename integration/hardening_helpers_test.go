@@ -22,7 +22,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -157,33 +156,15 @@ func hardMentions(t testing.TB, what string, msg []byte, want []string) {
 // hardProc is a long-running nbdgw (serve or mount).
 type hardProc struct {
 	cmd    *exec.Cmd
-	stderr *hardBuffer
+	stderr *lockedBuffer
 	exited chan struct{}
 	err    error
 	state  *os.ProcessState
 }
 
-// hardBuffer is a bytes.Buffer safe for a writer goroutine and readers.
-type hardBuffer struct {
-	mu sync.Mutex // guards b
-	b  bytes.Buffer
-}
-
-func (b *hardBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *hardBuffer) Bytes() []byte {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return append([]byte(nil), b.b.Bytes()...)
-}
-
 func hardStart(t testing.TB, bin string, args ...string) *hardProc {
 	t.Helper()
-	p := &hardProc{stderr: &hardBuffer{}, exited: make(chan struct{})}
+	p := &hardProc{stderr: &lockedBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {
