@@ -49,18 +49,7 @@ func FuzzServer(f *testing.F) {
 	img := rawImage(f, 1<<20)
 	srv := NewServer(Config{Exports: []*Export{{Image: img}}, HandshakeTimeout: 5 * time.Second})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		cli, sc := net.Pipe()
-		done := make(chan struct{})
-		go func() { srv.ServeConn(context.Background(), sc); close(done) }()
-		go io.Copy(io.Discard, cli)
-		cli.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		cli.Write(in)
-		cli.Close()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("server hangs")
-		}
+		playStream(t, srv, in)
 	})
 }
 
@@ -167,4 +156,22 @@ func FuzzParseURI(f *testing.F) {
 			t.Fatalf("%q parsed to %+v", s, u)
 		}
 	})
+}
+
+// playStream feeds one connection of srv the client bytes in, drops what
+// the server answers, and fails if the server does not let go of the
+// connection once the client has closed it.
+func playStream(t *testing.T, srv *Server, in []byte) {
+	cli, sc := net.Pipe()
+	done := make(chan struct{})
+	go func() { srv.ServeConn(context.Background(), sc); close(done) }()
+	go io.Copy(io.Discard, cli)
+	cli.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	cli.Write(in)
+	cli.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("server hangs")
+	}
 }

@@ -1,9 +1,6 @@
 package nbdserver
 
 import (
-	"context"
-	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -39,17 +36,6 @@ func FuzzWritableServer(f *testing.F) {
 	f.Cleanup(func() { img.Close() })
 	srv := NewServer(Config{Exports: []*Export{{Image: img, Writable: true}}, HandshakeTimeout: 5 * time.Second})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		cli, sc := net.Pipe()
-		done := make(chan struct{})
-		go func() { srv.ServeConn(context.Background(), sc); close(done) }()
-		go io.Copy(io.Discard, cli)
-		cli.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		cli.Write(in)
-		cli.Close()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("server hangs")
-		}
+		playStream(t, srv, in)
 	})
 }

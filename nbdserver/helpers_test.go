@@ -229,3 +229,19 @@ func (rc *rawConn) reply() (replyHeader, []byte) {
 	rc.read(p)
 	return h, p
 }
+
+// replyErrno is the error a reply without data carries: a simple reply's
+// errno, an NBD_REPLY_TYPE_ERROR chunk's, or 0 for NBD_REPLY_TYPE_NONE.
+func replyErrno(t *testing.T, typ Command, h replyHeader, p []byte) Errno {
+	t.Helper()
+	switch {
+	case h.magic == simpleReplyMagic:
+		return h.errno
+	case h.typ == replyTypeError:
+		errno, _, _ := decodeErrorPayload(p)
+		return errno
+	case h.typ != replyTypeNone:
+		t.Fatalf("%v: chunk type %d", typ, h.typ)
+	}
+	return 0
+}

@@ -292,15 +292,7 @@ func TestCommandErrors(t *testing.T) {
 				tc.req.cookie = uint64(100 + i)
 				rc.write(append(tc.req.append(nil, ext), tc.payload...))
 				h, p := rc.reply()
-				var errno Errno
-				switch {
-				case h.magic == simpleReplyMagic:
-					errno = h.errno
-				case h.typ == replyTypeError:
-					errno, _, _ = decodeErrorPayload(p)
-				case h.typ != replyTypeNone:
-					t.Fatalf("%v: chunk type %d", tc.req.typ, h.typ)
-				}
+				errno := replyErrno(t, tc.req.typ, h, p)
 				if h.cookie != tc.req.cookie || errno != tc.errno {
 					t.Errorf("%v: cookie %d errno %v, want %d %v", tc.req.typ, h.cookie, errno, tc.req.cookie, tc.errno)
 				}

@@ -110,15 +110,7 @@ func TestWriteCommands(t *testing.T) {
 				tc.req.cookie = uint64(100 + i)
 				rc.write(append(tc.req.append(nil, ext), tc.payload...))
 				h, p := rc.reply()
-				var errno Errno
-				switch {
-				case h.magic == simpleReplyMagic:
-					errno = h.errno
-				case h.typ == replyTypeError:
-					errno, _, _ = decodeErrorPayload(p)
-				case h.typ != replyTypeNone:
-					t.Fatalf("%v: chunk type %d", tc.req.typ, h.typ)
-				}
+				errno := replyErrno(t, tc.req.typ, h, p)
 				if h.cookie != tc.req.cookie || errno != tc.errno {
 					t.Errorf("#%d %v flags %#x at %d+%d: cookie %d errno %v, want %d %v", i, tc.req.typ, tc.req.flags, tc.req.offset, tc.req.length, h.cookie, errno, tc.req.cookie, tc.errno)
 				}
