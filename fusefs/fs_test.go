@@ -20,14 +20,7 @@ import (
 // several goroutines at once. Plain reads of our own mount from other
 // goroutines are fine; only a loop mount from this process would deadlock.
 func TestMountInProcess(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skipf("no /dev/fuse: %v", err)
-	}
-	for _, tool := range []string{"fusermount3", "qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed: %v", tool, err)
-		}
-	}
+	requireMount(t)
 	dir := t.TempDir()
 	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
@@ -151,4 +144,18 @@ func errnoOf(err error) error {
 		return errno
 	}
 	return nil
+}
+
+// requireMount skips a test that mounts in-process where /dev/fuse or the
+// tools it needs are missing.
+func requireMount(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skipf("no /dev/fuse: %v", err)
+	}
+	for _, tool := range []string{"fusermount3", "qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed: %v", tool, err)
+		}
+	}
 }

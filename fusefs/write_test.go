@@ -22,14 +22,7 @@ import (
 // Then disk, qemu-img convert and qemu-img check must agree with what was
 // written.
 func TestMountWritableInProcess(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skipf("no /dev/fuse: %v", err)
-	}
-	for _, tool := range []string{"fusermount3", "qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed: %v", tool, err)
-		}
-	}
+	requireMount(t)
 	dir := t.TempDir()
 	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
