@@ -67,6 +67,7 @@ func FuzzParseHeader(f *testing.F) {
 		f.Add(s[:min(len(s), 4096)], int64(len(s)))
 	}
 	f.Add([]byte("QFI\xfb"), int64(4))
+	f.Add(wrappedBackingName(), int64(4096))
 	f.Fuzz(func(t *testing.T, b []byte, fileSize int64) {
 		if fileSize < int64(len(b)) {
 			fileSize = int64(len(b))
@@ -86,6 +87,21 @@ func FuzzParseHeader(f *testing.F) {
 			t.Fatalf("accepted cluster bits %d", h.ClusterBits)
 		}
 	})
+}
+
+// wrappedBackingName is a v2 header whose backing name offset plus size
+// wraps around 2^64 to a small number (found by the fuzzer: it panicked).
+func wrappedBackingName() []byte {
+	b := make([]byte, 4096)
+	binary.BigEndian.PutUint32(b[0:], Magic)
+	binary.BigEndian.PutUint32(b[4:], 2)
+	binary.BigEndian.PutUint64(b[8:], 0xffffffffffffff00)
+	binary.BigEndian.PutUint32(b[16:], 0x200)
+	binary.BigEndian.PutUint32(b[20:], 9)
+	binary.BigEndian.PutUint64(b[40:], 512)  // L1 table
+	binary.BigEndian.PutUint64(b[48:], 1024) // refcount table
+	binary.BigEndian.PutUint32(b[56:], 1)
+	return b
 }
 
 // FuzzBitmapDirectory: directory decoding bounds every length.

@@ -339,7 +339,7 @@ func ParseHeader(name string, b []byte, fileSize int64) (*Header, error) {
 		}
 		// QEMU refuses a name outside the first cluster.
 		end := h.BackingFileOffset + uint64(h.BackingFileSize)
-		if end > cs || end > uint64(len(b)) {
+		if h.BackingFileOffset > cs || end > cs || end > uint64(len(b)) { // the first test also rules out a wrapped sum
 			return nil, bad(8, "backing file name at %#x (%d bytes) outside the first cluster", h.BackingFileOffset, h.BackingFileSize)
 		}
 		h.BackingFile = string(b[h.BackingFileOffset:end])
