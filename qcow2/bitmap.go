@@ -96,8 +96,8 @@ func DecodeBitmapDirectory(name string, dir []byte, dirOffset int64, n uint32, c
 		if granBits < bmeMinGranBits || granBits > bmeMaxGranBits {
 			return nil, corrupt(name, at+17, int64(i), "bitmap %q granularity 2^%d out of range 2^%d..2^%d", nm, granBits, bmeMinGranBits, bmeMaxGranBits)
 		}
-		if b.tableOffset%clusterSize != 0 {
-			return nil, corrupt(name, at, int64(i), "bitmap %q table offset %#x unaligned", nm, b.tableOffset)
+		if b.tableOffset < 0 || b.tableOffset%clusterSize != 0 {
+			return nil, corrupt(name, at, int64(i), "bitmap %q table offset %#x unaligned or out of range", nm, uint64(b.tableOffset))
 		}
 		gran := int64(1) << granBits
 		bits := (imageSize + gran - 1) / gran
