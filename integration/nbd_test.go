@@ -36,7 +36,7 @@ func nbdRequire(t *testing.T, tools ...string) {
 func nbdStart(t *testing.T, sock string, name string, args ...string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(name, args...)
-	var stderr bytes.Buffer
+	var stderr lockedBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"net"
 
 	"math/rand/v2"
 	"os"
@@ -41,7 +42,7 @@ func TestNBDWritable(t *testing.T) {
 type nbdServer struct {
 	cmd    *exec.Cmd
 	sock   string
-	stderr *bytes.Buffer
+	stderr *lockedBuffer
 	done   chan error
 }
 
@@ -49,7 +50,7 @@ type nbdServer struct {
 // listens. At cleanup a server still running is killed.
 func nbdServe(t *testing.T, bin string, args ...string) *nbdServer {
 	t.Helper()
-	s := &nbdServer{sock: filepath.Join(t.TempDir(), "nbd.sock"), stderr: new(bytes.Buffer), done: make(chan error, 1)}
+	s := &nbdServer{sock: filepath.Join(t.TempDir(), "nbd.sock"), stderr: new(lockedBuffer), done: make(chan error, 1)}
 	s.cmd = exec.Command(bin, append([]string{"serve", "--socket", s.sock}, args...)...)
 	s.cmd.Stderr = s.stderr
 	if err := s.cmd.Start(); err != nil {
@@ -63,7 +64,10 @@ func nbdServe(t *testing.T, bin string, args ...string) *nbdServer {
 		}
 	})
 	for range 200 {
-		if _, err := os.Stat(s.sock); err == nil {
+		// Listening, not merely bound: a unix socket's file appears
+		// before listen(2), and a connect then is refused.
+		if c, err := net.Dial("unix", s.sock); err == nil {
+			c.Close()
 			return s
 		}
 		select {

@@ -414,7 +414,8 @@ func TestAttachURI(t *testing.T) {
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
 	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(sock); err == nil {
+		if c, err := net.Dial("unix", sock); err == nil { // listening, not merely bound
+			c.Close()
 			break
 		}
 		time.Sleep(50 * time.Millisecond)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nbdgw/nbdgw/qcow2"
@@ -174,7 +175,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	sess, err := n.run()
 	stopping := func() bool { return ctx.Err() != nil || s.isClosed() }
 	if err != nil {
-		if !stopping() && !errors.Is(err, errAborted) && !errors.Is(err, io.EOF) {
+		if !stopping() && !errors.Is(err, errAborted) && !clientLeft(err) {
 			s.cfg.Logf("nbd: %v: handshake: %v", c.RemoteAddr(), err)
 		}
 		return
@@ -185,6 +186,12 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	if err := sess.serve(); err != nil && !stopping() {
 		s.cfg.Logf("nbd: %v: %v", c.RemoteAddr(), err)
 	}
+}
+
+// clientLeft reports an error that only says the client went away
+// (closed before or during the handshake): not worth a log line.
+func clientLeft(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // drainTimeout bounds how long a stopping connection may take to send the

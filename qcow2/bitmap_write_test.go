@@ -3,7 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"fmt"
-	"os"
+	"net"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -27,7 +27,8 @@ func nbdMap(t *testing.T, d, f, ctx string, bitmaps ...string) string {
 	}
 	defer func() { srv.Process.Kill(); srv.Wait() }()
 	for i := 0; ; i++ {
-		if _, err := os.Stat(sock); err == nil {
+		if c, err := net.Dial("unix", sock); err == nil { // listening, not merely bound
+			c.Close()
 			break
 		}
 		if i > 300 {

@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -423,7 +424,8 @@ func checkContexts(t *testing.T, dir, abs string, s scenario, im *qcow2.Image) {
 	defer func() { srv.Process.Kill(); srv.Wait() }()
 	uri := "nbd+unix:///?socket=" + sock
 	for i := 0; ; i++ {
-		if _, err := os.Stat(sock); err == nil {
+		if c, err := net.Dial("unix", sock); err == nil { // listening, not merely bound
+			c.Close()
 			break
 		}
 		if i > 200 {
