@@ -4,7 +4,7 @@
 # same machine. Prints the best of N runs of each and the ratio.
 # Usage: scripts/bench-map.sh [runs, default 5]
 set -euo pipefail
-export PATH="$PATH:/usr/local/go/bin"
+. "$(dirname "$0")/env.sh"
 runs="${1:-5}"
 top=$(cd "$(dirname "$0")/.." && pwd)
 work="${BENCH_DIR:-$(mktemp -d)}"

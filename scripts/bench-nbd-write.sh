@@ -18,7 +18,7 @@
 # Usage: scripts/bench-nbd-write.sh [WORKDIR]   (needs ~4 GiB free)
 set -euo pipefail
 shopt -s inherit_errexit
-export PATH=$PATH:/usr/local/go/bin
+. "$(dirname "$0")/env.sh"
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /tmp/bench-nbd-write.XXXXXX)}
 mkdir -p "$work"

@@ -8,7 +8,7 @@
 #   3. nbdcopy with 4 connections vs 1 through nbdgw.
 # Usage: scripts/bench-nbd.sh [WORKDIR]   (needs ~2.2 GiB free in WORKDIR)
 set -euo pipefail
-export PATH=$PATH:/usr/local/go/bin
+. "$(dirname "$0")/env.sh"
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /tmp/bench-nbd.XXXXXX)}
 mkdir -p "$work"

@@ -11,7 +11,7 @@
 # Usage: scripts/check.sh [fuzz seconds per target, default 60]
 # Exit status: 0 only if every part passed; a summary is printed last.
 set -uo pipefail
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH 2>/dev/null || echo "$HOME/go")/bin"
+. "$(dirname "$0")/env.sh"
 cd "$(dirname "$0")/.."
 fuzztime="${1:-60}"
 out=$(mktemp -d)

@@ -3,7 +3,7 @@
 # overlay (the seed 000 example of qemu:joint-allocation), then what nbdgw
 # reports for it, next to what QEMU reports.
 set -euo pipefail
-export PATH="$PATH:/usr/local/go/bin"
+. "$(dirname "$0")/env.sh"
 top=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

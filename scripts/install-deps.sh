@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Installs everything nbdgw and its tests need on Debian 12. Safe to run
-# twice: apt-get skips what is installed, the Go module cache is reused.
+# Installs everything nbdgw and its tests need on Debian 12, Go included.
+# Safe to run twice: apt-get skips what is installed, the Go module cache is
+# reused. The only change to the machine's package sources is the
+# bookworm-backports suite, for QEMU 10.0 (the reference) and, where the
+# machine has no Go, golang-1.23-go.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo=sudo
 
 packages=(
-	qemu-utils       # qemu-img, qemu-io, qemu-nbd: the oracles
 	libnbd-bin       # nbdinfo, nbdcopy, nbdfuse: real clients
 	nbdkit           # benchmark peer and client interop
 	nbd-client
 	fuse3            # fusermount3 for nbdgw mount
-	qemu-system-x86  # the VM test of the kernel path
 	busybox-static   # the VM test's initramfs
 	kmod             # depmod for the VM's modules
 	cpio
@@ -20,25 +24,34 @@ packages=(
 	time             # /usr/bin/time in benchmarks
 	fio              # random-write benchmark (its nbd engine)
 )
+# From bookworm-backports: QEMU 10.0, the reference (qemu-img, qemu-io,
+# qemu-nbd are the oracles; qemu-system-x86 runs the kernel-path VM).
+backports=(qemu-utils qemu-system-x86)
+[ -x /usr/local/go/bin/go ] || backports+=(golang-1.23-go)
 
-missing=()
-for p in "${packages[@]}"; do
-	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-	sudo=""
-	[ "$(id -u)" -eq 0 ] || sudo=sudo
-	# Refresh the package lists only when something is missing.
+installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed'; }
+from_backports() { dpkg-query -W -f='${Version}\n' "$1" 2>/dev/null | grep -q 'bpo12'; }
+
+missing=() missing_bpo=()
+for p in "${packages[@]}"; do installed "$p" || missing+=("$p"); done
+for p in "${backports[@]}"; do from_backports "$p" || missing_bpo+=("$p"); done
+apt_install() { DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+if ((${#missing[@]} + ${#missing_bpo[@]})); then
+	if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+		echo "deb http://deb.debian.org/debian bookworm-backports main" | $sudo tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+	fi
 	$sudo apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+	# -t: QEMU 10's own dependencies (qemu-system-common, seabios, ...)
+	# come from the same suite.
+	((${#missing_bpo[@]} == 0)) || apt_install -t bookworm-backports "${missing_bpo[@]}"
 fi
 
-# Go: the machine image ships it in /usr/local/go.
-export PATH="$PATH:/usr/local/go/bin"
+. scripts/env.sh
 if ! command -v go >/dev/null; then
-	echo "install-deps: Go not found (expected in /usr/local/go/bin); install Go >= $(awk '/^go /{print $2}' "$(dirname "$0")/../go.mod")" >&2
+	echo "install-deps: Go not found after installing golang-1.23-go" >&2
 	exit 1
 fi
-cd "$(dirname "$0")/.."
 go mod download
-echo "install-deps: ok ($(go version | awk '{print $3}'), ${#missing[@]} package(s) installed)"
+go run "$STATICCHECK" -version >/dev/null
+echo "install-deps: ok ($(go version | awk '{print $3}'), $(qemu-img --version | head -1), $((${#missing[@]} + ${#missing_bpo[@]})) package(s) installed)"

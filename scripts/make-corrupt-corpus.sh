@@ -10,7 +10,7 @@
 #   while read name stage image; do nbdgw map "$image"; done < /tmp/corpus/cases.txt
 # Needs qemu-img and qemu-io.
 set -euo pipefail
-export PATH="$PATH:/usr/local/go/bin"
+. "$(dirname "$0")/env.sh"
 if [ $# -ne 1 ]; then
 	echo "usage: $0 DIR" >&2
 	exit 2

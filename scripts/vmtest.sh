@@ -35,7 +35,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${NBDGW_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nbdgw-vm}
 accel=${NBDGW_VM_ACCEL:-tcg}
 vm_timeout=${NBDGW_VM_TIMEOUT:-150}
-export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
+. "$repo/scripts/env.sh"
+export PATH=$PATH:/usr/sbin:/sbin
 
 log() { echo "vmtest: $*" >&2; }
 die() { log "$*"; exit 1; }
