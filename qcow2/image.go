@@ -59,11 +59,14 @@ type Extent struct {
 	Depth int
 
 	// What qemu-img map --output=json prints.
-	MapDepth  int    // "depth"
-	Present   bool   // "present"
-	HasOffset bool   // "offset" is printed
-	Offset    int64  // "offset": host offset of Start in File
-	File      string // the file Offset refers to
+	MapDepth int  // "depth"
+	Present  bool // "present"
+	// "compressed" (QEMU 10.0's qemu-img map; BDRV_BLOCK_COMPRESSED):
+	// the range is a compressed cluster of the layer that allocates it.
+	Compressed bool
+	HasOffset  bool   // "offset" is printed
+	Offset     int64  // "offset": host offset of Start in File
+	File       string // the file Offset refers to
 }
 
 // LayerInfo describes one layer of the chain, for nbdgw info.
@@ -134,13 +137,14 @@ type layer interface {
 // layerStatus is one layer's answer for a range, QEMU's
 // bdrv_co_block_status() of that node.
 type layerStatus struct {
-	length    int64
-	alloc     bool // BDRV_BLOCK_ALLOCATED: this layer supplies the bytes
-	data      bool
-	zero      bool
-	hasOffset bool
-	offset    int64
-	file      string
+	length     int64
+	alloc      bool // BDRV_BLOCK_ALLOCATED: this layer supplies the bytes
+	data       bool
+	zero       bool
+	hasOffset  bool
+	offset     int64
+	file       string
+	compressed bool
 }
 
 // Open opens the image at path and its backing chain.
@@ -380,7 +384,7 @@ func (img *Image) walk(i int, off, end int64, m *merger) error {
 		switch {
 		case st.alloc:
 			err = m.add(Extent{Start: off, Length: n, Data: st.data, Zero: st.zero,
-				Depth: i + 1, MapDepth: i, Present: true,
+				Depth: i + 1, MapDepth: i, Present: true, Compressed: st.compressed,
 				HasOffset: st.hasOffset, Offset: st.offset, File: st.file})
 		case i+1 == len(img.layers):
 			// No backing file: the block layer reads zeroes, allocated
@@ -435,6 +439,7 @@ func (m *merger) add(e Extent) error {
 		c := &m.cur
 		if c.Start+c.Length == e.Start && c.Data == e.Data && c.Zero == e.Zero &&
 			c.Depth == e.Depth && c.MapDepth == e.MapDepth && c.Present == e.Present &&
+			c.Compressed == e.Compressed &&
 			c.HasOffset == e.HasOffset && c.File == e.File &&
 			(!c.HasOffset || c.Offset+c.Length == e.Offset) {
 			c.Length += e.Length

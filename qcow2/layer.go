@@ -466,7 +466,7 @@ func (q *qcow2Layer) status(off, length int64) (layerStatus, error) {
 	case scZeroPlain:
 		st.alloc, st.zero = true, true
 	case scCompressed:
-		st.alloc, st.data = true, true
+		st.alloc, st.data, st.compressed = true, true, true
 	}
 	if st.hasOffset {
 		st.offset, st.file = m.host, q.data.name

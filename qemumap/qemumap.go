@@ -1,6 +1,11 @@
-// Package qemumap prints block-status entries exactly as QEMU 7.2's
+// Package qemumap prints block-status entries exactly as QEMU 10.0's
 // qemu-img map does (--output=json and human), with its merging rules. Both
 // nbdgw map IMAGE and nbdgw map NBD-URI print through it.
+//
+// QEMU 7.2 and 10.0 differ in one thing here: 10.0's JSON entries carry
+// "compressed" (true on compressed clusters, always false over NBD, which
+// cannot say), and entries that differ in it are not merged. 7.2 printed
+// no such field. The human output is the same in both.
 package qemumap
 
 import (
@@ -18,6 +23,7 @@ type Entry struct {
 	Data, Zero    bool
 	Depth         int64
 	Present       bool
+	Compressed    bool
 	HasOffset     bool
 	Offset        int64
 	Filename      string // "" when QEMU's is NULL
@@ -33,13 +39,13 @@ func (c *Entry) mergeable(n *Entry) bool {
 		return false
 	}
 	if c.Zero != n.Zero || c.Data != n.Data || c.Depth != n.Depth || c.Present != n.Present ||
-		c.Filename != n.Filename || c.HasOffset != n.HasOffset {
+		c.Compressed != n.Compressed || c.Filename != n.Filename || c.HasOffset != n.HasOffset {
 		return false
 	}
 	return !c.HasOffset || c.Offset+c.Length == n.Offset
 }
 
-// Writer prints entries exactly as qemu-img map (QEMU 7.2) does,
+// Writer prints entries exactly as qemu-img map (QEMU 10.0) does,
 // including its merging and, for human output, its coalescing of zero
 // entries. Entries must be added in order; Close prints the last one.
 type Writer struct {
@@ -104,6 +110,8 @@ func (m *Writer) dump(e, next *Entry) error {
 		b = strconv.AppendBool(b, e.Zero)
 		b = append(b, `, "data": `...)
 		b = strconv.AppendBool(b, e.Data)
+		b = append(b, `, "compressed": `...)
+		b = strconv.AppendBool(b, e.Compressed)
 		if e.HasOffset {
 			b = append(b, `, "offset": `...)
 			b = strconv.AppendInt(b, e.Offset, 10)
@@ -155,7 +163,7 @@ func WriteImage(w io.Writer, img *qcow2.Image, asJSON bool) error {
 	}
 	err = img.BlockStatus(0, img.Size(), func(e qcow2.Extent) error {
 		n := Entry{Start: e.Start, Length: e.Length, Data: e.Data, Zero: e.Zero,
-			Depth: int64(e.MapDepth), Present: e.Present, HasOffset: e.HasOffset, Offset: e.Offset}
+			Depth: int64(e.MapDepth), Present: e.Present, Compressed: e.Compressed, HasOffset: e.HasOffset, Offset: e.Offset}
 		if e.HasOffset {
 			n.Filename = e.File
 		}
