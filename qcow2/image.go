@@ -33,6 +33,14 @@ type Options struct {
 	// opens only the overlay for writing: the chain on disk stays
 	// byte-identical. The overlay is unlinked as soon as it is open.
 	Snapshot bool
+	// ForceShare opens read-only without taking or honouring other
+	// processes' image locks (QEMU's force-share=on, qemu-img -U).
+	ForceShare bool
+	// Confine requires every file of the chain (backing and external
+	// data files included) to resolve, after symlinks, inside ConfineDir
+	// (default: the opened image's directory) and to be a regular file.
+	Confine    bool
+	ConfineDir string
 }
 
 // Image is an opened backing chain. Layer 0 of layers is the opened image.

@@ -32,6 +32,7 @@ func cmdAttach(args []string) (err error) {
 		dev      string // /dev/nbdN once attached
 	)
 	fs := newFlags("attach")
+	imgFlags := addImageFlags(fs)
 	device := fs.String("device", "", "attach to /dev/nbdN (default: the kernel picks a free device)")
 	conns := fs.Int("connections", 1, "number of connections serving the device")
 	writable := fs.Bool("writable", false, "leave the device writable")
@@ -66,7 +67,9 @@ func cmdAttach(args []string) (err error) {
 		cfg.URI, cfg.Name = target, target
 	} else {
 		// Without --writable no file of the chain is opened for writing.
-		img, oerr := qcow2.Open(target, qcow2.Options{Writable: *writable})
+		opts := imgFlags.options()
+		opts.Writable = *writable
+		img, oerr := qcow2.Open(target, opts)
 		if oerr != nil {
 			return oerr
 		}

@@ -12,7 +12,7 @@ import (
 func cmdInfo(args []string) error {
 	fs := newFlags("info")
 	output := fs.String("output", "human", "json or human")
-	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
+	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -20,7 +20,7 @@ func cmdInfo(args []string) error {
 	if len(pos) != 1 || (*output != "json" && *output != "human") {
 		return errUsage
 	}
-	img, err := qcow2.Open(pos[0], qcow2.Options{NoBacking: *noBacking})
+	img, err := qcow2.Open(pos[0], imgFlags.options())
 	if err != nil {
 		return err
 	}

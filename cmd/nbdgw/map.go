@@ -15,7 +15,7 @@ func cmdMap(args []string) error {
 	fs := newFlags("map")
 	output := fs.String("output", "human", "json or human")
 	context := fs.String("context", "", "print this metadata context in nbdinfo --map form")
-	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
+	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -26,12 +26,12 @@ func cmdMap(args []string) error {
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer w.Flush()
 	if isURI(pos[0]) {
-		if *noBacking {
+		if imgFlags.noBacking {
 			return fmt.Errorf("--no-backing applies to image files, not NBD URIs")
 		}
 		return mapURI(w, pos[0], *context, *output)
 	}
-	img, err := qcow2.Open(pos[0], qcow2.Options{NoBacking: *noBacking})
+	img, err := qcow2.Open(pos[0], imgFlags.options())
 	if err != nil {
 		return err
 	}

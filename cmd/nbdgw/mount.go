@@ -19,7 +19,7 @@ import (
 // the exit status non-zero.
 func cmdMount(args []string) (err error) {
 	fs := newFlags("mount")
-	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
+	imgFlags := addImageFlags(fs)
 	writable := fs.Bool("writable", false, "allow writes to disk")
 	debug := fs.Bool("debug", false, "log every FUSE request")
 	pos, err := parseFlags(fs, args)
@@ -35,7 +35,9 @@ func cmdMount(args []string) (err error) {
 	if err := fusefs.CheckMountpoint(dir); err != nil {
 		return err
 	}
-	img, err := qcow2.Open(path, qcow2.Options{NoBacking: *noBacking, Writable: *writable})
+	opts := imgFlags.options()
+	opts.Writable = *writable
+	img, err := qcow2.Open(path, opts)
 	if err != nil {
 		return err
 	}
@@ -44,7 +46,7 @@ func cmdMount(args []string) (err error) {
 			err = fmt.Errorf("closing %s: %w", path, cerr)
 		}
 	}()
-	if *writable && *noBacking {
+	if *writable && imgFlags.noBacking {
 		if l := img.Layers(); len(l) > 0 && l[0].BackingFile != "" {
 			// A write to part of a cluster copies the rest from below:
 			// with the backing file hidden that would be zeroes, which

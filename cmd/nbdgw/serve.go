@@ -19,7 +19,7 @@ func cmdServe(args []string) error {
 	socket := fs.String("socket", "", "listen on this unix socket")
 	listen := fs.String("listen", "", "listen on HOST:PORT (default 127.0.0.1:10809)")
 	exportName := fs.String("export-name", "", "export name (the default export answers \"\" too)")
-	noBacking := fs.Bool("no-backing", false, "open the top layer alone")
+	imgFlags := addImageFlags(fs)
 	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain)")
 	snapshot := fs.Bool("snapshot", false, "allow writes, to a temporary overlay deleted at exit (the chain is not changed)")
 	tlsCreds := fs.String("tls-creds", "", "directory with ca-cert.pem, server-cert.pem, server-key.pem")
@@ -47,7 +47,9 @@ func cmdServe(args []string) error {
 			return err
 		}
 	}
-	img, err := qcow2.Open(pos[0], qcow2.Options{NoBacking: *noBacking, Writable: *writable, Snapshot: *snapshot})
+	opts := imgFlags.options()
+	opts.Writable, opts.Snapshot = *writable, *snapshot
+	img, err := qcow2.Open(pos[0], opts)
 	if err != nil {
 		return err
 	}
@@ -57,7 +59,7 @@ func cmdServe(args []string) error {
 			img.Close()
 		}
 	}()
-	if *writable && *noBacking {
+	if *writable && imgFlags.noBacking {
 		if l := img.Layers(); len(l) > 0 && l[0].BackingFile != "" {
 			// A write to part of a cluster copies the rest from below:
 			// with the backing file hidden that would be zeroes, which
