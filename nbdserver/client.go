@@ -30,6 +30,10 @@ const (
 	clientReadChunk = 32 << 20
 )
 
+// ErrContextNotOffered is returned by the handshake when the server does
+// not offer a metadata context the client asked for.
+var ErrContextNotOffered = errors.New("nbd: server does not offer metadata context")
+
 // ServerError is an error reply from the server.
 type ServerError struct {
 	Op    string
@@ -244,7 +248,7 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 		case RepAck:
 			for _, n := range names {
 				if _, ok := c.contexts[n]; !ok {
-					return fmt.Errorf("nbd: server does not offer metadata context %q", n)
+					return fmt.Errorf("%w %q", ErrContextNotOffered, n)
 				}
 			}
 			return nil

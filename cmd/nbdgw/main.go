@@ -26,6 +26,7 @@ var commands = map[string]command{
 	"attach": {"attach [--device /dev/nbdN] [--connections N] [--writable] IMAGE|NBD-URI", cmdAttach},
 	"detach": {"detach /dev/nbdN", cmdDetach},
 	"list":   {"list", cmdList},
+	"backup": {"backup [--layer] [--bitmap NAME] [--backing FILE] [--connections N] [-p|--progress] [-o OPTS] [--force] [--no-backing] [-f FORMAT] SOURCE OUT.qcow2", cmdBackup},
 	"serve":  {"serve [--socket PATH | --listen HOST:PORT] [--export-name NAME] [--no-backing] [--writable] [--snapshot] [--tls-creds DIR [--tls-required]] IMAGE", cmdServe},
 }
 
