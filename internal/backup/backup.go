@@ -362,14 +362,16 @@ func (c *copier) walk(fn func(seg) error) error {
 }
 
 // geometry picks OUT's cluster size and extended-L2 bit: -o wins, then a
-// local qcow2 source's own, then (layer and incremental backups over NBD)
-// the granularity of the ranges to copy: 64 KiB when they are 64 KiB
-// aligned, else extended L2 with that granularity as the subcluster size.
+// local qcow2 source's own, then (over NBD) the granularity of the ranges
+// the copy tells apart (data, zeroes, ranges left alone): 64 KiB clusters
+// when they are 64 KiB aligned, else extended L2 with that granularity as
+// the subcluster size, so that OUT can hold each range as the source
+// reports it.
 func (c *copier) geometry(o Options) (int64, bool, error) {
 	cs, extL2, known := c.src.geometry()
 	if !known {
 		cs, extL2 = 64<<10, false
-		if c.mode != Full {
+		{
 			var bounds int64
 			err := c.walk(func(s seg) error {
 				bounds |= s.off
