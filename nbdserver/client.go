@@ -248,6 +248,9 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 		case RepAck:
 			for _, n := range names {
 				if _, ok := c.contexts[n]; !ok {
+					// Leave politely: the caller may well retry with
+					// other contexts.
+					c.sendOption(OptAbort, nil)
 					return fmt.Errorf("%w %q", ErrContextNotOffered, n)
 				}
 			}
