@@ -31,6 +31,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -212,6 +214,12 @@ func Run(ctx context.Context, src, out string, o Options) (Stats, error) {
 		return Stats{}, fmt.Errorf("opening %s: %w", out, err)
 	}
 	c.out = img
+	if f, err := os.Open(tmp); err == nil {
+		// Start writeback of what is written while the copy goes on, so
+		// that the final flush does not wait for all of it.
+		c.writeback = f
+		defer f.Close()
+	}
 	err = c.run()
 	if err == nil {
 		err = img.Flush()
@@ -301,6 +309,8 @@ type copier struct {
 	cluster    int64
 	hasBacking bool
 	progress   func(done, total int64)
+	writeback  *os.File // OUT's file, for sync_file_range
+	unsynced   atomic.Int64
 
 	stats Stats
 	done  atomic.Int64
@@ -520,8 +530,16 @@ func (c *copier) writeData(p []byte, off int64) error {
 		return fmt.Errorf("writing at %d: %w", off, err)
 	}
 	c.wrote.Add(int64(len(p)))
+	if c.writeback != nil && c.unsynced.Add(int64(len(p))) >= writebackEvery {
+		c.unsynced.Store(0)
+		// Asynchronous: queues the dirty pages for writing, waits for none.
+		unix.SyncFileRange(int(c.writeback.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
 	return nil
 }
+
+// writebackEvery is how many bytes are written between two writeback starts.
+const writebackEvery = 32 << 20
 
 // startProgress reports progress every 200 ms until the returned stop.
 func (c *copier) startProgress() func() {
