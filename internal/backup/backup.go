@@ -33,6 +33,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -143,6 +144,10 @@ func parseSize(v string) (int64, error) {
 	n, err := strconv.ParseInt(v, 10, 64)
 	return n * mult, err
 }
+
+// maxPlan is the most segments kept between the geometry walk and the copy
+// (24 bytes each); past it, the copy asks the source again.
+const maxPlan = 1 << 20
 
 // chunk is the largest read one worker issues.
 const chunk = 2 << 20
@@ -309,6 +314,7 @@ type copier struct {
 	cluster    int64
 	hasBacking bool
 	progress   func(done, total int64)
+	plan       []seg    // the segments, when the geometry walk kept them
 	writeback  *os.File // OUT's file, for sync_file_range
 	unsynced   atomic.Int64
 
@@ -340,6 +346,14 @@ func (c *copier) classify(f fact) kind {
 
 // walk calls fn with maximal segments of one kind, in order.
 func (c *copier) walk(fn func(seg) error) error {
+	if c.plan != nil {
+		for _, s := range c.plan {
+			if err := fn(s); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	var cur seg
 	have := false
 	for off := int64(0); off < c.size; off += window {
@@ -383,13 +397,20 @@ func (c *copier) geometry(o Options) (int64, bool, error) {
 		cs, extL2 = 64<<10, false
 		{
 			var bounds int64
+			plan := make([]seg, 0, 1024)
 			err := c.walk(func(s seg) error {
 				bounds |= s.off
+				if plan != nil && len(plan) < maxPlan {
+					plan = append(plan, s)
+				} else {
+					plan = nil
+				}
 				return nil
 			})
 			if err != nil {
 				return 0, false, err
 			}
+			c.plan = plan // the copy walks it again instead of asking the source
 			if g := bounds & -bounds; bounds != 0 && g < 64<<10 {
 				switch {
 				case g >= 512:
@@ -417,22 +438,39 @@ func (c *copier) geometry(o Options) (int64, bool, error) {
 func (c *copier) run() error {
 	ctx, cancel := context.WithCancelCause(c.ctx)
 	defer cancel(nil)
-	jobs := make(chan seg, 64)
+	jobs := make(chan []seg, 16)
 	var wg sync.WaitGroup
 	for _, r := range c.src.readers() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			buf := make([]byte, chunk)
-			for j := range jobs {
+			for batch := range jobs {
 				if ctx.Err() != nil {
 					continue
 				}
-				if err := c.copyData(r, buf[:j.n], j.off); err != nil {
+				if err := c.copyBatch(r, buf, batch); err != nil {
 					cancel(err)
 				}
 			}
 		}()
+	}
+	// Data goes to the workers in batches of up to chunk bytes, which an
+	// NBD connection sends together: small scattered clusters do not
+	// cost a round trip each.
+	var batch []seg
+	var batchBytes int64
+	send := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		select {
+		case jobs <- batch:
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+		batch, batchBytes = nil, 0
+		return nil
 	}
 	stopProgress := c.startProgress()
 	err := c.walk(func(s seg) error {
@@ -452,16 +490,21 @@ func (c *copier) run() error {
 		default:
 			for off := s.off; off < s.off+s.n; {
 				end := min(s.off+s.n, (off+chunk)&^(chunk-1))
-				select {
-				case jobs <- seg{off, end - off, kindData}:
-				case <-ctx.Done():
-					return context.Cause(ctx)
+				if batchBytes+end-off > chunk || len(batch) == maxBatch {
+					if err := send(); err != nil {
+						return err
+					}
 				}
+				batch = append(batch, seg{off, end - off, kindData})
+				batchBytes += end - off
 				off = end
 			}
 		}
 		return nil
 	})
+	if err == nil {
+		err = send()
+	}
 	close(jobs)
 	wg.Wait()
 	stopProgress()
@@ -479,14 +522,47 @@ func (c *copier) writesZeroes() bool { return c.hasBacking || c.mode == Layer }
 
 var zeroes = make([]byte, chunk)
 
-// copyData reads [off, off+len(buf)) and writes it. Outside layer backups
-// (where a data cluster stays data, whatever it holds), clusters that read
-// as zero are not written as data.
-func (c *copier) copyData(r io.ReaderAt, buf []byte, off int64) error {
-	if _, err := r.ReadAt(buf, off); err != nil {
-		return fmt.Errorf("reading the source at %d: %w", off, err)
+// maxBatch is the most reads one batch holds.
+const maxBatch = 32
+
+// batchReader is a source that can have several reads in flight at once.
+type batchReader interface {
+	ReadBatch([]nbdserver.ReadRequest) error
+}
+
+// copyBatch reads the batch's ranges into buf (which holds them all) and
+// stores them.
+func (c *copier) copyBatch(r io.ReaderAt, buf []byte, batch []seg) error {
+	reqs := make([]nbdserver.ReadRequest, len(batch))
+	at := int64(0)
+	for i, j := range batch {
+		reqs[i] = nbdserver.ReadRequest{P: buf[at : at+j.n], Off: j.off}
+		at += j.n
 	}
-	c.read.Add(int64(len(buf)))
+	if br, ok := r.(batchReader); ok {
+		if err := br.ReadBatch(reqs); err != nil {
+			return fmt.Errorf("reading the source at %d (+%d bytes): %w", batch[0].off, at, err)
+		}
+	} else {
+		for _, q := range reqs {
+			if _, err := r.ReadAt(q.P, q.Off); err != nil {
+				return fmt.Errorf("reading the source at %d: %w", q.Off, err)
+			}
+		}
+	}
+	c.read.Add(at)
+	for _, q := range reqs {
+		if err := c.store(q.P, q.Off); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// store writes buf, read at off. Outside layer backups (where a data
+// cluster stays data, whatever it holds), clusters that read as zero are
+// not written as data.
+func (c *copier) store(buf []byte, off int64) error {
 	defer c.done.Add(int64(len(buf)))
 	if c.mode == Layer {
 		return c.writeData(buf, off)
