@@ -205,6 +205,18 @@ func TestBackupLayer(t *testing.T) {
 			t.Errorf("cluster %d: %s", i, s)
 		}
 	}
+	// A local source: the chain, or the top layer alone.
+	for _, nb := range []string{"", "--no-backing"} {
+		out := "local" + nb + ".qcow2"
+		args := []string{"backup", "--layer", "--backing", "subbase.qcow2", "sub.qcow2", out}
+		if nb != "" {
+			args = append(args, nb)
+		}
+		if e := bkMust(t, dir, bin, args...); !strings.Contains(e, "local block status") {
+			t.Errorf("local: %s", e)
+		}
+		bkCheckLayer(t, dir, "sub.qcow2", out)
+	}
 	// nbdkit reports base:allocation only: no way to tell what is local.
 	stop := bkServer(t, dir, sock, "nbdkit", "-f", "-U", sock, "file", "base.raw")
 	_, e, code := bkRun(t, dir, bin, "backup", "--layer", uri, "nbdkit.qcow2")
@@ -294,6 +306,90 @@ func bkCutProxy(t *testing.T, listen, target string, limit int64) {
 			go func() { io.CopyN(c, s, limit); c.Close(); s.Close() }()
 		}
 	}()
+}
+
+// bkStallProxy forwards unix connections to target and, once limit
+// bytes came from the server, stops forwarding without closing: a server
+// that no longer answers.
+func bkStallProxy(t *testing.T, listen, target string, limit int64) {
+	l, err := net.Listen("unix", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		l.Close()
+		close(done)
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("unix", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, s)
+			mu.Unlock()
+			go io.Copy(s, c)
+			go func() { io.CopyN(c, s, limit); <-done }()
+		}
+	}()
+}
+
+// TestBackupInterrupt: SIGINT while the server has stopped answering ends
+// the backup at once, exit 1, with nothing left behind.
+func TestBackupInterrupt(t *testing.T) {
+	nbdRequire(t)
+	bin := nbdgwBinary(t)
+	dir := t.TempDir()
+	bkMust(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", "64M")
+	bkMust(t, dir, "qemu-io", "-c", "write -P 7 0 64M", "img.qcow2")
+	sock, stall := filepath.Join(dir, "s.sock"), filepath.Join(dir, "stall.sock")
+	bkServer(t, dir, sock, bin, "serve", "--socket", sock, "img.qcow2")
+	bkStallProxy(t, stall, sock, 8<<20)
+	cmd := exec.Command(bin, "backup", nbdURI(stall), "out.qcow2")
+	cmd.Dir = dir
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	for i := 0; ; i++ {
+		if tmp, _ := filepath.Glob(filepath.Join(dir, ".out.qcow2.*.partial")); len(tmp) > 0 {
+			break
+		}
+		if i == 200 {
+			t.Fatalf("no temporary OUT after 10 s\n%s", stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // blocked on the stalled server by now
+	cmd.Process.Signal(syscall.SIGINT)
+	select {
+	case err := <-exited:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(stderr.String(), "interrupted: out.qcow2 not written") {
+			t.Errorf("after SIGINT: %v\n%s", err, stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Fatalf("still running 10 s after SIGINT\n%s", stderr.String())
+	}
+	bkNoOutput(t, dir, "out.qcow2")
 }
 
 // TestBackupBadInput: a server that goes away, a full disk, OUT that

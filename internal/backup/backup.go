@@ -186,6 +186,10 @@ func Run(ctx context.Context, src, out string, o Options) (Stats, error) {
 		return Stats{}, err
 	}
 	defer s.close()
+	defer context.AfterFunc(ctx, s.interrupt)()
+	if err := notTheSame(out, src, o.Backing); err != nil {
+		return Stats{}, err
+	}
 	c := &copier{ctx: ctx, src: s, mode: o.Mode, size: s.size(), progress: o.Progress}
 	c.stats.Used = s.used()
 	o.Note("using " + c.stats.Used)
@@ -253,6 +257,23 @@ func Run(ctx context.Context, src, out string, o Options) (Stats, error) {
 		c.progress(c.size, c.size)
 	}
 	return c.stats, nil
+}
+
+// notTheSame refuses an OUT that is the source or the backing file.
+func notTheSame(out string, others ...string) error {
+	fo, err := os.Stat(out)
+	if err != nil {
+		return nil // OUT does not exist yet
+	}
+	for _, p := range others {
+		if IsURI(p) || p == "" {
+			continue
+		}
+		if fp, err := os.Stat(p); err == nil && os.SameFile(fo, fp) {
+			return fmt.Errorf("%s is %s: refusing to replace what the backup reads", out, p)
+		}
+	}
+	return nil
 }
 
 // backingFor checks the backing file and returns how OUT's header names

@@ -359,13 +359,14 @@ func TestRefusals(t *testing.T) {
 		{"backing-size", uri, at("o3.qcow2"), Options{Mode: Layer, Backing: at("small.raw")}, "is 524288 bytes, the source 1048576"},
 		{"full-backing", uri, at("o4.qcow2"), Options{Backing: at("small.raw")}, "--backing needs --layer or --bitmap"},
 		{"bad-geometry", uri, at("o5.qcow2"), Options{ClusterSize: 4096, ExtendedL2: new(true)}, "extended_l2 needs cluster_size of 16K"},
+		{"same-file", at("img.qcow2"), at("img.qcow2"), Options{Force: true}, "refusing to replace what the backup reads"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := Run(context.Background(), c.src, c.out, c.o)
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("error %v, want %q", err, c.want)
 			}
-			if c.name != "exists" {
+			if c.name != "exists" && c.name != "same-file" {
 				if _, err := os.Stat(c.out); err == nil {
 					t.Errorf("%s left behind", c.out)
 				}

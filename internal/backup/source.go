@@ -30,6 +30,8 @@ type source interface {
 	geometry() (clusterSize int64, extL2, known bool)
 	// used names the metadata the source reads, for the summary.
 	used() string
+	// interrupt makes reads in progress fail (on cancellation).
+	interrupt()
 	close() error
 }
 
@@ -165,6 +167,14 @@ func (s *nbdSource) readers() []io.ReaderAt {
 	return r
 }
 
+// interrupt fails every request in progress: a connection blocked on a
+// server that stopped answering must not keep a cancelled backup alive.
+func (s *nbdSource) interrupt() {
+	for _, c := range s.conns {
+		c.Conn().SetDeadline(time.Unix(1, 0))
+	}
+}
+
 func (s *nbdSource) close() error {
 	var errs []error
 	for _, c := range s.conns {
@@ -250,6 +260,7 @@ func openLocal(path string, opts qcow2.Options, mode Mode, bitmap string, n int)
 
 func (s *localSource) size() int64  { return s.img.Size() }
 func (s *localSource) close() error { return s.img.Close() }
+func (s *localSource) interrupt()   {} // local reads end by themselves
 
 func (s *localSource) used() string {
 	switch s.mode {
