@@ -221,6 +221,9 @@ func TestLayer(t *testing.T) {
 			}
 			t.Logf("local: %v", st)
 			checkLayer(t, dir, top, "local.qcow2")
+			if g, w := geometryOf(t, dir, "local.qcow2"), geometryOf(t, dir, top); g != w {
+				t.Errorf("OUT's geometry %s, the source's %s", g, w)
+			}
 			// NBD, top layer alone (the seed's setup) and the whole chain.
 			for _, noBacking := range []bool{true, false} {
 				img := openImage(t, at(top), qcow2.Options{NoBacking: noBacking})
@@ -237,6 +240,43 @@ func TestLayer(t *testing.T) {
 			}
 		})
 	}
+}
+
+// geometryOf is qemu-img info's cluster size and extended-L2 bit.
+func geometryOf(t *testing.T, dir, path string) string {
+	var info struct {
+		ClusterSize int64 `json:"cluster-size"`
+		Format      struct {
+			Data struct {
+				ExtendedL2 bool `json:"extended-l2"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal([]byte(run(t, dir, "qemu-img", "info", "--output=json", path)), &info); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("cluster_size=%d,extended_l2=%v", info.ClusterSize, info.Format.Data.ExtendedL2)
+}
+
+// TestGeometryOption: -o sets OUT's geometry, and the layer still maps as
+// the source's.
+func TestGeometryOption(t *testing.T) {
+	requireQemu(t)
+	dir := t.TempDir()
+	top, base := layerCases[1].build(t, dir) // 64 KiB clusters, no subclusters
+	cs, ext, err := ParseCreateOptions("cluster_size=128k,extended_l2=on")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := openImage(t, filepath.Join(dir, top), qcow2.Options{NoBacking: true})
+	o := Options{Mode: Layer, Backing: filepath.Join(dir, base), ClusterSize: cs, ExtendedL2: ext}
+	if _, err := Run(context.Background(), serve(t, img), filepath.Join(dir, "out.qcow2"), o); err != nil {
+		t.Fatal(err)
+	}
+	if g := geometryOf(t, dir, "out.qcow2"); g != "cluster_size=131072,extended_l2=true" {
+		t.Errorf("geometry %s", g)
+	}
+	checkLayer(t, dir, top, "out.qcow2")
 }
 
 // TestSeed: the seed's example, top.qcow2 over base.raw served without
