@@ -225,6 +225,13 @@ func TestBackupLayer(t *testing.T) {
 		t.Errorf("nbdkit --layer: exit %d\n%s", code, e)
 	}
 	bkNoOutput(t, dir, "nbdkit.qcow2")
+	// A full backup from nbdkit works, in reads no larger than the
+	// server's maximum block size.
+	stop = bkServer(t, dir, sock, "nbdkit", "-f", "-U", sock, "--filter=blocksize-policy", "file", "base.raw",
+		"blocksize-maximum=65536", "blocksize-error-policy=error")
+	bkMust(t, dir, bin, "backup", uri, "nbdkit-full.qcow2")
+	stop()
+	bkIdentical(t, dir, "nbdkit-full.qcow2", "base.raw")
 }
 
 // TestBackupIncremental: full <- incr1 <- incr2 from qemu-nbd -B and from

@@ -333,6 +333,10 @@ func (c *Client) exportName(export string, noZeroes bool) error {
 // Size is the export size.
 func (c *Client) Size() int64 { return c.size }
 
+// MaxBlock is the largest request payload the server accepts
+// (NBD_INFO_BLOCK_SIZE), 0 if it did not say.
+func (c *Client) MaxBlock() int64 { return int64(c.maxBlock) }
+
 // TransmissionFlags are the flags the server advertised.
 func (c *Client) TransmissionFlags() uint16 { return c.flags }
 

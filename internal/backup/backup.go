@@ -476,6 +476,12 @@ func (c *copier) run() error {
 			}
 		}()
 	}
+	// Reads are no larger than the server takes (a power of two, so that
+	// pieces stay aligned to OUT's clusters).
+	piece := int64(chunk)
+	for m := c.src.maxRead(); m > 0 && piece > m && piece > 512; {
+		piece /= 2
+	}
 	// Data goes to the workers in batches of up to chunk bytes, which an
 	// NBD connection sends together: small scattered clusters do not
 	// cost a round trip each.
@@ -510,7 +516,7 @@ func (c *copier) run() error {
 			c.done.Add(s.n)
 		default:
 			for off := s.off; off < s.off+s.n; {
-				end := min(s.off+s.n, (off+chunk)&^(chunk-1))
+				end := min(s.off+s.n, (off+piece)&^(piece-1))
 				if batchBytes+end-off > chunk || len(batch) == maxBatch {
 					if err := send(); err != nil {
 						return err

@@ -25,6 +25,8 @@ type source interface {
 	facts(ctx context.Context, off, n int64, fn func(off, n int64, f fact) error) error
 	// readers are the io.ReaderAts the copy workers share out.
 	readers() []io.ReaderAt
+	// maxRead is the largest read a reader takes (0: no limit).
+	maxRead() int64
 	// geometry is the top layer's cluster size and extended-L2 bit when
 	// the source knows them (a local qcow2).
 	geometry() (clusterSize int64, extL2, known bool)
@@ -154,6 +156,16 @@ func joinNames(names []string) string {
 }
 
 func (s *nbdSource) size() int64 { return s.sz }
+
+func (s *nbdSource) maxRead() int64 {
+	var m int64
+	for _, c := range s.conns {
+		if b := c.MaxBlock(); b > 0 && (m == 0 || b < m) {
+			m = b
+		}
+	}
+	return m
+}
 func (s *nbdSource) used() string {
 	return fmt.Sprintf("%s, %d connection(s)", s.usedMsg, len(s.conns))
 }
@@ -258,9 +270,10 @@ func openLocal(path string, opts qcow2.Options, mode Mode, bitmap string, n int)
 	return &localSource{img: img, mode: mode, bitmap: bitmap, n: max(1, n)}, nil
 }
 
-func (s *localSource) size() int64  { return s.img.Size() }
-func (s *localSource) close() error { return s.img.Close() }
-func (s *localSource) interrupt()   {} // local reads end by themselves
+func (s *localSource) size() int64    { return s.img.Size() }
+func (s *localSource) maxRead() int64 { return 0 }
+func (s *localSource) close() error   { return s.img.Close() }
+func (s *localSource) interrupt()     {} // local reads end by themselves
 
 func (s *localSource) used() string {
 	switch s.mode {
