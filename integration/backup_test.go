@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 )
 
 // bkRun runs a program in dir and returns its output and exit code.
@@ -467,4 +469,24 @@ func TestBackupProgress(t *testing.T) {
 	if strings.Contains(e, "[#") {
 		t.Errorf("progress bar without a terminal:\n%s", e)
 	}
+}
+
+// TestBackupTLS: a layer backup over nbds+unix:// from a server that
+// requires TLS and client certificates.
+func TestBackupTLS(t *testing.T) {
+	nbdRequire(t)
+	bin := nbdgwBinary(t)
+	dir := t.TempDir()
+	bkLayerImages(t, dir)
+	creds := t.TempDir()
+	if err := testcerts.Write(creds, true); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "tls.sock")
+	bkServer(t, dir, sock, bin, "serve", "--socket", sock, "--tls-creds", creds, "--tls-required", "--no-backing", "top.qcow2")
+	e := bkMust(t, dir, bin, "backup", "--layer", "--backing", "base.raw", "nbds+unix:///?socket="+sock+"&tls-certificates="+creds, "out.qcow2")
+	if !strings.Contains(e, "qemu:joint-allocation") {
+		t.Errorf("summary: %s", e)
+	}
+	bkCheckLayer(t, dir, "top.qcow2", "out.qcow2")
 }
