@@ -38,7 +38,7 @@ func Create(path string, o CreateOptions) error {
 	}
 	l2Cover := cs * (cs / l2Entry)
 	l1Entries := (size + l2Cover - 1) / l2Cover
-	l1Clusters := max(1, (l1Entries*8+cs-1)/cs)
+	l1Clusters := (l1Entries*8 + cs - 1) / cs // none for an empty image, as qemu-img makes it
 	if l1Entries*8 > maxL1Bytes {
 		return fmt.Errorf("qcow2: virtual size %d too large for cluster size %d", size, cs)
 	}
@@ -55,7 +55,9 @@ func Create(path string, o CreateOptions) error {
 	be.PutUint32(h[20:], cbits)
 	be.PutUint64(h[24:], uint64(size))
 	be.PutUint32(h[36:], uint32(l1Entries))
-	be.PutUint64(h[40:], uint64(3*cs))
+	if l1Entries > 0 {
+		be.PutUint64(h[40:], uint64(3*cs))
+	}
 	be.PutUint64(h[48:], uint64(cs))
 	be.PutUint32(h[56:], 1)
 	if o.ExtendedL2 {

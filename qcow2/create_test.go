@@ -23,6 +23,7 @@ func TestCreate(t *testing.T) {
 		{"unaligned", CreateOptions{Size: 1000, ClusterBits: 9}},
 		{"backing", CreateOptions{Size: 3 << 20, BackingFile: "b.raw", BackingFormat: "raw"}},
 		{"big", CreateOptions{Size: 4 << 40, ClusterBits: 16}},
+		{"empty", CreateOptions{Size: 0}},
 		{"extended-l2", CreateOptions{Size: 100 << 20, ClusterBits: 15, ExtendedL2: true}},
 	} {
 		t.Run(c.name, func(t *testing.T) {

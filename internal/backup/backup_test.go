@@ -465,3 +465,30 @@ func TestMerge(t *testing.T) {
 		t.Errorf("merge: %s", s)
 	}
 }
+
+// TestOddSizes: an empty source and one whose size is not a multiple of
+// 512 bytes, over NBD and locally.
+func TestOddSizes(t *testing.T) {
+	requireQemu(t)
+	dir := t.TempDir()
+	at := func(s string) string { return filepath.Join(dir, s) }
+	b := make([]byte, 100001)
+	for i := range b[:70000] {
+		b[i] = byte(i%251 + 1)
+	}
+	os.WriteFile(at("odd.raw"), b, 0o644)
+	os.WriteFile(at("empty.raw"), nil, 0o644)
+	for _, name := range []string{"odd.raw", "empty.raw"} {
+		img := openImage(t, at(name), qcow2.Options{Format: "raw"})
+		for i, src := range []string{at(name), serve(t, img)} {
+			out := fmt.Sprintf("%s-%d.qcow2", name, i)
+			if _, err := Run(context.Background(), src, at(out), Options{Image: qcow2.Options{Format: "raw"}}); err != nil {
+				t.Fatal(err)
+			}
+			run(t, dir, "qemu-img", "check", out)
+			if s := run(t, dir, "qemu-img", "compare", "-f", "raw", name, out); !strings.Contains(s, "identical") {
+				t.Errorf("%s: %s", out, s)
+			}
+		}
+	}
+}
