@@ -231,6 +231,9 @@ func Run(ctx context.Context, src, out string, o Options) (Stats, error) {
 	}
 	err = c.run()
 	if err == nil {
+		err = s.unchanged(ctx)
+	}
+	if err == nil {
 		err = img.Flush()
 	}
 	if cerr := img.Close(); err == nil {

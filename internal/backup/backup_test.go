@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -490,5 +491,50 @@ func TestOddSizes(t *testing.T) {
 				t.Errorf("%s: %s", out, s)
 			}
 		}
+	}
+}
+
+// TestResizedExport: an export that has another size once the copy is
+// done fails the backup (the first connection reaches one image, later
+// ones another).
+func TestResizedExport(t *testing.T) {
+	requireQemu(t)
+	dir := t.TempDir()
+	at := func(s string) string { return filepath.Join(dir, s) }
+	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "1M")
+	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "b.qcow2", "2M")
+	sockOf := func(uri string) string { return strings.TrimPrefix(uri, "nbd+unix:///?socket=") }
+	a := sockOf(serve(t, openImage(t, at("a.qcow2"), qcow2.Options{})))
+	b := sockOf(serve(t, openImage(t, at("b.qcow2"), qcow2.Options{})))
+	l, err := net.Listen("unix", at("p.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for n := 0; ; n++ {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			target := a
+			if n > 0 {
+				target = b
+			}
+			s, err := net.Dial("unix", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { io.Copy(s, c); s.Close() }()
+			go func() { io.Copy(c, s); c.Close() }()
+		}
+	}()
+	_, err = Run(context.Background(), "nbd+unix:///?socket="+at("p.sock"), at("out.qcow2"), Options{Connections: 1})
+	if err == nil || !strings.Contains(err.Error(), "the export changed size during the backup: 1048576 bytes, now 2097152") {
+		t.Fatalf("error %v", err)
+	}
+	if left, _ := filepath.Glob(at("*out.qcow2*")); len(left) > 0 {
+		t.Errorf("left behind: %v", left)
 	}
 }

@@ -34,6 +34,9 @@ type source interface {
 	used() string
 	// interrupt makes reads in progress fail (on cancellation).
 	interrupt()
+	// unchanged checks, once everything is read, that the source still
+	// has the size the backup copied.
+	unchanged(ctx context.Context) error
 	close() error
 }
 
@@ -72,6 +75,7 @@ type nbdSource struct {
 	ctxs    []string // negotiated on conns[0], in the order facts reads them
 	sz      int64
 	usedMsg string
+	uri     string
 }
 
 // dialNBD connects to uri asking for the contexts mode needs, then opens
@@ -115,7 +119,7 @@ func dialNBD(ctx context.Context, uri string, mode Mode, bitmap string, want int
 		}
 		return nil, err
 	}
-	s := &nbdSource{conns: []*nbdserver.Client{c}, mode: mode, ctxs: got, sz: c.Size()}
+	s := &nbdSource{conns: []*nbdserver.Client{c}, mode: mode, ctxs: got, sz: c.Size(), uri: uri}
 	switch {
 	case len(got) == 0:
 		s.usedMsg = "no block status (server offers no base:allocation): every byte read"
@@ -185,6 +189,20 @@ func (s *nbdSource) interrupt() {
 	for _, c := range s.conns {
 		c.Conn().SetDeadline(time.Unix(1, 0))
 	}
+}
+
+// unchanged asks the server afresh for the export's size: NBD tells a
+// client of no resize, and an OUT of the old size would pass as complete.
+func (s *nbdSource) unchanged(ctx context.Context) error {
+	c, err := nbdserver.Dial(ctx, s.uri, nbdserver.ClientOptions{StructuredReplies: true})
+	if err != nil {
+		return fmt.Errorf("checking the export's size after the copy: %w", err)
+	}
+	defer c.Close()
+	if c.Size() != s.sz {
+		return fmt.Errorf("the export changed size during the backup: %d bytes, now %d", s.sz, c.Size())
+	}
+	return nil
 }
 
 func (s *nbdSource) close() error {
@@ -274,6 +292,9 @@ func (s *localSource) size() int64    { return s.img.Size() }
 func (s *localSource) maxRead() int64 { return 0 }
 func (s *localSource) close() error   { return s.img.Close() }
 func (s *localSource) interrupt()     {} // local reads end by themselves
+
+// unchanged: a local image is held open (and locked) throughout.
+func (s *localSource) unchanged(context.Context) error { return nil }
 
 func (s *localSource) used() string {
 	switch s.mode {
