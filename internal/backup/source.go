@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
@@ -70,6 +71,7 @@ func merge(a, b []ext, fn func(off, n int64, fa, fb uint32) error) error {
 
 // nbdSource reads an NBD export over one or more connections.
 type nbdSource struct {
+	mu      sync.Mutex // guards conns against interrupt while they close
 	conns   []*nbdserver.Client
 	mode    Mode
 	ctxs    []string // negotiated on conns[0], in the order facts reads them
@@ -186,6 +188,8 @@ func (s *nbdSource) readers() []io.ReaderAt {
 // interrupt fails every request in progress: a connection blocked on a
 // server that stopped answering must not keep a cancelled backup alive.
 func (s *nbdSource) interrupt() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, c := range s.conns {
 		c.Conn().SetDeadline(time.Unix(1, 0))
 	}
@@ -194,6 +198,13 @@ func (s *nbdSource) interrupt() {
 // unchanged asks the server afresh for the export's size: NBD tells a
 // client of no resize, and an OUT of the old size would pass as complete.
 func (s *nbdSource) unchanged(ctx context.Context) error {
+	// Everything is read: leave first, for servers that take only so
+	// many clients (qemu-nbd -e N).
+	// (A server may close its end first after NBD_CMD_DISC: nothing to
+	// report, every read has its reply.)
+	s.close()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	c, err := nbdserver.Dial(ctx, s.uri, nbdserver.ClientOptions{StructuredReplies: true})
 	if err != nil {
 		return fmt.Errorf("checking the export's size after the copy: %w", err)
@@ -206,10 +217,13 @@ func (s *nbdSource) unchanged(ctx context.Context) error {
 }
 
 func (s *nbdSource) close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	var errs []error
 	for _, c := range s.conns {
 		errs = append(errs, c.Close())
 	}
+	s.conns = nil
 	return errors.Join(errs...)
 }
 
