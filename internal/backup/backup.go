@@ -149,8 +149,15 @@ func parseSize(v string) (int64, error) {
 // (24 bytes each); past it, the copy asks the source again.
 const maxPlan = 1 << 20
 
-// chunk is the largest read one worker issues.
-const chunk = 2 << 20
+// Reads are pieces of at most chunk bytes, sent to the server in batches
+// of at most batchSize bytes: several requests in flight on each
+// connection keep a server such as qemu-nbd busy (1 MiB pieces in 8 MiB
+// batches read a 1 GiB image from qemu-nbd about 25% faster than single
+// 2 MiB requests, and as fast from nbdgw serve).
+const (
+	chunk     = 1 << 20
+	batchSize = 8 << 20
+)
 
 // window is how much block status is asked for at a time.
 const window = 4 << 30
@@ -468,7 +475,7 @@ func (c *copier) run() error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, chunk)
+			buf := make([]byte, batchSize)
 			for batch := range jobs {
 				if ctx.Err() != nil {
 					continue
@@ -485,7 +492,7 @@ func (c *copier) run() error {
 	for m := c.src.maxRead(); m > 0 && piece > m && piece > 512; {
 		piece /= 2
 	}
-	// Data goes to the workers in batches of up to chunk bytes, which an
+	// Data goes to the workers in batches of up to batchSize bytes, which an
 	// NBD connection sends together: small scattered clusters do not
 	// cost a round trip each.
 	var batch []seg
@@ -520,7 +527,7 @@ func (c *copier) run() error {
 		default:
 			for off := s.off; off < s.off+s.n; {
 				end := min(s.off+s.n, (off+piece)&^(piece-1))
-				if batchBytes+end-off > chunk || len(batch) == maxBatch {
+				if batchBytes+end-off > batchSize || len(batch) == maxBatch {
 					if err := send(); err != nil {
 						return err
 					}
@@ -553,7 +560,7 @@ func (c *copier) writesZeroes() bool { return c.hasBacking || c.mode == Layer }
 var zeroes = make([]byte, chunk)
 
 // maxBatch is the most reads one batch holds.
-const maxBatch = 32
+const maxBatch = 64
 
 // batchReader is a source that can have several reads in flight at once.
 type batchReader interface {
