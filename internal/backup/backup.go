@@ -426,34 +426,32 @@ func (c *copier) geometry(o Options) (int64, bool, error) {
 	cs, extL2, known := c.src.geometry()
 	if !known {
 		cs, extL2 = 64<<10, false
-		{
-			var bounds int64
-			plan := make([]seg, 0, 1024)
-			err := c.walk(func(s seg) error {
-				bounds |= s.off
-				if plan != nil && len(plan) < maxPlan {
-					plan = append(plan, s)
-				} else {
-					plan = nil
-				}
-				return nil
-			})
-			if err != nil {
-				return 0, false, err
+		var bounds int64
+		plan := make([]seg, 0, 1024)
+		err := c.walk(func(s seg) error {
+			bounds |= s.off
+			if plan != nil && len(plan) < maxPlan {
+				plan = append(plan, s)
+			} else {
+				plan = nil
 			}
-			c.plan = plan // the copy walks it again instead of asking the source
-			if g := bounds & -bounds; bounds != 0 && g < 64<<10 {
-				switch {
-				case g >= 512:
-					cs, extL2 = max(16<<10, 32*g), true
-				default:
-					cs = 512
-				}
+			return nil
+		})
+		if err != nil {
+			return 0, false, err
+		}
+		c.plan = plan // the copy walks it again instead of asking the source
+		if g := bounds & -bounds; bounds != 0 && g < 64<<10 {
+			switch {
+			case g >= 512:
+				cs, extL2 = max(16<<10, 32*g), true
+			default:
+				cs = 512
 			}
 		}
 	}
 	if o.ClusterSize != 0 {
-		cs = o.ClusterSize
+		cs, extL2 = o.ClusterSize, false // subclusters only when asked for too
 	}
 	if o.ExtendedL2 != nil {
 		extL2 = *o.ExtendedL2

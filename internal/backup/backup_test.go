@@ -278,6 +278,19 @@ func TestGeometryOption(t *testing.T) {
 		t.Errorf("geometry %s", g)
 	}
 	checkLayer(t, dir, top, "out.qcow2")
+	// cluster_size alone: no subclusters, even where the source's
+	// granularity (512 B clusters here) would have asked for them.
+	dir = t.TempDir()
+	top, base = layerCases[4].build(t, dir)
+	img = openImage(t, filepath.Join(dir, top), qcow2.Options{NoBacking: true})
+	o = Options{Mode: Layer, Backing: filepath.Join(dir, base), ClusterSize: 512}
+	if _, err := Run(context.Background(), serve(t, img), filepath.Join(dir, "out.qcow2"), o); err != nil {
+		t.Fatal(err)
+	}
+	if g := geometryOf(t, dir, "out.qcow2"); g != "cluster_size=512,extended_l2=false" {
+		t.Errorf("geometry %s", g)
+	}
+	checkLayer(t, dir, top, "out.qcow2")
 }
 
 // TestSeed: the seed's example, top.qcow2 over base.raw served without
