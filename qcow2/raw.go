@@ -60,14 +60,16 @@ func (r *rawLayer) hostFiles() []*hostFile { return []*hostFile{r.h} }
 // for discard and unmapping zero writes.
 type rawWriter struct{ *rawLayer }
 
-func (r *rawWriter) writeAt(_ *Image, p []byte, off int64) error {
+func (r *rawWriter) attach(below) {}
+
+func (r *rawWriter) writeAt(p []byte, off int64) error {
 	if _, err := r.h.f.WriteAt(p, off); err != nil {
 		return fmt.Errorf("writing %s at %#x: %w", r.h.name, off, err)
 	}
 	return nil
 }
 
-func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) error {
+func (r *rawWriter) writeZeroes(off, length int64, flags ZeroFlags) error {
 	fd := int(r.h.f.Fd())
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
 	if flags&ZeroMayUnmap != 0 {
@@ -81,7 +83,7 @@ func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) 
 	}
 	for length > 0 { // the file system cannot: write zeroes
 		n := min(length, 1<<20)
-		if err := r.writeAt(img, make([]byte, n), off); err != nil {
+		if err := r.writeAt(make([]byte, n), off); err != nil {
 			return err
 		}
 		off, length = off+n, length-n
@@ -89,7 +91,7 @@ func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) 
 	return nil
 }
 
-func (r *rawWriter) discard(_ *Image, off, length int64) error {
+func (r *rawWriter) discard(off, length int64) error {
 	// Advisory: a file system without hole punching keeps the data.
 	unix.Fallocate(int(r.h.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	return nil
