@@ -70,15 +70,15 @@ func (q *qcow2Layer) setInUse(on bool) error {
 			f |= bmeFlagInUse
 		}
 		binary.BigEndian.PutUint32(buf[:], f)
-		if _, err := q.h.f.WriteAt(buf[:], b.dirPos+12); err != nil {
-			return fmt.Errorf("%s: updating bitmap directory: %w", q.h.name, err)
+		if err := q.w.f.pwrite(buf[:], b.dirPos+12); err != nil {
+			return fmt.Errorf("updating bitmap directory: %w", err)
 		}
 		changed = true
 	}
 	if !changed {
 		return nil
 	}
-	return q.h.f.Sync()
+	return q.w.f.sync()
 }
 
 // markDirty sets the bits of [off, off+length) in every enabled bitmap.
@@ -149,7 +149,7 @@ func (q *qcow2Layer) storeBitmaps() error {
 	if len(updates) == 0 {
 		return nil
 	}
-	if err := q.h.f.Sync(); err != nil { // bitmap data
+	if err := q.w.f.sync(); err != nil { // bitmap data
 		return err
 	}
 	if err := w.rc.write(); err != nil { // new clusters' refcounts

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"syscall"
 )
 
 // Writes go to the top layer only. The design, in brief:
@@ -37,6 +38,63 @@ const (
 // ErrNotFast is returned by WriteZeroes with ZeroFast when zeroing the range
 // would not be faster than writing zeroes.
 var ErrNotFast = errors.New("zeroing this range is not fast")
+
+// ErrFailed is wrapped by every error of a write, zero write, discard or
+// flush on an image whose earlier write (pwrite) or fsync of a chain file
+// failed. Such an image stays failed until it is closed and opened again:
+// after a failed fsync Linux may have marked the unwritten pages clean, so a
+// later fsync that succeeds proves nothing, and the metadata in memory may
+// point at clusters whose refcounts never reached the disk. The error also
+// wraps syscall.EIO and the first failure itself (so errors.Is finds
+// syscall.ENOSPC when the disk was full). Reads go on.
+var ErrFailed = errors.New("image failed")
+
+// failure is the sticky error of a failed image.
+type failure struct{ first error }
+
+func (f *failure) Error() string {
+	return "image failed after an I/O error; writes and flushes fail until it is reopened (first failure: " + f.first.Error() + ")"
+}
+
+func (f *failure) Unwrap() []error { return []error{ErrFailed, syscall.EIO, f.first} }
+
+// wfile is the file a writer writes, with its sticky error: the first
+// failed pwrite or fsync fails the image, and nothing is written or synced
+// after it.
+type wfile struct {
+	h   *hostFile
+	err error // *failure once failed
+}
+
+// failed returns the sticky error, or nil.
+func (f *wfile) failed() error { return f.err }
+
+func (f *wfile) fail(err error) error {
+	if f.err == nil {
+		f.err = &failure{first: err}
+	}
+	return f.err
+}
+
+func (f *wfile) pwrite(p []byte, off int64) error {
+	if f.err != nil {
+		return f.err
+	}
+	if _, err := f.h.f.WriteAt(p, off); err != nil {
+		return f.fail(fmt.Errorf("%s: writing %d bytes at %#x: %w", f.h.name, len(p), off, err))
+	}
+	return nil
+}
+
+func (f *wfile) sync() error {
+	if f.err != nil {
+		return f.err
+	}
+	if err := f.h.f.Sync(); err != nil {
+		return f.fail(fmt.Errorf("%s: fsync: %w", f.h.name, err))
+	}
+	return nil
+}
 
 // writer is the write side of a layer (the top one only).
 type writer interface {
@@ -94,6 +152,7 @@ const maxDirtyL2 = 256
 // qwriter is the write state of a qcow2 layer. All of it is guarded by the
 // image's lock held exclusively (reads hold it shared and look at l2Dirty).
 type qwriter struct {
+	f       *wfile
 	rc      *refcounts
 	below   below
 	l2Dirty map[int64][]byte // L2 tables changed since the last flush
@@ -116,16 +175,17 @@ func (q *qcow2Layer) startWriting() error {
 	case h.Version < 3 && h.RefcountOrder != 4:
 		return corrupt(q.h.name, 96, -1, "v2 image with refcount order %d", h.RefcountOrder)
 	}
+	f := &wfile{h: q.h}
 	rc, err := loadRefcounts(q.h.name, q.hdr, q.csize, q.cbits, refIO{
 		read:    q.h.readFull,
 		write:   q.pwrite,
-		sync:    q.h.f.Sync,
+		sync:    f.sync,
 		fileLen: func() int64 { return q.fileLen },
 	})
 	if err != nil {
 		return err
 	}
-	q.w = &qwriter{rc: rc, l2Dirty: map[int64][]byte{}, l1Dirty: map[int64]bool{}}
+	q.w = &qwriter{f: f, rc: rc, l2Dirty: map[int64][]byte{}, l1Dirty: map[int64]bool{}}
 	if err := q.loadBitmapsForWriting(); err != nil {
 		q.w = nil
 		return err
@@ -136,6 +196,9 @@ func (q *qcow2Layer) startWriting() error {
 func (q *qcow2Layer) attach(b below) { q.w.below = b }
 
 func (q *qcow2Layer) writeAt(p []byte, off int64) error {
+	if err := q.w.f.failed(); err != nil {
+		return err
+	}
 	q.markDirty(off, int64(len(p)))
 	for len(p) > 0 {
 		m, err := q.lookup(off, int64(len(p)))
@@ -166,9 +229,10 @@ func (q *qcow2Layer) writeAt(p []byte, off int64) error {
 	return q.maybeFlush()
 }
 
+// pwrite writes to the qcow2 file (failing the image if that fails).
 func (q *qcow2Layer) pwrite(p []byte, host int64) error {
-	if _, err := q.h.f.WriteAt(p, host); err != nil {
-		return fmt.Errorf("%s: writing at %#x: %w", q.h.name, host, err)
+	if err := q.w.f.pwrite(p, host); err != nil {
+		return err
 	}
 	if end := host + int64(len(p)); end > q.fileLen {
 		q.fileLen, q.dataLen = end, end
@@ -444,11 +508,16 @@ func (q *qcow2Layer) maybeFlush() error {
 
 // flush writes back the metadata in crash-safe order and makes everything
 // written so far durable.
+//
+// Every step runs only if the one before succeeded, and a failed write or
+// fsync fails the image (see ErrFailed): a step that failed is never
+// followed by one that points at what it should have made durable, and
+// nothing is marked clean before the fsync that made it durable.
 func (q *qcow2Layer) flush() error {
 	w := q.w
-	f := q.h.f
+	f := w.f
 	// 1. Data before anything that points at it.
-	if err := f.Sync(); err != nil {
+	if err := f.sync(); err != nil {
 		return err
 	}
 	if !w.rc.isDirty() && len(w.l2Dirty) == 0 && len(w.l1Dirty) == 0 {
@@ -464,7 +533,7 @@ func (q *qcow2Layer) flush() error {
 			return err
 		}
 	}
-	if err := f.Sync(); err != nil {
+	if err := f.sync(); err != nil {
 		return err
 	}
 	for off, t := range w.l2Dirty {
@@ -479,7 +548,7 @@ func (q *qcow2Layer) flush() error {
 			return err
 		}
 	}
-	if err := f.Sync(); err != nil {
+	if err := f.sync(); err != nil {
 		return err
 	}
 	clear(w.l1Dirty)
@@ -499,6 +568,9 @@ func sortedKeys[V any](m map[int64]V) []int64 {
 // writeZeroes zeroes [off, off+length): whole clusters (subclusters with
 // extended L2) through metadata, the rest by writing zeroes.
 func (q *qcow2Layer) writeZeroes(off, length int64, flags ZeroFlags) error {
+	if err := q.w.f.failed(); err != nil {
+		return err
+	}
 	unit := int64(1) << q.scBits
 	defer q.markDirty(off, length)
 	lo := (off + unit - 1) &^ (unit - 1)
@@ -596,6 +668,9 @@ func (q *qcow2Layer) zeroCluster(gc, a, b int64, mayUnmap bool) error {
 // clusters then read as zeroes (v3: zero flag) so the backing file does not
 // show through; partial clusters are left as they are.
 func (q *qcow2Layer) discard(off, length int64) error {
+	if err := q.w.f.failed(); err != nil {
+		return err
+	}
 	q.markDirty(off, length)
 	lo := (off + q.csize - 1) &^ (q.csize - 1)
 	hi := (off + length) &^ (q.csize - 1)
@@ -629,6 +704,8 @@ func (q *qcow2Layer) discard(off, length int64) error {
 }
 
 // finish stores persistent bitmaps and flushes, before the image closes.
+// On a failed image it writes nothing: the bitmaps stay marked in_use
+// (inconsistent), as a crash would leave them.
 func (q *qcow2Layer) finish() error {
 	if err := q.flush(); err != nil {
 		return err
