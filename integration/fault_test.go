@@ -130,43 +130,58 @@ func TestFaultNBD(t *testing.T) {
 }
 
 // TestFaultFUSE: `nbdgw mount --writable` of an image whose storage fails;
-// fsync of the disk fails, and fails again after the storage recovered.
+// fsync of the disk fails, and fails again after the storage recovered. On
+// a full disk the errno is ENOSPC.
 func TestFaultFUSE(t *testing.T) {
 	fuseRequire(t)
 	bin := nbdgwBinary(t)
-	ffs := faultImage(t)
-	m := fuseStart(t, bin, filepath.Join(ffs.Dir(), "f.qcow2"), "--writable", "-f", "qcow2")
-	disk, err := os.OpenFile(filepath.Join(m.dir, "disk"), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
+	for _, c := range []struct {
+		name  string
+		errno syscall.Errno
+		set   func(*faultfs.FS)
+	}{
+		{"eio", syscall.EIO, func(f *faultfs.FS) {
+			f.Set(faultfs.Fault{Ops: faultfs.Write | faultfs.Fsync, Errno: syscall.EIO})
+		}},
+		{"disk-full", syscall.ENOSPC, func(f *faultfs.FS) { f.DiskFull(20<<10, syscall.ENOSPC) }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ffs := faultImage(t)
+			m := fuseStart(t, bin, filepath.Join(ffs.Dir(), "f.qcow2"), "--writable", "-f", "qcow2")
+			disk, err := os.OpenFile(filepath.Join(m.dir, "disk"), os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer disk.Close()
+			want := bytes.Repeat([]byte{0x42}, 128<<10)
+			if _, err := disk.WriteAt(want, 256<<10); err != nil {
+				t.Fatal(err)
+			}
+			if err := disk.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			c.set(ffs)
+			_, werr := disk.WriteAt(bytes.Repeat([]byte{0x43}, 64<<10), 1<<20)
+			serr := disk.Sync()
+			if !errors.Is(werr, c.errno) && !errors.Is(serr, c.errno) {
+				t.Fatalf("write %v and fsync %v on failing storage: want %v", werr, serr, c.errno)
+			}
+			ffs.Clear()
+			if err := disk.Sync(); !errors.Is(err, c.errno) {
+				t.Fatalf("fsync after the storage recovered: %v, want %v", err, c.errno)
+			}
+			if _, err := disk.WriteAt([]byte{1}, 0); !errors.Is(err, c.errno) {
+				t.Fatalf("write after the failure: %v, want %v", err, c.errno)
+			}
+			got := make([]byte, len(want))
+			if _, err := disk.ReadAt(got, 256<<10); err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("read after the failure: %v", err)
+			}
+			disk.Close()
+			m.cmd.Process.Signal(syscall.SIGINT)
+			m.wait(t) // exits non-zero: closing a failed image fails
+			code := faultVerify(t, ffs, 256<<10, want)
+			t.Logf("qemu-img check exit %d", code)
+		})
 	}
-	defer disk.Close()
-	want := bytes.Repeat([]byte{0x42}, 128<<10)
-	if _, err := disk.WriteAt(want, 256<<10); err != nil {
-		t.Fatal(err)
-	}
-	if err := disk.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	ffs.Set(faultfs.Fault{Ops: faultfs.Write | faultfs.Fsync, Errno: syscall.EIO})
-	_, werr := disk.WriteAt(bytes.Repeat([]byte{0x43}, 64<<10), 1<<20)
-	serr := disk.Sync()
-	if !errors.Is(werr, syscall.EIO) && !errors.Is(serr, syscall.EIO) {
-		t.Fatalf("write %v and fsync %v on failing storage: want EIO", werr, serr)
-	}
-	ffs.Clear()
-	if err := disk.Sync(); !errors.Is(err, syscall.EIO) {
-		t.Fatalf("fsync after the storage recovered: %v, want EIO", err)
-	}
-	if _, err := disk.WriteAt([]byte{1}, 0); !errors.Is(err, syscall.EIO) {
-		t.Fatalf("write after the failure: %v, want EIO", err)
-	}
-	got := make([]byte, len(want))
-	if _, err := disk.ReadAt(got, 256<<10); err != nil || !bytes.Equal(got, want) {
-		t.Fatalf("read after the failure: %v", err)
-	}
-	disk.Close()
-	m.cmd.Process.Signal(syscall.SIGINT)
-	m.wait(t) // exits non-zero: closing a failed image fails
-	faultVerify(t, ffs, 256<<10, want)
 }
