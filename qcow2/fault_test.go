@@ -352,3 +352,39 @@ func TestFaultClosePreservesInUse(t *testing.T) {
 		t.Fatalf("qemu-img check: %v\n%s", err, o)
 	}
 }
+
+// TestFaultRaw: a raw image fails for good too.
+func TestFaultRaw(t *testing.T) {
+	needTools(t, "qemu-img")
+	back := t.TempDir()
+	img(t, back, "create", "-q", "-f", "raw", "r.raw", "1M")
+	ffs := faultfs.New(t, back)
+	im, err := qcow2.Open(filepath.Join(ffs.Dir(), "r.raw"), qcow2.Options{Writable: true, Format: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if _, err := im.WriteAt(pattern(5, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ffs.Set(faultfs.Fault{Ops: faultfs.Write, Errno: syscall.EIO, Count: 1})
+	if _, err := im.WriteAt(pattern(6, 4096), 65536); !errors.Is(err, qcow2.ErrFailed) {
+		t.Fatalf("write on failing storage: %v", err)
+	}
+	for what, err := range map[string]error{
+		"flush":      im.Flush(),
+		"zero write": im.WriteZeroes(0, 4096, 0),
+		"discard":    im.Discard(0, 4096),
+	} {
+		if !errors.Is(err, qcow2.ErrFailed) || !errors.Is(err, syscall.EIO) {
+			t.Errorf("%s after the failure: %v", what, err)
+		}
+	}
+	got := make([]byte, 8192)
+	if _, err := im.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(5, 8192)) {
+		t.Fatalf("read after the failure: %v", err)
+	}
+}
