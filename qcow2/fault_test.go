@@ -388,3 +388,146 @@ func TestFaultRaw(t *testing.T) {
 		t.Fatalf("read after the failure: %v", err)
 	}
 }
+
+// TestFaultRefcountTableMove fails the steps of a flush that moves the
+// refcount table (512-byte clusters and 64-bit refcounts: the table's one
+// cluster covers 2 MiB of the file): the header's pointer to the new table
+// and each fsync of that flush.
+func TestFaultRefcountTableMove(t *testing.T) {
+	needTools(t, "qemu-img")
+	setup := func(t *testing.T) *faultImage {
+		back := t.TempDir()
+		img(t, back, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", "f.qcow2", fmt.Sprint(fsize))
+		ffs := faultfs.New(t, back)
+		im, err := qcow2.Open(filepath.Join(ffs.Dir(), "f.qcow2"), qcow2.Options{Writable: true, Format: "qcow2"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := &faultImage{fs: ffs, name: "f.qcow2", img: im, acked: make([]byte, fsize), cur: make([]byte, fsize), touched: make([]bool, fblocks)}
+		t.Cleanup(func() {
+			if f.img != nil {
+				f.img.Close()
+			}
+		})
+		if err := f.write(0, pattern(1, 64<<10)); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.write(1<<20, pattern(2, 3<<20)); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	f := setup(t)
+	s0 := f.fs.Stats()
+	if err := f.flush(); err != nil {
+		t.Fatal(err)
+	}
+	s1 := f.fs.Stats()
+	t.Logf("flush moving the table: %d writes, %d fsyncs", s1.Writes-s0.Writes, s1.Fsyncs-s0.Fsyncs)
+	fsyncs := s1.Fsyncs - s0.Fsyncs
+	if err := f.img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f.img = nil
+	if code := f.closeCheckOnly(t); code != 0 {
+		t.Fatalf("the table move without faults left qemu-img check exit %d", code)
+	}
+	t.Run("header", func(t *testing.T) {
+		f := setup(t)
+		f.fs.Set(faultfs.Fault{Ops: faultfs.Write, Errno: syscall.EIO, Off: 48, Len: 12})
+		f.checkFailed(t, f.flush(), syscall.EIO)
+		if st := f.fs.Stats(); st.Failed == 0 {
+			t.Fatal("the flush never wrote the header")
+		}
+		f.closeAndCheck(t)
+	})
+	for k := 0; k < fsyncs; k++ {
+		t.Run(fmt.Sprintf("fsync%d", k), func(t *testing.T) {
+			f := setup(t)
+			f.fs.Set(faultfs.Fault{Ops: faultfs.Fsync, Errno: syscall.EIO, After: k, Count: 1})
+			f.checkFailed(t, f.flush(), syscall.EIO)
+			f.closeAndCheck(t)
+		})
+	}
+}
+
+// closeCheckOnly runs qemu-img check on the closed image and returns its
+// exit status (0 or 3; anything else fails the test).
+func (f *faultImage) closeCheckOnly(t *testing.T) int {
+	t.Helper()
+	cmd := exec.Command("qemu-img", "check", "-f", "qcow2", f.name)
+	cmd.Dir = f.fs.Backing()
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ee) && ee.ExitCode() == 3:
+		return 3
+	}
+	t.Fatalf("qemu-img check: %v\n%s", err, out)
+	return -1
+}
+
+// TestFaultEveryCloseStep fails, in turn, each write and fsync of Close
+// (storing the persistent bitmap back: its data, refcounts, table, the
+// release of the old cluster, clearing in_use) after a successful flush:
+// Close fails, the image checks, the flushed data is there.
+func TestFaultEveryCloseStep(t *testing.T) {
+	setup := func(t *testing.T) *faultImage {
+		f := newFaultImage(t)
+		f.baseline(t)
+		if err := f.write(3<<20, pattern(9, 8192)); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.flush(); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	f := setup(t)
+	s0 := f.fs.Stats()
+	if err := f.img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f.img = nil
+	s1 := f.fs.Stats()
+	writes, fsyncs := s1.Writes-s0.Writes, s1.Fsyncs-s0.Fsyncs
+	t.Logf("Close: %d writes, %d fsyncs", writes, fsyncs)
+	if writes < 3 || fsyncs < 3 {
+		t.Fatalf("Close made %d writes and %d fsyncs: the bitmap is no longer stored", writes, fsyncs)
+	}
+	exits := map[int]int{}
+	for _, op := range []faultfs.Op{faultfs.Write, faultfs.Fsync} {
+		n := writes
+		if op == faultfs.Fsync {
+			n = fsyncs
+		}
+		for k := 0; k < n; k++ {
+			t.Run(fmt.Sprintf("%v-%d", map[faultfs.Op]string{faultfs.Write: "write", faultfs.Fsync: "fsync"}[op], k), func(t *testing.T) {
+				f := setup(t)
+				f.fs.Set(faultfs.Fault{Ops: op, Errno: syscall.EIO, After: k})
+				err := f.img.Close()
+				f.img = nil
+				if !errors.Is(err, qcow2.ErrFailed) || !errors.Is(err, syscall.EIO) {
+					t.Fatalf("Close on failing storage: %v", err)
+				}
+				f.fs.Clear()
+				exits[f.closeCheckOnly(t)]++
+				raw := filepath.Join(t.TempDir(), "out.raw")
+				run(t, f.fs.Backing(), "qemu-img", "convert", "-f", "qcow2", "-O", "raw", f.name, raw)
+				got, err := os.ReadFile(raw)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, f.acked) {
+					t.Fatal("flushed data changed after a failed Close")
+				}
+			})
+		}
+	}
+	t.Logf("%d close-time fault points: qemu-img check exit 0: %d, exit 3: %d", writes+fsyncs, exits[0], exits[3])
+}
