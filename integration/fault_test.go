@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -51,6 +52,22 @@ func faultVerify(t *testing.T, ffs *faultfs.FS, off int64, want []byte) int {
 	return code
 }
 
+// faultStopServe stops nbdgw serve with SIGTERM: closing the failed image
+// fails, so it must exit 1 and say why.
+func faultStopServe(t *testing.T, srv *nbdServer) {
+	t.Helper()
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-srv.done:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(srv.stderr.String(), "first failure") {
+			t.Fatalf("nbdgw serve after SIGTERM on a failed image: %v, want exit 1 naming the failure\n%s", err, srv.stderr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("nbdgw serve did not stop after SIGTERM")
+	}
+}
+
 func faultErrno(t *testing.T, what string, err error, want nbdserver.Errno) {
 	t.Helper()
 	var se *nbdserver.ServerError
@@ -89,12 +106,7 @@ func TestFaultNBD(t *testing.T) {
 			t.Fatalf("qemu-io flush after the failure succeeded:\n%s", out)
 		}
 		c.Close()
-		srv.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-srv.done:
-		case <-time.After(30 * time.Second):
-			t.Fatal("nbdgw serve did not stop after SIGTERM")
-		}
+		faultStopServe(t, srv)
 		code := faultVerify(t, ffs, 64<<10, bytes.Repeat([]byte{0x5a}, 192<<10))
 		t.Logf("after the failed fsync: qemu-img check exit %d", code)
 	})
@@ -118,12 +130,7 @@ func TestFaultNBD(t *testing.T) {
 		ffs.Clear()
 		faultErrno(t, "flush after the disk filled", c.Flush(), nbdserver.ENOSPC)
 		c.Close()
-		srv.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-srv.done:
-		case <-time.After(30 * time.Second):
-			t.Fatal("nbdgw serve did not stop after SIGTERM")
-		}
+		faultStopServe(t, srv)
 		code := faultVerify(t, ffs, 0, want)
 		t.Logf("after the full disk: qemu-img check exit %d", code)
 	})
@@ -179,7 +186,10 @@ func TestFaultFUSE(t *testing.T) {
 			}
 			disk.Close()
 			m.cmd.Process.Signal(syscall.SIGINT)
-			m.wait(t) // exits non-zero: closing a failed image fails
+			var ee *exec.ExitError
+			if err := m.wait(t); !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(m.stderr.String(), "first failure") {
+				t.Fatalf("nbdgw mount after SIGINT on a failed image: %v, want exit 1 naming the failure\n%s", err, m.stderr)
+			}
 			code := faultVerify(t, ffs, 256<<10, want)
 			t.Logf("qemu-img check exit %d", code)
 		})
