@@ -58,9 +58,11 @@
 // errors.Is finds syscall.ENOSPC when the disk was full, and the message
 // names the failed call). Reads go on. Only closing the image and opening
 // it again clears the state; a full disk (ENOSPC) fails the image the same
-// way, since the write that did not fit may have been half done. A flush never lies: after a failed fsync Linux
-// may have marked the unwritten pages clean, so a later fsync that returns
-// 0 proves nothing about them. QEMU's file-posix driver keeps the errno of
+// way, since the write that did not fit may have been half done.
+//
+// A flush never lies: after a failed fsync Linux may have marked the
+// unwritten pages clean, so a later fsync that returns 0 proves nothing
+// about them. QEMU's file-posix driver keeps the errno of
 // a failed fdatasync for the same reason and fails every later flush with
 // it (page_cache_inconsistent); the engine does the same and, unlike
 // QEMU, also treats a failed pwrite as permanent, because the metadata in
