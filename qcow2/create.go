@@ -119,7 +119,8 @@ func openSnapshot(path string, opts Options) (*Image, error) {
 		base.Close()
 		return nil, err
 	}
-	img := &Image{mu: base.mu, warn: base.warn, layers: append([]layer{l}, base.layers...), w: l.(writer)}
+	img := &Image{mu: base.mu, warn: base.warn, layers: append([]layer{l}, base.layers...)}
+	img.setWriter(l.(writer))
 	for i, bl := range base.layers {
 		setDepth(bl, i+2)
 	}

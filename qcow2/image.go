@@ -190,7 +190,7 @@ func Open(path string, opts Options) (*Image, error) {
 		}
 		img.layers = append(img.layers, l)
 		if w, ok := l.(writer); ok && depth == 1 && opts.Writable {
-			img.w = w
+			img.setWriter(w)
 		}
 		if backing == "" || opts.NoBacking {
 			break
@@ -534,7 +534,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	if err := img.w.writeAt(img, p, off); err != nil {
+	if err := img.w.writeAt(p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -547,7 +547,7 @@ func (img *Image) WriteZeroes(off, length int64, flags ZeroFlags) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.w.writeZeroes(img, off, length, flags)
+	return img.w.writeZeroes(off, length, flags)
 }
 
 // Discard tells the image [off, off+length) is no longer needed. Whole
@@ -558,7 +558,7 @@ func (img *Image) Discard(off, length int64) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.w.discard(img, off, length)
+	return img.w.discard(off, length)
 }
 
 // Flush makes every write completed so far durable.
