@@ -129,7 +129,7 @@ func (q *qcow2Layer) loadBitmaps() error {
 		return nil
 	}
 	if h.AutoclearFeatures&AutoclearBitmaps == 0 {
-		q.warnf(q.h.name + ": a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
+		q.warnf(SafeName(q.h.name) + ": a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
 		return nil
 	}
 	dir := make([]byte, h.BitmapDirSize) // bounded and inside the file (ParseHeader)
@@ -143,9 +143,9 @@ func (q *qcow2Layer) loadBitmaps() error {
 	for _, b := range bms {
 		b.info.Layer = q.depth
 		if b.info.InUse {
-			q.warnf(fmt.Sprintf("%s: bitmap %q is inconsistent (in use, not saved cleanly): not exported", q.h.name, b.info.Name))
+			q.warnf(fmt.Sprintf("%s: bitmap %q is inconsistent (in use, not saved cleanly): not exported", SafeName(q.h.name), b.info.Name))
 		} else if !b.usable {
-			q.warnf(fmt.Sprintf("%s: bitmap %q has unknown extra data: not exported", q.h.name, b.info.Name))
+			q.warnf(fmt.Sprintf("%s: bitmap %q has unknown extra data: not exported", SafeName(q.h.name), b.info.Name))
 		}
 	}
 	q.bms = bms

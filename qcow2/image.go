@@ -157,15 +157,31 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
+	if err := checkFormatName("", opts.Format, true); err != nil {
+		return nil, err
+	}
+	o := &opener{warn: opts.Warn}
+	if o.warn == nil {
+		o.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
+	}
+	if opts.Confine {
+		c, err := newConfiner(path, opts.ConfineDir)
+		if err != nil {
+			return nil, err
+		}
+		o.conf = c
+	}
+	if opts.Writable && opts.NoBacking {
+		if err := refuseWritableNoBacking(o, path, opts.Format); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Snapshot {
 		return openSnapshot(path, opts)
 	}
-	img := &Image{mu: new(sync.RWMutex), warn: opts.Warn}
-	if img.warn == nil {
-		img.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
-	}
+	img := &Image{mu: new(sync.RWMutex), warn: o.warn}
 	seen := map[string]bool{}
-	name, format := path, opts.Format
+	name, format, what := path, opts.Format, "image"
 	for depth := 1; ; depth++ {
 		if depth > MaxChainDepth {
 			img.Close()
@@ -180,10 +196,10 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
-		l, backing, backingFmt, err := openLayer(name, format, depth, opts.Writable && depth == 1, img.warn)
+		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1)
 		if err != nil {
 			if depth > 1 {
-				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", name, depth, img.layers[len(img.layers)-1].info().Filename, err)
+				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", SafeName(name), depth, SafeName(img.layers[len(img.layers)-1].info().Filename), err)
 			}
 			img.Close()
 			return nil, err
@@ -199,6 +215,7 @@ func Open(path string, opts Options) (*Image, error) {
 			img.Close()
 			return nil, unsupported(name, "backing file %q is not a local file name", backing)
 		}
+		what = whatName("backing file name", backing, name)
 		name, format = combinePath(name, backing), backingFmt
 	}
 	return img, nil

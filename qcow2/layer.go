@@ -2,9 +2,12 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // L1/L2 entry bits (QEMU's qcow2.h).
@@ -20,9 +23,8 @@ const (
 
 // Cache budgets per layer.
 const (
-	l2CacheBytes   = 32 << 20
-	zCacheBytes    = 8 << 20
-	firstReadBytes = 2 << 20 // the header lives in the first cluster (at most 2 MiB)
+	l2CacheBytes = 32 << 20
+	zCacheBytes  = 8 << 20
 )
 
 // scType is QEMU's QCow2SubclusterType.
@@ -83,11 +85,24 @@ type qcow2Layer struct {
 // raw). It returns the layer and the backing file name and format it
 // names, if any.
 func openLayer(name, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
-	h, err := openHost(name, writable)
+	return openChainFile(&opener{warn: warn}, name, "image", format, depth, writable)
+}
+
+// opener is what every file of one Open shares.
+type opener struct {
+	conf *confiner // nil without Options.Confine
+	warn func(string)
+}
+
+// openChainFile opens one file of the chain; what says where its name
+// came from (for confinement messages).
+func openChainFile(o *opener, name, what, format string, depth int, writable bool) (layer, string, string, error) {
+	h, err := o.conf.open(name, what, writable)
 	if err != nil {
 		return nil, "", "", err
 	}
-	l, backing, backingFmt, err := openLayerFile(h, format, depth, writable, warn)
+	adviseRandom(h)
+	l, backing, backingFmt, err := openLayerFile(o, h, format, depth, writable)
 	if err != nil {
 		h.close()
 		return nil, "", "", err
@@ -95,27 +110,41 @@ func openLayer(name, format string, depth int, writable bool, warn func(string))
 	return l, backing, backingFmt, nil
 }
 
-func openLayerFile(h *hostFile, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
+// adviseRandom turns the kernel's readahead off for h (POSIX_FADV_RANDOM,
+// per open file description): reading a header or an L2 table then
+// caches those pages only, not the guest data clusters next to them. A
+// page cached over an ext4 unwritten extent turns SEEK_HOLE's "hole" into
+// "data", so readahead would change the block status QEMU reports for
+// the same file afterwards. Guest reads are as large as the client asks.
+func adviseRandom(h *hostFile) {
+	unix.Fadvise(int(h.f.Fd()), 0, 0, unix.FADV_RANDOM)
+}
+
+func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bool) (layer, string, string, error) {
 	fileLen, err := h.length()
 	if err != nil {
 		return nil, "", "", err
 	}
-	first := make([]byte, min(fileLen, firstReadBytes))
-	if err := h.readFull(first, 0); err != nil {
-		return nil, "", "", err
-	}
-	if format == "" {
-		format = "raw"
-		if len(first) >= 4 && binary.BigEndian.Uint32(first) == Magic {
-			format = "qcow2"
+	probed := format == ""
+	if probed {
+		if format, _, err = probeFile(h, fileLen); err != nil {
+			return nil, "", "", err
 		}
 	}
 	switch format {
-	case "raw":
-		r, err := openRaw(h, depth, writable)
+	case FormatRaw:
+		if probed && writable {
+			// QEMU's raw_open() warning, and the same restriction.
+			o.warn(SafeName(h.name) + ": image format was not specified and probing guessed raw; writes that would make the first 512 bytes probe as another format are refused: use -f raw to remove the restriction")
+		}
+		r, err := openRaw(h, depth, writable, probed)
 		return r, "", "", err
-	case "qcow2":
-		q, err := openQcow2(h, first, fileLen, depth, warn)
+	case FormatQcow2:
+		first, err := readHeaderCluster(h, fileLen)
+		if err != nil {
+			return nil, "", "", err
+		}
+		q, err := openQcow2(o, h, first, fileLen, depth)
 		if err != nil {
 			return nil, "", "", err
 		}
@@ -127,14 +156,37 @@ func openLayerFile(h *hostFile, format string, depth int, writable bool, warn fu
 		}
 		return q, q.hdr.BackingFile, q.hdr.BackingFormat, nil
 	}
-	return nil, "", "", unsupported(h.name, "image format %q is not supported (only qcow2 and raw)", format)
+	return nil, "", "", unsupportedFormat(h.name, format, probed && depth == 1, !probed && depth == 1)
 }
 
-func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(string)) (*qcow2Layer, error) {
+// readHeaderCluster reads what ParseHeader needs and nothing more: the
+// first cluster (header, extensions, backing file name), or the whole file
+// when it is shorter. The cluster size comes from the header itself; an
+// out-of-range one reads the smallest cluster and ParseHeader refuses it.
+func readHeaderCluster(h *hostFile, fileLen int64) ([]byte, error) {
+	head := make([]byte, min(fileLen, v3HeaderLength))
+	if err := h.readFull(head, 0); err != nil {
+		return nil, fmt.Errorf("%s: reading the header: %w", SafeName(h.name), err)
+	}
+	n := int64(1) << minClusterBits
+	if len(head) >= 24 {
+		if cb := binary.BigEndian.Uint32(head[20:]); cb >= minClusterBits && cb <= maxClusterBits {
+			n = 1 << cb
+		}
+	}
+	first := make([]byte, min(fileLen, n))
+	if err := h.readFull(first, 0); err != nil {
+		return nil, fmt.Errorf("%s: reading the header: %w", SafeName(h.name), err)
+	}
+	return first, nil
+}
+
+func openQcow2(o *opener, h *hostFile, first []byte, fileLen int64, depth int) (*qcow2Layer, error) {
 	hdr, err := ParseHeader(h.name, first, fileLen)
 	if err != nil {
 		return nil, err
 	}
+	warn := o.warn
 	q := &qcow2Layer{
 		h: h, data: h, depth: depth, hdr: hdr, warnf: warn,
 		size_:   int64(hdr.Size) &^ 511, // QEMU: total_sectors = size / 512
@@ -158,19 +210,20 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 	q.coffMask = 1<<q.csizeShift - 1
 
 	if hdr.IncompatibleFeatures&IncompatDirty != 0 {
-		warn(h.name + ": image is marked dirty (not closed cleanly); refcounts may be stale, reading anyway")
+		warn(SafeName(h.name) + ": image is marked dirty (not closed cleanly); refcounts may be stale, reading anyway")
 	}
 	if hdr.IncompatibleFeatures&IncompatCorrupt != 0 {
-		warn(h.name + ": image is marked corrupt; reading anyway, read-only")
+		warn(SafeName(h.name) + ": image is marked corrupt; reading anyway, read-only")
 	}
 	if q.hasDataFile {
 		if hdr.DataFile == "" {
 			return nil, corrupt(h.name, -1, -1, "external data file feature set but no data file name")
 		}
-		d, err := openDataFile(h.name, hdr.DataFile, false)
+		d, err := openDataFile(o, h.name, hdr.DataFile, false)
 		if err != nil {
-			return nil, fmt.Errorf("%s: opening external data file: %w", h.name, err)
+			return nil, fmt.Errorf("%s: opening external data file %q: %w", SafeName(h.name), hdr.DataFile, err)
 		}
+		adviseRandom(d)
 		q.data = d
 		if q.dataLen, err = d.length(); err != nil {
 			d.close()
@@ -192,13 +245,16 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 // stored, relative to the process's working directory (not the image's
 // directory, unlike backing files); we do the same, so the names printed
 // agree, and fall back to the image's directory where QEMU would fail.
-func openDataFile(image, name string, writable bool) (*hostFile, error) {
-	d, err := openHost(name, writable)
-	if err == nil || filepath.IsAbs(name) {
+// With confinement the data file must resolve inside the directory too
+// (Options.NoBacking does not hide it: it is part of the top layer).
+func openDataFile(o *opener, image, name string, writable bool) (*hostFile, error) {
+	what := whatName("data file name", name, image)
+	d, err := o.conf.open(name, what, writable)
+	if err == nil || filepath.IsAbs(name) || errors.Is(err, ErrConfined) {
 		return d, err
 	}
-	if d, err2 := openHost(combinePath(image, name), writable); err2 == nil {
-		return d, nil
+	if d, err2 := o.conf.open(combinePath(image, name), what, writable); err2 == nil || errors.Is(err2, ErrConfined) {
+		return d, err2
 	}
 	return nil, err
 }

@@ -11,14 +11,17 @@ type rawLayer struct {
 	h     *hostFile
 	depth int
 	len   int64 // file length rounded up to 512, as QEMU's total_sectors
+	// probed: the format was probed, not given; writes that would change
+	// what the first 512 bytes probe as are refused (checkProbedWrite).
+	probed bool
 }
 
-func openRaw(h *hostFile, depth int, writable bool) (layer, error) {
+func openRaw(h *hostFile, depth int, writable, probed bool) (layer, error) {
 	n, err := h.length()
 	if err != nil {
 		return nil, err
 	}
-	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511}
+	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511, probed: probed}
 	if writable {
 		return &rawWriter{r}, nil
 	}
@@ -61,6 +64,9 @@ func (r *rawLayer) hostFiles() []*hostFile { return []*hostFile{r.h} }
 type rawWriter struct{ *rawLayer }
 
 func (r *rawWriter) writeAt(_ *Image, p []byte, off int64) error {
+	if err := r.checkProbedWrite(off, p, int64(len(p))); err != nil {
+		return err
+	}
 	if _, err := r.h.f.WriteAt(p, off); err != nil {
 		return fmt.Errorf("writing %s at %#x: %w", r.h.name, off, err)
 	}
@@ -68,6 +74,9 @@ func (r *rawWriter) writeAt(_ *Image, p []byte, off int64) error {
 }
 
 func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) error {
+	if err := r.checkProbedWrite(off, nil, length); err != nil {
+		return err
+	}
 	fd := int(r.h.f.Fd())
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
 	if flags&ZeroMayUnmap != 0 {
@@ -90,7 +99,11 @@ func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) 
 }
 
 func (r *rawWriter) discard(_ *Image, off, length int64) error {
-	// Advisory: a file system without hole punching keeps the data.
+	// Advisory: a file system without hole punching keeps the data, and
+	// so does a probed image whose first 512 bytes would change format.
+	if r.checkProbedWrite(off, nil, length) != nil {
+		return nil
+	}
 	unix.Fallocate(int(r.h.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	return nil
 }
