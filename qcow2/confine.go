@@ -59,8 +59,8 @@ func (c *confiner) inside(p string) bool {
 
 // check opens name with O_PATH and verifies the descriptor: it resolves
 // inside the directory and is a regular file. what says where the name
-// came from, for the message ("image", or `backing file name "b"
-// (header of top.qcow2)`). It returns the O_PATH descriptor.
+// came from, for the message ("image top.qcow2", or `backing file name
+// "b" (header of top.qcow2)`). It returns the O_PATH descriptor.
 func (c *confiner) check(name, what string) (int, error) {
 	fd, err := unix.Open(name, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -73,8 +73,7 @@ func (c *confiner) check(name, what string) (int, error) {
 	}
 	if !c.inside(real) {
 		unix.Close(fd)
-		return -1, &FormatError{File: name, Offset: -1, Index: -1, Err: ErrConfined,
-			Msg: fmt.Sprintf("%s resolves to %s, outside the confinement directory %s", what, SafeName(real), SafeName(c.dir))}
+		return -1, &confineError{fmt.Sprintf("%s resolves to %s, outside the confinement directory %s", what, SafeName(real), SafeName(c.dir))}
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
@@ -83,8 +82,7 @@ func (c *confiner) check(name, what string) (int, error) {
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		unix.Close(fd)
-		return -1, &FormatError{File: name, Offset: -1, Index: -1, Err: ErrConfined,
-			Msg: fmt.Sprintf("%s resolves to %s, which is not a regular file", what, SafeName(real))}
+		return -1, &confineError{fmt.Sprintf("%s resolves to %s, which is not a regular file", what, SafeName(real))}
 	}
 	return fd, nil
 }
@@ -136,3 +134,10 @@ func (c *confiner) openPeek(name, what string) (*os.File, error) {
 func whatName(field, name, header string) string {
 	return fmt.Sprintf("%s %q (header of %s)", field, name, SafeName(header))
 }
+
+// confineError is a refusal of Options.Confine. Its message names the
+// file and the header field that named it, so it is not wrapped further.
+type confineError struct{ msg string }
+
+func (e *confineError) Error() string        { return e.msg }
+func (e *confineError) Is(target error) bool { return target == ErrConfined }

@@ -157,7 +157,7 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
-	if err := checkFormatName("", opts.Format, true); err != nil {
+	if err := checkFormatName(path, opts.Format, true); err != nil {
 		return nil, err
 	}
 	o := &opener{warn: opts.Warn}
@@ -181,7 +181,7 @@ func Open(path string, opts Options) (*Image, error) {
 	}
 	img := &Image{mu: new(sync.RWMutex), warn: o.warn}
 	seen := map[string]bool{}
-	name, format, what := path, opts.Format, "image"
+	name, format, what := path, opts.Format, "image "+SafeName(path)
 	for depth := 1; ; depth++ {
 		if depth > MaxChainDepth {
 			img.Close()
@@ -198,7 +198,7 @@ func Open(path string, opts Options) (*Image, error) {
 		seen[key] = true
 		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1)
 		if err != nil {
-			if depth > 1 {
+			if depth > 1 && !errors.Is(err, ErrConfined) {
 				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", SafeName(name), depth, SafeName(img.layers[len(img.layers)-1].info().Filename), err)
 			}
 			img.Close()

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sync"
 
@@ -85,7 +86,7 @@ type qcow2Layer struct {
 // raw). It returns the layer and the backing file name and format it
 // names, if any.
 func openLayer(name, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
-	return openChainFile(&opener{warn: warn}, name, "image", format, depth, writable)
+	return openChainFile(&opener{warn: warn}, name, "image "+SafeName(name), format, depth, writable)
 }
 
 // opener is what every file of one Open shares.
@@ -99,7 +100,7 @@ type opener struct {
 func openChainFile(o *opener, name, what, format string, depth int, writable bool) (layer, string, string, error) {
 	h, err := o.conf.open(name, what, writable)
 	if err != nil {
-		return nil, "", "", err
+		return nil, "", "", safePathError(err)
 	}
 	adviseRandom(h)
 	l, backing, backingFmt, err := openLayerFile(o, h, format, depth, writable)
@@ -220,6 +221,9 @@ func openQcow2(o *opener, h *hostFile, first []byte, fileLen int64, depth int) (
 			return nil, corrupt(h.name, -1, -1, "external data file feature set but no data file name")
 		}
 		d, err := openDataFile(o, h.name, hdr.DataFile, false)
+		if errors.Is(err, ErrConfined) {
+			return nil, err
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%s: opening external data file %q: %w", SafeName(h.name), hdr.DataFile, err)
 		}
@@ -251,12 +255,22 @@ func openDataFile(o *opener, image, name string, writable bool) (*hostFile, erro
 	what := whatName("data file name", name, image)
 	d, err := o.conf.open(name, what, writable)
 	if err == nil || filepath.IsAbs(name) || errors.Is(err, ErrConfined) {
-		return d, err
+		return d, safePathError(err)
 	}
 	if d, err2 := o.conf.open(combinePath(image, name), what, writable); err2 == nil || errors.Is(err2, ErrConfined) {
 		return d, err2
 	}
-	return nil, err
+	return nil, safePathError(err)
+}
+
+// safePathError quotes the path of an *os.PathError that needs it (it
+// may come from an image header), keeping what it wraps.
+func safePathError(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		pe.Path = SafeName(pe.Path)
+	}
+	return err
 }
 
 func (q *qcow2Layer) size() int64 { return q.size_ }

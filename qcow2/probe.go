@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"strconv"
 	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // probeBytes is QEMU's BLOCK_PROBE_BUF_SIZE: find_image_format() reads
@@ -165,11 +169,10 @@ func unsupportedFormat(file, format string, probedTop, forced bool) error {
 	var msg string
 	switch {
 	case known:
-		name := format
+		msg = "image format " + format + " is not supported (nbdgw reads qcow2 and raw)"
 		if format == "qcow" {
-			name += " (the qcow2 magic with version 1)"
+			msg = "image format qcow is not supported (nbdgw reads qcow2 and raw; this header has the qcow2 magic with version 1)"
 		}
-		msg = "image format " + name + " is not supported (nbdgw reads qcow2 and raw)"
 	case forced:
 		msg = fmt.Sprintf("unknown image format %q (nbdgw reads qcow2 and raw)", format)
 	default:
@@ -191,10 +194,41 @@ func probeFile(h *hostFile, fileLen int64) (string, []byte, error) {
 		return FormatRaw, nil, nil
 	}
 	buf := make([]byte, min(fileLen, probeBytes))
-	if err := h.readFull(buf, 0); err != nil {
-		return "", nil, fmt.Errorf("%s: reading the image to determine its format: %w", SafeName(h.name), err)
+	if !readDirect(h, buf) {
+		if err := h.readFull(buf, 0); err != nil {
+			return "", nil, fmt.Errorf("%s: reading the image to determine its format: %w", SafeName(h.name), err)
+		}
 	}
 	return ProbeFormat(buf, h.name), buf, nil
+}
+
+// readDirect reads the start of h into p (at most 4 KiB) with O_DIRECT,
+// through a second descriptor of the same open file, so that the read
+// leaves nothing in the page cache: for a raw file the probe buffer is
+// guest data, and a page cached over an ext4 unwritten extent makes
+// SEEK_DATA report data where QEMU, asking afterwards, would have seen a
+// hole. Where O_DIRECT is not available (tmpfs) it returns false and the
+// caller reads through the page cache.
+func readDirect(h *hostFile, p []byte) bool {
+	const align = 4096
+	if len(p) > align {
+		return false
+	}
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(int(h.f.Fd())), unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	raw := make([]byte, 2*align)
+	off := align - int(uintptr(unsafe.Pointer(&raw[0]))&(align-1))
+	buf := raw[off : off+align]
+	n, err := unix.Pread(fd, buf, 0) // short at the end of the file
+	if err != nil {
+		return false
+	}
+	copy(p, buf[:n])
+	clear(p[min(n, len(p)):])
+	return true
 }
 
 // checkProbedWrite is QEMU's restriction on a raw image whose format was
@@ -239,7 +273,7 @@ func (e *probedWriteError) Is(target error) bool { return target == ErrReadOnly 
 // hide the backing file's data for good. It only peeks at the header;
 // whatever else is wrong with the file the real open reports.
 func refuseWritableNoBacking(o *opener, path, format string) error {
-	f, err := o.conf.openPeek(path, "image")
+	f, err := o.conf.openPeek(path, "image "+SafeName(path))
 	if err != nil || f == nil {
 		return err
 	}
