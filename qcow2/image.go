@@ -20,7 +20,9 @@ type Options struct {
 	// NoBacking opens the top layer alone, as QEMU does with
 	// "backing": null: unallocated ranges read as zeroes.
 	NoBacking bool
-	// Format forces the top layer's format ("qcow2" or "raw"); "" probes.
+	// Format forces the top layer's format ("qcow2" or "raw"); "" probes
+	// as QEMU does and refuses formats the engine does not read, naming
+	// them (see the package documentation, "Formats and confinement").
 	Format string
 	// Warn receives warnings (dirty or corrupt bits on a read-only open,
 	// inconsistent bitmaps). Nil writes them to standard error.
