@@ -602,6 +602,12 @@ func (img *Image) HostFile(name string) *os.File {
 	for _, l := range img.layers {
 		for _, h := range l.hostFiles() {
 			if h.name == name {
+				if nc, ok := l.(noClose); ok {
+					l = nc.layer
+				}
+				if q, ok := l.(*qcow2Layer); ok {
+					return q.guestFile(h) // readahead on, unlike metadata reads
+				}
 				return h.f
 			}
 		}

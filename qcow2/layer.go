@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -49,6 +50,8 @@ func (t scType) String() string {
 type qcow2Layer struct {
 	h                *hostFile // the qcow2 file
 	data             *hostFile // the external data file, or h
+	ra               *os.File  // h's file again, with readahead, for guest reads (nil: use h)
+	dfd              int       // h's file again, O_DIRECT, for metadata reads (-1: use h)
 	depth            int
 	hdr              *Header
 	warnf            func(string)
@@ -102,7 +105,6 @@ func openChainFile(o *opener, name, what, format string, depth int, writable boo
 	if err != nil {
 		return nil, "", "", safePathError(err)
 	}
-	adviseRandom(h)
 	l, backing, backingFmt, err := openLayerFile(o, h, format, depth, writable)
 	if err != nil {
 		h.close()
@@ -112,13 +114,59 @@ func openChainFile(o *opener, name, what, format string, depth int, writable boo
 }
 
 // adviseRandom turns the kernel's readahead off for h (POSIX_FADV_RANDOM,
-// per open file description): reading a header or an L2 table then
-// caches those pages only, not the guest data clusters next to them. A
-// page cached over an ext4 unwritten extent turns SEEK_HOLE's "hole" into
-// "data", so readahead would change the block status QEMU reports for
-// the same file afterwards. Guest reads are as large as the client asks.
+// per open file description), the description a qcow2 layer reads its
+// metadata through: reading a header or an L2 table then caches those
+// pages only, not the guest data clusters next to them. A page cached
+// over an ext4 unwritten extent turns SEEK_DATA's hole into data, so
+// readahead would change the block status QEMU reports for the same file
+// afterwards. Guest data is read through a second description with the
+// normal readahead (openReadahead): sequential reads stay fast.
 func adviseRandom(h *hostFile) {
 	unix.Fadvise(int(h.f.Fd()), 0, 0, unix.FADV_RANDOM)
+}
+
+// openReadahead opens a second, read-only description of h's file for
+// guest data reads (nil if it cannot: reads then use h). It takes no
+// lock: image locks are OFD locks on h's own description, which closing
+// this one does not release.
+func openReadahead(h *hostFile) *os.File {
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(int(h.f.Fd())), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	return os.NewFile(uintptr(fd), h.name)
+}
+
+// readGuest reads guest data (a data or compressed cluster) at host
+// offset off of f: through the readahead description when f is the
+// qcow2 file itself.
+func (q *qcow2Layer) readGuest(f *hostFile, p []byte, off int64) error {
+	if f == q.h && q.ra != nil {
+		return (&hostFile{name: f.name, f: q.ra}).readFull(p, off)
+	}
+	return f.readFull(p, off)
+}
+
+// readMeta reads metadata (tables, bitmaps) at off: with O_DIRECT where
+// the file system has it, so that opening an image and answering block
+// status leave the page cache as they found it. The kernel writes back
+// dirty pages of the range before a direct read, so writes made through
+// h are seen.
+func (q *qcow2Layer) readMeta(p []byte, off int64) error {
+	if q.dfd >= 0 {
+		if ok, err := readAtDirect(q.dfd, p, off); ok {
+			return err
+		}
+	}
+	return q.h.readFull(p, off)
+}
+
+// guestFile is the descriptor guest data of h is read through.
+func (q *qcow2Layer) guestFile(h *hostFile) *os.File {
+	if h == q.h && q.ra != nil {
+		return q.ra
+	}
+	return h.f
 }
 
 func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bool) (layer, string, string, error) {
@@ -141,6 +189,7 @@ func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bo
 		r, err := openRaw(h, depth, writable, probed)
 		return r, "", "", err
 	case FormatQcow2:
+		adviseRandom(h)
 		first, err := readHeaderCluster(h, fileLen)
 		if err != nil {
 			return nil, "", "", err
@@ -165,8 +214,20 @@ func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bo
 // when it is shorter. The cluster size comes from the header itself; an
 // out-of-range one reads the smallest cluster and ParseHeader refuses it.
 func readHeaderCluster(h *hostFile, fileLen int64) ([]byte, error) {
+	fd := openDirect(h)
+	if fd >= 0 {
+		defer unix.Close(fd)
+	}
+	read := func(p []byte) error {
+		if fd >= 0 {
+			if ok, err := readAtDirect(fd, p, 0); ok {
+				return err
+			}
+		}
+		return h.readFull(p, 0)
+	}
 	head := make([]byte, min(fileLen, v3HeaderLength))
-	if err := h.readFull(head, 0); err != nil {
+	if err := read(head); err != nil {
 		return nil, fmt.Errorf("%s: reading the header: %w", SafeName(h.name), err)
 	}
 	n := int64(1) << minClusterBits
@@ -176,7 +237,7 @@ func readHeaderCluster(h *hostFile, fileLen int64) ([]byte, error) {
 		}
 	}
 	first := make([]byte, min(fileLen, n))
-	if err := h.readFull(first, 0); err != nil {
+	if err := read(first); err != nil {
 		return nil, fmt.Errorf("%s: reading the header: %w", SafeName(h.name), err)
 	}
 	return first, nil
@@ -189,7 +250,7 @@ func openQcow2(o *opener, h *hostFile, first []byte, fileLen int64, depth int) (
 	}
 	warn := o.warn
 	q := &qcow2Layer{
-		h: h, data: h, depth: depth, hdr: hdr, warnf: warn,
+		h: h, data: h, dfd: -1, depth: depth, hdr: hdr, warnf: warn,
 		size_:   int64(hdr.Size) &^ 511, // QEMU: total_sectors = size / 512
 		fileLen: fileLen, dataLen: fileLen,
 		cbits: uint(hdr.ClusterBits), csize: hdr.ClusterSize(),
@@ -227,13 +288,16 @@ func openQcow2(o *opener, h *hostFile, first []byte, fileLen int64, depth int) (
 		if err != nil {
 			return nil, fmt.Errorf("%s: opening external data file %q: %w", SafeName(h.name), hdr.DataFile, err)
 		}
-		adviseRandom(d)
 		q.data = d
 		if q.dataLen, err = d.length(); err != nil {
 			d.close()
 			return nil, err
 		}
 	}
+	if q.data == h {
+		q.ra = openReadahead(h)
+	}
+	q.dfd = openDirect(h)
 	if err := q.loadL1(); err != nil {
 		q.close()
 		return nil, err
@@ -290,8 +354,17 @@ func (q *qcow2Layer) hostFiles() []*hostFile {
 	return []*hostFile{q.h}
 }
 
-// closeData closes an external data file (the caller closes q.h).
+// closeData closes an external data file and the readahead description
+// (the caller closes q.h).
 func (q *qcow2Layer) closeData() error {
+	if q.ra != nil {
+		q.ra.Close()
+		q.ra = nil
+	}
+	if q.dfd >= 0 {
+		unix.Close(q.dfd)
+		q.dfd = -1
+	}
 	if q.data != q.h {
 		return q.data.close()
 	}
@@ -309,7 +382,7 @@ func (q *qcow2Layer) l2Table(off int64) ([]byte, error) {
 		return t, nil
 	}
 	t := make([]byte, q.csize)
-	if err := q.h.readFull(t, off); err != nil {
+	if err := q.readMeta(t, off); err != nil {
 		return nil, fmt.Errorf("%s: reading L2 table at %#x: %w", q.h.name, off, err)
 	}
 	if zeroEntries(t) == int64(len(t)) {
@@ -565,7 +638,7 @@ func (q *qcow2Layer) read(p []byte, off int64) (int, bool, error) {
 	case scZeroPlain, scZeroAlloc:
 		clear(buf)
 	case scNormal:
-		if err := q.data.readFull(buf, m.host); err != nil {
+		if err := q.readGuest(q.data, buf, m.host); err != nil {
 			return 0, false, fmt.Errorf("%s: reading data at %#x: %w", q.data.name, m.host, err)
 		}
 	case scCompressed:
@@ -592,7 +665,7 @@ func (q *qcow2Layer) compressedCluster(e uint64) ([]byte, error) {
 		return nil, corrupt(q.h.name, coff, -1, "compressed cluster (%d bytes at %#x) past the end of the file (%d bytes)", clen, coff, q.fileLen)
 	}
 	in := make([]byte, clen)
-	if err := q.h.readFull(in, coff); err != nil {
+	if err := q.readGuest(q.h, in, coff); err != nil {
 		return nil, err
 	}
 	out := make([]byte, q.csize)
@@ -628,7 +701,7 @@ func (q *qcow2Layer) countRefcounts(end, limit int64) (int64, error) {
 	perBlock := q.csize * 8 >> order
 	entries := int64(q.hdr.RefcountTableClusters) * q.csize / 8
 	rt := make([]byte, entries*8) // bounded by ParseHeader
-	if err := q.h.readFull(rt, int64(q.hdr.RefcountTableOffset)); err != nil {
+	if err := q.readMeta(rt, int64(q.hdr.RefcountTableOffset)); err != nil {
 		return 0, err
 	}
 	block := make([]byte, q.csize)
@@ -641,7 +714,7 @@ func (q *qcow2Layer) countRefcounts(end, limit int64) (int64, error) {
 		if off%q.csize != 0 || off > q.fileLen-q.csize {
 			return 0, corrupt(q.h.name, int64(q.hdr.RefcountTableOffset)+b*8, b, "refcount block offset %#x invalid", off)
 		}
-		if err := q.h.readFull(block, off); err != nil {
+		if err := q.readMeta(block, off); err != nil {
 			return 0, err
 		}
 		n := min(perBlock, end-b*perBlock)

@@ -202,33 +202,66 @@ func probeFile(h *hostFile, fileLen int64) (string, []byte, error) {
 	return ProbeFormat(buf, h.name), buf, nil
 }
 
-// readDirect reads the start of h into p (at most 4 KiB) with O_DIRECT,
-// through a second descriptor of the same open file, so that the read
-// leaves nothing in the page cache: for a raw file the probe buffer is
-// guest data, and a page cached over an ext4 unwritten extent makes
-// SEEK_DATA report data where QEMU, asking afterwards, would have seen a
-// hole. Where O_DIRECT is not available (tmpfs) it returns false and the
-// caller reads through the page cache.
+// readDirect reads the start of h into p with O_DIRECT, through a second
+// descriptor of the same open file, so that the read leaves nothing in the
+// page cache: for a raw file the probe buffer is guest data, and a page
+// cached over an ext4 unwritten extent makes SEEK_DATA report data where
+// QEMU, asking afterwards, would have seen a hole. Where O_DIRECT is not
+// available (tmpfs) it returns false and the caller reads through the page
+// cache.
 func readDirect(h *hostFile, p []byte) bool {
-	const align = 4096
-	if len(p) > align {
-		return false
-	}
-	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(int(h.f.Fd())), unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
-	if err != nil {
+	fd := openDirect(h)
+	if fd < 0 {
 		return false
 	}
 	defer unix.Close(fd)
-	raw := make([]byte, 2*align)
-	off := align - int(uintptr(unsafe.Pointer(&raw[0]))&(align-1))
-	buf := raw[off : off+align]
-	n, err := unix.Pread(fd, buf, 0) // short at the end of the file
+	ok, err := readAtDirect(fd, p, 0)
+	return ok && err == nil
+}
+
+// directAlign is the alignment of O_DIRECT reads: offsets, lengths and
+// buffers on 4 KiB suit devices of 512- and 4096-byte logical blocks.
+const directAlign = 4096
+
+// openDirect opens h's file again with O_DIRECT (-1 if it cannot).
+func openDirect(h *hostFile) int {
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(int(h.f.Fd())), unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return false
+		return -1
 	}
-	copy(p, buf[:n])
-	clear(p[min(n, len(p)):])
-	return true
+	return fd
+}
+
+// readAtDirect reads len(p) bytes at off through the O_DIRECT descriptor
+// fd, by way of an aligned bounce buffer; bytes past the end of the file
+// read as zero. ok false (EINVAL: the file system refuses this alignment)
+// means nothing was read and the caller reads through the page cache.
+func readAtDirect(fd int, p []byte, off int64) (ok bool, err error) {
+	start := off &^ (directAlign - 1)
+	end := (off + int64(len(p)) + directAlign - 1) &^ (directAlign - 1)
+	raw := make([]byte, end-start+directAlign)
+	skip := (directAlign - int(uintptr(unsafe.Pointer(&raw[0]))&(directAlign-1))) & (directAlign - 1)
+	buf := raw[skip : skip+int(end-start)]
+	got := 0
+	for got < len(buf) {
+		n, err := unix.Pread(fd, buf[got:], start+int64(got))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			if got == 0 && err == unix.EINVAL {
+				return false, nil
+			}
+			return true, err
+		}
+		got += n
+		if n == 0 || n%directAlign != 0 {
+			break // the end of the file
+		}
+	}
+	clear(buf[got:])
+	copy(p, buf[off-start:])
+	return true, nil
 }
 
 // checkProbedWrite is QEMU's restriction on a raw image whose format was
