@@ -77,18 +77,23 @@
 // and the next probing open would read that file. QEMU checks only
 // writes; zeroing can complete a magic too, so the engine checks all three.
 //
-// What is read at open is metadata only: the probe buffer (for a raw file
-// it is guest data, so it is read with O_DIRECT where the file system has
-// it, leaving nothing in the page cache), the qcow2 header cluster (its
-// size from the header: header, extensions and backing file name live
-// there), then the L1 table and the bitmap directory and tables. Every
-// file of the chain is opened with POSIX_FADV_RANDOM, so that reading an L2
-// table does not read ahead into the guest data clusters next to it. This
-// matters because a page cached over an ext4 unwritten extent makes
-// SEEK_DATA report data where it reported a hole: reading guest data to
-// answer block status would change the answer QEMU gives for the same file
-// afterwards (for raw files, and for qcow2 images QEMU judges
-// metadata-preallocated, it asks SEEK_DATA).
+// What is read at open is metadata only: the probe buffer, the qcow2
+// header cluster (its size from the header: header, extensions and backing
+// file name live there; not a fixed 2 MiB), the L1 table, the bitmap
+// directory and tables; block status adds L2 tables and, once, the
+// refcounts (QEMU's metadata-preallocation test). All of it is read with
+// O_DIRECT where the file system has it (through a second descriptor of
+// the same open file; tmpfs falls back to the page cache with readahead
+// off), so opening an image and answering block status leave the page
+// cache as they found it. This matters because a page cached over an ext4
+// unwritten extent makes SEEK_DATA report data where it reported a hole:
+// for raw files, and for qcow2 images QEMU judges metadata-preallocated,
+// QEMU asks SEEK_DATA, so cached pages (the old 2 MiB read, or readahead
+// past an L2 table into the data cluster after it) change the answer QEMU
+// gives for the same file afterwards; and qemu-img's own readahead depends
+// on which pages are cached, so "no page changed" is the only safe state
+// to leave. Guest data is read through another descriptor with the normal
+// readahead, for sequential speed.
 //
 // Options.Confine is the mode for images you do not trust. Every file of
 // the chain (the image, each backing file and the external data file,

@@ -114,13 +114,11 @@ func openChainFile(o *opener, name, what, format string, depth int, writable boo
 }
 
 // adviseRandom turns the kernel's readahead off for h (POSIX_FADV_RANDOM,
-// per open file description), the description a qcow2 layer reads its
-// metadata through: reading a header or an L2 table then caches those
-// pages only, not the guest data clusters next to them. A page cached
-// over an ext4 unwritten extent turns SEEK_DATA's hole into data, so
-// readahead would change the block status QEMU reports for the same file
-// afterwards. Guest data is read through a second description with the
-// normal readahead (openReadahead): sequential reads stay fast.
+// per open file description), the description a qcow2 layer writes
+// through and reads metadata through where O_DIRECT is not available
+// (readMeta): a table read then caches its own pages only, not the guest
+// data clusters after it. Guest data is read through a second description
+// with the normal readahead (openReadahead).
 func adviseRandom(h *hostFile) {
 	unix.Fadvise(int(h.f.Fd()), 0, 0, unix.FADV_RANDOM)
 }
