@@ -170,6 +170,18 @@ func TestProbeFormats(t *testing.T) {
 			probeQemuImg(t, append(append([]string{"create", "-q", "-f", format}, opts...), p, "1M")...)
 		}
 	}
+	convert := func(format string) func(string) {
+		return func(p string) {
+			src := filepath.Join(dir, "src.raw")
+			if _, err := os.Stat(src); err != nil {
+				probeQemuImg(t, "create", "-q", "-f", "raw", src, "1M")
+				if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 0x5a 64k 128k", src).CombinedOutput(); err != nil {
+					t.Fatalf("qemu-io: %v %s", err, out)
+				}
+			}
+			probeQemuImg(t, "convert", "-f", "raw", "-O", format, src, p)
+		}
+	}
 	cases := []struct {
 		file  string
 		build func(string)
@@ -194,6 +206,11 @@ func TestProbeFormats(t *testing.T) {
 		// (no UDIF trailer), which only the dmg driver looks for.
 		{"zero.dmg", func(p string) { os.WriteFile(p, make([]byte, 1<<20), 0o644) }, "dmg"},
 		{"empty", func(p string) { os.WriteFile(p, nil, 0o644) }, ""},
+		// Converted with data, not only created empty.
+		{"conv.vmdk", convert("vmdk"), ""},
+		{"conv.vhdx", convert("vhdx"), ""},
+		{"conv.vdi", convert("vdi"), ""},
+		{"conv.qcow2", convert("qcow2"), ""},
 	}
 	for _, c := range cases {
 		c.build(filepath.Join(dir, c.file))
