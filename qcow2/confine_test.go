@@ -106,3 +106,62 @@ func TestConfineChain(t *testing.T) {
 	}
 	img.Close()
 }
+
+// TestConfineSymlinkRace: a symlink swapped between a file inside and one
+// outside while files are opened never lets the outside one through: what
+// is checked is the descriptor, and what is read is that descriptor's
+// file.
+func TestConfineSymlinkRace(t *testing.T) {
+	root := t.TempDir()
+	in := filepath.Join(root, "in")
+	os.Mkdir(in, 0o755)
+	os.WriteFile(filepath.Join(in, "good"), []byte("inside"), 0o644)
+	os.WriteFile(filepath.Join(root, "bad"), []byte("SECRET"), 0o644)
+	link := filepath.Join(in, "link")
+	os.Symlink("good", link)
+	c, err := newConfiner(link, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tmp := filepath.Join(in, "link.tmp")
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			target := "good"
+			if i%2 == 1 {
+				target = "../bad"
+			}
+			os.Remove(tmp)
+			os.Symlink(target, tmp)
+			os.Rename(tmp, link) // atomic swap
+		}
+	}()
+	opened, refused := 0, 0
+	for i := 0; i < 2000; i++ {
+		h, err := c.open(link, "image link", false)
+		if err != nil {
+			if !errors.Is(err, ErrConfined) && !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("open: %v", err)
+			}
+			refused++
+			continue
+		}
+		b := make([]byte, 6)
+		h.readFull(b, 0)
+		h.close()
+		if string(b) != "inside" {
+			t.Fatalf("read %q through the confined open", b)
+		}
+		opened++
+	}
+	close(stop)
+	<-done
+	t.Logf("%d opened (all inside), %d refused", opened, refused)
+}
