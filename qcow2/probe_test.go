@@ -271,3 +271,29 @@ func TestSafeName(t *testing.T) {
 		t.Errorf("FormatError: %q", e.Error())
 	}
 }
+
+// FuzzProbeFormat: any first bytes and name probe to raw, qcow2 or one of
+// the formats refused by name, without panicking, and only the first 512
+// bytes count.
+func FuzzProbeFormat(f *testing.F) {
+	f.Add([]byte("QFI\xfb\x00\x00\x00\x03"), "a.qcow2")
+	f.Add([]byte("# Disk DescriptorFile\nversion=1\r\n"), "d.vmdk")
+	f.Add([]byte("   \r\n#\nversion=3\n"), "x")
+	f.Add([]byte("conectix"), "x.dmg")
+	f.Add([]byte("LUKS\xba\xbe\x00\x01"), "")
+	f.Fuzz(func(t *testing.T, b []byte, name string) {
+		got := ProbeFormat(b, name)
+		known := got == FormatRaw || got == FormatQcow2
+		for _, u := range unreadFormats {
+			known = known || got == u
+		}
+		if !known {
+			t.Fatalf("ProbeFormat = %q", got)
+		}
+		if len(b) > probeBytes {
+			if again := ProbeFormat(append(b[:probeBytes:probeBytes], 0xff), name); again != got {
+				t.Fatalf("a byte past 512 changed the answer: %s, then %s", got, again)
+			}
+		}
+	})
+}
