@@ -20,7 +20,9 @@ type Options struct {
 	// NoBacking opens the top layer alone, as QEMU does with
 	// "backing": null: unallocated ranges read as zeroes.
 	NoBacking bool
-	// Format forces the top layer's format ("qcow2" or "raw"); "" probes.
+	// Format forces the top layer's format ("qcow2" or "raw"); "" probes
+	// as QEMU does and refuses formats the engine does not read, naming
+	// them (see the package documentation, "Formats and confinement").
 	Format string
 	// Warn receives warnings (dirty or corrupt bits on a read-only open,
 	// inconsistent bitmaps). Nil writes them to standard error.
@@ -157,15 +159,31 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
+	if err := checkFormatName(path, opts.Format, true); err != nil {
+		return nil, err
+	}
+	o := &opener{warn: opts.Warn}
+	if o.warn == nil {
+		o.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
+	}
+	if opts.Confine {
+		c, err := newConfiner(path, opts.ConfineDir)
+		if err != nil {
+			return nil, err
+		}
+		o.conf = c
+	}
+	if opts.Writable && opts.NoBacking {
+		if err := refuseWritableNoBacking(o, path, opts.Format); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Snapshot {
 		return openSnapshot(path, opts)
 	}
-	img := &Image{mu: new(sync.RWMutex), warn: opts.Warn}
-	if img.warn == nil {
-		img.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
-	}
+	img := &Image{mu: new(sync.RWMutex), warn: o.warn}
 	seen := map[string]bool{}
-	name, format := path, opts.Format
+	name, format, what := path, opts.Format, "image "+SafeName(path)
 	for depth := 1; ; depth++ {
 		if depth > MaxChainDepth {
 			img.Close()
@@ -180,10 +198,10 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
-		l, backing, backingFmt, err := openLayer(name, format, depth, opts.Writable && depth == 1, img.warn)
+		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1)
 		if err != nil {
-			if depth > 1 {
-				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", name, depth, img.layers[len(img.layers)-1].info().Filename, err)
+			if depth > 1 && !errors.Is(err, ErrConfined) {
+				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", SafeName(name), depth, SafeName(img.layers[len(img.layers)-1].info().Filename), err)
 			}
 			img.Close()
 			return nil, err
@@ -199,6 +217,7 @@ func Open(path string, opts Options) (*Image, error) {
 			img.Close()
 			return nil, unsupported(name, "backing file %q is not a local file name", backing)
 		}
+		what = whatName("backing file name", backing, name)
 		name, format = combinePath(name, backing), backingFmt
 	}
 	return img, nil
@@ -583,6 +602,12 @@ func (img *Image) HostFile(name string) *os.File {
 	for _, l := range img.layers {
 		for _, h := range l.hostFiles() {
 			if h.name == name {
+				if nc, ok := l.(noClose); ok {
+					l = nc.layer
+				}
+				if q, ok := l.(*qcow2Layer); ok {
+					return q.guestFile(h) // readahead on, unlike metadata reads
+				}
 				return h.f
 			}
 		}

@@ -128,7 +128,9 @@ func (m *Writer) dump(e, next *Entry) error {
 			b = appendHex16(b, e.Start)
 			b = appendHex16(b, e.Length)
 			b = appendHex16(b, e.Offset)
-			b = append(b, e.Filename...)
+			// qemu-img prints the name raw; a backing file name
+			// from the image with control characters is quoted.
+			b = append(b, qcow2.SafeName(e.Filename)...)
 			b = append(b, '\n')
 		}
 		// qemu-img ignores the distinction between 0, ZERO and ZERO|DATA

@@ -38,7 +38,7 @@ func cmdMap(args []string) error {
 	defer img.Close()
 	if *context != "" {
 		if !metactx.Offered(img, *context) {
-			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, strings.Join(metactx.Names(img), ", "))
+			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, quotedNames(metactx.Names(img)))
 		}
 		if err := metactx.WriteMap(w, img, *context, *output == "json"); err != nil {
 			return err
@@ -52,3 +52,13 @@ func cmdMap(args []string) error {
 }
 
 func isURI(s string) bool { return strings.Contains(s, "://") }
+
+// quotedNames lists context names for a message, each quoted: bitmap
+// names come from the image.
+func quotedNames(names []string) string {
+	q := make([]string, len(names))
+	for i, n := range names {
+		q[i] = fmt.Sprintf("%q", n)
+	}
+	return strings.Join(q, ", ")
+}

@@ -59,14 +59,6 @@ func cmdServe(args []string) error {
 			img.Close()
 		}
 	}()
-	if *writable && imgFlags.noBacking {
-		if l := img.Layers(); len(l) > 0 && l[0].BackingFile != "" {
-			// A write to part of a cluster copies the rest from below:
-			// with the backing file hidden that would be zeroes, which
-			// would then hide the backing file's data for good.
-			return fmt.Errorf("--writable --no-backing: %s has a backing file (%s); partial-cluster writes would copy zeroes over its data: serve with the backing file, or with --snapshot", pos[0], l[0].BackingFile)
-		}
-	}
 	cfg.Exports = []*nbdserver.Export{{Name: *exportName, Image: img, Writable: *writable || *snapshot}}
 
 	l, cleanup, err := serveListener(*socket, *listen)
