@@ -41,6 +41,10 @@ type Options struct {
 	// (default: the opened image's directory) and to be a regular file.
 	Confine    bool
 	ConfineDir string
+
+	// snapshotBase: the chain is opened under a snapshot overlay, so
+	// its top file is locked as a backing file (create.go).
+	snapshotBase bool
 }
 
 // Image is an opened backing chain. Layer 0 of layers is the opened image.
@@ -157,12 +161,18 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
+	if err := checkForceShare(path, opts); err != nil {
+		return nil, err
+	}
 	if opts.Snapshot {
 		return openSnapshot(path, opts)
 	}
 	img := &Image{mu: new(sync.RWMutex), warn: opts.Warn}
 	if img.warn == nil {
 		img.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
+	}
+	if opts.ForceShare {
+		img.warn(path + ": opened with force-share: other processes' image locks are ignored, and answers may be inconsistent if another process writes the image")
 	}
 	seen := map[string]bool{}
 	name, format := path, opts.Format
@@ -180,7 +190,7 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
-		l, backing, backingFmt, err := openLayer(name, format, depth, opts.Writable && depth == 1, img.warn)
+		l, backing, backingFmt, err := openLayer(name, format, depth, opts.Writable && depth == 1, chainRole(opts, depth), img.warn)
 		if err != nil {
 			if depth > 1 {
 				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", name, depth, img.layers[len(img.layers)-1].info().Filename, err)
@@ -189,9 +199,6 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, err
 		}
 		img.layers = append(img.layers, l)
-		if w, ok := l.(writer); ok && depth == 1 && opts.Writable {
-			img.w = w
-		}
 		if backing == "" || opts.NoBacking {
 			break
 		}
@@ -201,7 +208,30 @@ func Open(path string, opts Options) (*Image, error) {
 		}
 		name, format = combinePath(name, backing), backingFmt
 	}
+	if opts.Writable {
+		// Only now, with every file of the chain open and locked, may
+		// anything be written (bitmaps are marked in_use).
+		if err := img.startWriting(); err != nil {
+			img.Close()
+			return nil, err
+		}
+	}
 	return img, nil
+}
+
+// startWriting sets up writes to the top layer.
+func (img *Image) startWriting() error {
+	w, ok := img.layers[0].(writer)
+	if !ok {
+		return fmt.Errorf("qcow2: internal error: %s was not opened for writing", img.layers[0].info().Filename)
+	}
+	if q, ok := w.(*qcow2Layer); ok {
+		if err := q.startWriting(); err != nil {
+			return err
+		}
+	}
+	img.w = w
+	return nil
 }
 
 // combinePath resolves a backing or data file name the way QEMU's

@@ -82,11 +82,12 @@ type qcow2Layer struct {
 // openLayer opens one file of the chain. format "" probes (qcow2 magic or
 // raw). It returns the layer and the backing file name and format it
 // names, if any.
-func openLayer(name, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
+func openLayer(name, format string, depth int, writable bool, role lockRole, warn func(string)) (layer, string, string, error) {
 	h, err := openHost(name, writable)
 	if err != nil {
 		return nil, "", "", err
 	}
+	h.role = role
 	l, backing, backingFmt, err := openLayerFile(h, format, depth, writable, warn)
 	if err != nil {
 		h.close()
@@ -110,20 +111,20 @@ func openLayerFile(h *hostFile, format string, depth int, writable bool, warn fu
 			format = "qcow2"
 		}
 	}
+	// The image locks are taken before anything else is read or written.
+	if err := h.lock(lockFor(format, writable, h.role), warn); err != nil {
+		return nil, "", "", err
+	}
 	switch format {
 	case "raw":
 		r, err := openRaw(h, depth, writable)
 		return r, "", "", err
 	case "qcow2":
+		// Writable: Open calls startWriting once every file of the
+		// chain is open and locked.
 		q, err := openQcow2(h, first, fileLen, depth, warn)
 		if err != nil {
 			return nil, "", "", err
-		}
-		if writable {
-			if err := q.startWriting(); err != nil {
-				q.closeData()
-				return nil, "", "", err
-			}
 		}
 		return q, q.hdr.BackingFile, q.hdr.BackingFormat, nil
 	}
@@ -172,6 +173,10 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 			return nil, fmt.Errorf("%s: opening external data file: %w", h.name, err)
 		}
 		q.data = d
+		if err := d.lock(dataFileLock(h.role), warn); err != nil {
+			d.close()
+			return nil, err
+		}
 		if q.dataLen, err = d.length(); err != nil {
 			d.close()
 			return nil, err
