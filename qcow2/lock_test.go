@@ -402,7 +402,7 @@ func TestParseFdinfoLocks(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("got %v, want %v", got, want)
 	}
-	if !got[0].covers(101) || got[0].covers(102) || !got[1].covers(1 << 40) {
+	if !got[0].covers(101) || got[0].covers(102) || !got[1].covers(1<<40) {
 		t.Error("covers")
 	}
 }
