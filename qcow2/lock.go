@@ -268,27 +268,6 @@ func fcntlLock(fd uintptr, cmd int, fl *unix.Flock_t) error {
 	}
 }
 
-// heldLocks reports which lock bytes h's own open file description holds:
-// the permissions it holds and those it does not share. It reads
-// /proc/self/fdinfo, the kernel's own account.
-func (h *hostFile) heldLocks() (perm, unshared uint64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", h.f.Fd()))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, l := range parseFdinfoLocks(string(b)) {
-		for i := 0; i < numPerms; i++ {
-			if l.covers(lockPermBase + i) {
-				perm |= 1 << i
-			}
-			if l.covers(lockSharedBase + i) {
-				unshared |= 1 << i
-			}
-		}
-	}
-	return perm, unshared, nil
-}
-
 // fdLock is one "lock:" line of /proc/PID/fdinfo/FD.
 type fdLock struct {
 	file       string // "MAJ:MIN:INODE", the kernel's spelling
