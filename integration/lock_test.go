@@ -21,6 +21,8 @@ import (
 )
 
 // lockFiles makes a chain top.qcow2 over base.qcow2 (with data in both).
+// top has a persistent bitmap: a writable open that wrote anything before
+// every lock was granted (bitmaps are marked in_use) would change it.
 func lockFiles(t *testing.T) (dir, top, base string) {
 	t.Helper()
 	dir = t.TempDir()
@@ -29,6 +31,7 @@ func lockFiles(t *testing.T) (dir, top, base string) {
 	runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", base)
 	runOutput(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
 	runOutput(t, "qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 1M", top)
+	runOutput(t, "qemu-img", "bitmap", "--add", top, "b0")
 	return dir, top, base
 }
 
@@ -146,11 +149,21 @@ func (h *qemuHolder) stop() {
 	if h.cmd.ProcessState != nil {
 		return
 	}
+	// Cleanly (qemu-io at the end of its input, qemu-nbd on SIGTERM), so
+	// that QEMU stores the bitmaps back.
 	if h.stdin != nil {
 		h.stdin.Close()
+	} else {
+		h.cmd.Process.Signal(syscall.SIGTERM)
 	}
-	h.cmd.Process.Kill()
-	h.cmd.Wait()
+	done := make(chan struct{})
+	go func() { h.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		h.cmd.Process.Kill()
+		<-done
+	}
 }
 
 // refusedCLI runs an nbdgw command that must be refused for a lock: exit
@@ -165,8 +178,10 @@ func refusedCLI(t *testing.T, bin string, files []string, file, want string, arg
 	}
 	r := hardExec(20*time.Second, bin, args...)
 	hardSane(t, r)
-	msg := strings.TrimSpace(string(r.stderr))
-	if r.code != 1 || strings.Contains(msg, "\n") || !strings.Contains(msg, file) || !strings.Contains(msg, want) ||
+	// The error is the last line (warnings may come before it).
+	lines := strings.Split(strings.TrimSpace(string(r.stderr)), "\n")
+	msg := lines[len(lines)-1]
+	if r.code != 1 || !strings.Contains(msg, file) || !strings.Contains(msg, want) ||
 		!strings.Contains(msg, "Is another process using the image") {
 		t.Errorf("%s: want exit 1 and one line about %s saying %q\n%s", r.args, file, want, r)
 	}
