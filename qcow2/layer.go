@@ -111,7 +111,8 @@ func openLayerFile(h *hostFile, format string, depth int, writable bool, warn fu
 			format = "qcow2"
 		}
 	}
-	// The image locks are taken before anything else is read or written.
+	// The image locks are taken once the format is known (only the
+	// probe's bytes have been read) and before anything is written.
 	if err := h.lock(lockFor(format, writable, h.role), warn); err != nil {
 		return nil, "", "", err
 	}
