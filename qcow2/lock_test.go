@@ -406,3 +406,35 @@ func TestParseFdinfoLocks(t *testing.T) {
 		t.Error("covers")
 	}
 }
+
+// TestLockByteHeldExclusively: a foreign exclusive lock on a lock byte
+// (not QEMU's protocol, but possible) makes QEMU and nbdgw fail alike:
+// "Failed to lock byte 100".
+func TestLockByteHeldExclusively(t *testing.T) {
+	lockRequire(t, "qemu-img", "qemu-io")
+	d := lockChain(t)
+	top := filepath.Join(d, "top.qcow2")
+	f, err := os.OpenFile(top, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fl := unix.Flock_t{Type: unix.F_WRLCK, Start: lockPermBase, Len: 1}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &fl); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("qemu-io", "-r", "-c", "read 0 512", top).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "Failed to lock byte 100") {
+		t.Fatalf("qemu-io beside an exclusive lock on byte 100: %v, %s", err, out)
+	}
+	_, err = Open(top, Options{Warn: func(string) {}})
+	if err == nil || !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "Failed to lock byte 100, held by another open in this process") {
+		t.Fatalf("Open beside an exclusive lock on byte 100: %v", err)
+	}
+	own := fmt.Sprint(f.Fd())
+	for name, l := range procLocks(t, os.Getpid(), d, []string{"top.qcow2"}, func(fd string) bool { return fd != own }) {
+		if l != "holds [] unshares []" {
+			t.Errorf("refused Open left locks on %s: %s", name, l)
+		}
+	}
+}
