@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -15,7 +17,6 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/nbdgw/nbdgw/metactx"
 	"github.com/nbdgw/nbdgw/qcow2"
-	"golang.org/x/sys/unix"
 )
 
 // Config configures a mount.
@@ -153,13 +154,57 @@ func Mount(dir string, img *qcow2.Image, cfg Config) (*Server, error) {
 // sequential reads of disk 128 KiB requests; larger ones cost fewer round
 // trips through the FUSE device. Only root may write the sysfs knob; for
 // others this is a no-op, and the kernel default stays.
+//
+// The device number comes from /proc/self/mountinfo, not from a stat of
+// dir: nbdgw never touches its own mount, so a script that unmounts as
+// soon as the mount appears does not find it busy with our own request.
 func setReadAhead(dir string, bytes int) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(dir, &st); err != nil {
+	dev, ok := mountDevice(dir)
+	if !ok {
 		return
 	}
-	knob := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
-	_ = os.WriteFile(knob, []byte(strconv.Itoa(bytes>>10)), 0)
+	_ = os.WriteFile("/sys/class/bdi/"+dev+"/read_ahead_kb", []byte(strconv.Itoa(bytes>>10)), 0)
+}
+
+// mountDevice returns the "major:minor" of the file system mounted last
+// on dir, from /proc/self/mountinfo.
+func mountDevice(dir string) (string, bool) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", false
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", false
+	}
+	dev, found := "", false
+	for _, line := range strings.Split(string(b), "\n") {
+		// ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...; octal escapes
+		// (\040 for a space) in the mount point.
+		f := strings.Fields(line)
+		if len(f) >= 5 && unescapeMountinfo(f[4]) == abs {
+			dev, found = f[2], true
+		}
+	}
+	return dev, found
+}
+
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // tree holds what every node of one mount shares.

@@ -362,7 +362,7 @@ func fuseWriteRandom(t *testing.T, bin, kind string) {
 			t.Errorf("backing file %s changed: sha256 %s, was %s", f, got, before[f])
 		}
 	}
-	if s := m.stderr.String(); s != "" {
+	if s := m.said(); s != "" {
 		t.Errorf("nbdgw mount said:\n%s", s)
 	}
 }

@@ -48,6 +48,40 @@
 // No length read from disk is trusted: every table size is bounded before
 // anything is allocated, and every offset is checked against the file.
 //
+// # I/O errors
+//
+// Errors stick. Once a pwrite or an fsync of the written file fails (guest
+// data, a refcount block or the refcount table, an L2 table, an L1 entry,
+// the header, a bitmap), the image is failed: every later WriteAt,
+// WriteZeroes, Discard and Flush (so every FUA write) fails with an error
+// that wraps ErrFailed, syscall.EIO and the first failure itself (so
+// errors.Is finds syscall.ENOSPC when the disk was full, and the message
+// names the failed call). Reads go on. Only closing the image and opening
+// it again clears the state; a full disk (ENOSPC) fails the image the same
+// way, since the write that did not fit may have been half done.
+//
+// A flush never lies: after a failed fsync Linux may have marked the
+// unwritten pages clean, so a later fsync that returns 0 proves nothing
+// about them. QEMU's file-posix driver keeps the errno of
+// a failed fdatasync for the same reason and fails every later flush with
+// it (page_cache_inconsistent); the engine does the same and, unlike
+// QEMU, also treats a failed pwrite as permanent, because the metadata in
+// memory may already point at what it did not write.
+//
+// A flush writes in the order data, fsync, refcount increments (new blocks
+// fsynced before the table that points at them), fsync, L2 tables, fsync,
+// L1 entries, fsync, and only then the release of freed clusters. A failed
+// step stops the flush: nothing after it is written, and nothing is marked
+// clean in memory before the fsync that made it durable succeeded. What is
+// on disk is then the last successful flush plus at worst leaked clusters
+// (qemu-img check exits 0 or 3): every byte a successful Flush acknowledged
+// reads back. Close of a failed image writes nothing more: persistent
+// bitmaps stay marked in_use, as a crash would leave them. QEMU 10 takes
+// such a bitmap as inconsistent: qemu-img check still exits 0 (and -r all
+// leaves the bitmap as it is), qemu-nbd -B refuses to export it ("is
+// inconsistent and cannot be used"), and 'qemu-img bitmap --remove' is
+// the way out; the engine skips it likewise when writing.
+//
 // # Image locking
 //
 // Every file of the chain is locked with QEMU's protocol (block/file-posix.c,

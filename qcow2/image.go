@@ -230,7 +230,7 @@ func (img *Image) startWriting() error {
 			return err
 		}
 	}
-	img.w = w
+	img.setWriter(w)
 	return nil
 }
 
@@ -564,7 +564,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	if err := img.w.writeAt(img, p, off); err != nil {
+	if err := img.w.writeAt(p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -577,7 +577,7 @@ func (img *Image) WriteZeroes(off, length int64, flags ZeroFlags) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.w.writeZeroes(img, off, length, flags)
+	return img.w.writeZeroes(off, length, flags)
 }
 
 // Discard tells the image [off, off+length) is no longer needed. Whole
@@ -588,7 +588,7 @@ func (img *Image) Discard(off, length int64) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.w.discard(img, off, length)
+	return img.w.discard(off, length)
 }
 
 // Flush makes every write completed so far durable.

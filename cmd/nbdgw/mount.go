@@ -69,6 +69,14 @@ func cmdMount(args []string) (err error) {
 	if err != nil {
 		return err
 	}
+	// Said only once the mount is usable and nbdgw is done touching it:
+	// the mount shows in /proc/self/mountinfo earlier, while go-fuse's
+	// own first open is still in flight, and an unmount then is EBUSY.
+	mode := "read-only"
+	if *writable {
+		mode = "writable"
+	}
+	fmt.Fprintf(os.Stderr, "nbdgw mount: %s mounted on %s (%s); unmount with fusermount3 -u %s or SIGINT\n", path, dir, mode, dir)
 	done := make(chan struct{})
 	go func() { srv.Wait(); close(done) }()
 	for {
