@@ -161,4 +161,67 @@
 // the terminal. qemu-img prints the "File" column of its human map raw; the
 // engine's users print SafeName there, which differs from qemu-img only for
 // such names.
+//
+// # Image locking
+//
+// Every file of the chain is locked with QEMU's protocol (block/file-posix.c,
+// locking=auto), so that nbdgw and QEMU processes exclude each other exactly
+// as two QEMU processes do. A permission is one of QEMU's BLK_PERM_* bits:
+// 0 consistent read, 1 write, 2 write unchanged, 3 resize (QEMU 7.0 dropped
+// graph-mod, bit 4, so QEMU 7.2 and 10.0 use the same bytes). For each bit
+// i a shared (F_RDLCK) open-file-description lock (F_OFD_SETLK) is held on
+// byte 100+i while the file holds the permission, and on byte 200+i while
+// it does not share it. An open first takes its bytes, then tests with
+// F_OFD_GETLK (an exclusive lock on one byte) that no other open file
+// description holds 200+i for a permission it wants or 100+i for one it
+// does not share, as raw_handle_perm_lock() does; on a conflict it drops
+// its bytes and fails with a *LockError (errors.Is ErrLocked): one line
+// naming the file, QEMU's wording (Failed to get "write" lock / Failed to
+// get shared "write" lock, Is another process using the image [FILE]?)
+// and the holder found in /proc/*/fdinfo when it can be seen.
+//
+// What each open takes, as measured from QEMU 10.0's qemu-nbd (writable,
+// -r, -s), qemu-io and qemu-img with /proc/PID/fdinfo (lock_test.go
+// compares every case with the running QEMU tool; where QEMU versions
+// differ nbdgw follows 10.0, and 7.2's tools were not measured):
+//
+//	file                      holds                     does not share
+//	qcow2 image, read-only    consistent read           write, resize
+//	qcow2 image, Writable     consistent read, write,   write, resize
+//	                          resize
+//	raw image, read-only      consistent read           resize
+//	raw image, Writable       consistent read, write    resize
+//	qcow2 backing file        consistent read           write, resize
+//	raw backing file          consistent read           (shares all)
+//	external data file        consistent read           resize
+//	any file, ForceShare      consistent read           (shares all)
+//
+// So a writable open keeps the write permission on the top file and
+// refuses to start beside any other user but a force-share reader (qemu-img
+// info, a qemu-nbd -r or another nbdgw all unshare write), and a read-only
+// open is like qemu-nbd -r: no writer can start while it runs, and it cannot
+// start while a writer runs. Snapshot opens the chain as backing files of
+// the overlay (qemu-nbd -s). Locks live with the open file description:
+// Close drops them, and so does the death of the process however it ends.
+// Two opens of one file in one process are two users and conflict as they
+// would in QEMU.
+//
+// Locks are taken as soon as a file's format is known and before anything
+// is written: a writable qcow2 image is set up for writing (bitmaps marked
+// in_use) only once every file of the chain is open and locked, so a
+// refused open leaves every file byte-identical and unlocked.
+//
+// ForceShare (qemu-img -U, force-share=on) opens read-only, shares every
+// permission and so ignores every lock but a user that does not share
+// consistent reads (none of QEMU's tools, whose opens appear above); it
+// warns that answers may be inconsistent, and is refused with Writable or
+// Snapshot, as QEMU refuses force-share on a writable image.
+//
+// Differences from QEMU, where nbdgw has one policy for several QEMU tools:
+// nbdgw info and map lock like the qemu-nbd -r row (qemu-img info takes no
+// consistent-read byte; qemu-img map does not unshare resize on a raw
+// image), and an external data file is only ever read. Where the kernel
+// has no OFD locks (F_OFD_GETLK fails on /dev/null, QEMU's probe), files
+// are not locked, as QEMU's locking=auto does, with a warning QEMU does not
+// print; any other failure to lock fails the open, as in QEMU.
 package qcow2

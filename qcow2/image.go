@@ -43,6 +43,10 @@ type Options struct {
 	// (default: the opened image's directory) and to be a regular file.
 	Confine    bool
 	ConfineDir string
+
+	// snapshotBase: the chain is opened under a snapshot overlay, so
+	// its top file is locked as a backing file (create.go).
+	snapshotBase bool
 }
 
 // Image is an opened backing chain. Layer 0 of layers is the opened image.
@@ -159,6 +163,9 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
+	if err := checkForceShare(path, opts); err != nil {
+		return nil, err
+	}
 	if err := checkFormatName(path, opts.Format, true); err != nil {
 		return nil, err
 	}
@@ -182,6 +189,9 @@ func Open(path string, opts Options) (*Image, error) {
 		return openSnapshot(path, opts)
 	}
 	img := &Image{mu: new(sync.RWMutex), warn: o.warn}
+	if opts.ForceShare {
+		img.warn(SafeName(path) + ": opened with force-share: other processes' image locks are ignored, and answers may be inconsistent if another process writes the image")
+	}
 	seen := map[string]bool{}
 	name, format, what := path, opts.Format, "image "+SafeName(path)
 	for depth := 1; ; depth++ {
@@ -198,7 +208,7 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
-		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1)
+		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1, chainRole(opts, depth))
 		if err != nil {
 			if depth > 1 && !errors.Is(err, ErrConfined) {
 				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", SafeName(name), depth, SafeName(img.layers[len(img.layers)-1].info().Filename), err)
@@ -207,9 +217,6 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, err
 		}
 		img.layers = append(img.layers, l)
-		if w, ok := l.(writer); ok && depth == 1 && opts.Writable {
-			img.setWriter(w)
-		}
 		if backing == "" || opts.NoBacking {
 			break
 		}
@@ -220,7 +227,30 @@ func Open(path string, opts Options) (*Image, error) {
 		what = whatName("backing file name", backing, name)
 		name, format = combinePath(name, backing), backingFmt
 	}
+	if opts.Writable {
+		// Only now, with every file of the chain open and locked, may
+		// anything be written (bitmaps are marked in_use).
+		if err := img.startWriting(); err != nil {
+			img.Close()
+			return nil, err
+		}
+	}
 	return img, nil
+}
+
+// startWriting sets up writes to the top layer.
+func (img *Image) startWriting() error {
+	w, ok := img.layers[0].(writer)
+	if !ok {
+		return fmt.Errorf("qcow2: internal error: %s was not opened for writing", img.layers[0].info().Filename)
+	}
+	if q, ok := w.(*qcow2Layer); ok {
+		if err := q.startWriting(); err != nil {
+			return err
+		}
+	}
+	img.setWriter(w)
+	return nil
 }
 
 // combinePath resolves a backing or data file name the way QEMU's

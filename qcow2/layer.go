@@ -88,8 +88,8 @@ type qcow2Layer struct {
 // openLayer opens one file of the chain. format "" probes (qcow2 magic or
 // raw). It returns the layer and the backing file name and format it
 // names, if any.
-func openLayer(name, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
-	return openChainFile(&opener{warn: warn}, name, "image "+SafeName(name), format, depth, writable)
+func openLayer(name, format string, depth int, writable bool, role lockRole, warn func(string)) (layer, string, string, error) {
+	return openChainFile(&opener{warn: warn}, name, "image "+SafeName(name), format, depth, writable, role)
 }
 
 // opener is what every file of one Open shares.
@@ -99,12 +99,13 @@ type opener struct {
 }
 
 // openChainFile opens one file of the chain; what says where its name
-// came from (for confinement messages).
-func openChainFile(o *opener, name, what, format string, depth int, writable bool) (layer, string, string, error) {
+// came from (for confinement messages), role how it is locked.
+func openChainFile(o *opener, name, what, format string, depth int, writable bool, role lockRole) (layer, string, string, error) {
 	h, err := o.conf.open(name, what, writable)
 	if err != nil {
 		return nil, "", "", safePathError(err)
 	}
+	h.role = role
 	l, backing, backingFmt, err := openLayerFile(o, h, format, depth, writable)
 	if err != nil {
 		h.close()
@@ -178,6 +179,11 @@ func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bo
 			return nil, "", "", err
 		}
 	}
+	// The image locks are taken once the format is known (only the
+	// probe's bytes have been read) and before anything is written.
+	if err := h.lock(lockFor(format, writable, h.role), o.warn); err != nil {
+		return nil, "", "", err
+	}
 	switch format {
 	case FormatRaw:
 		if probed && writable {
@@ -192,15 +198,11 @@ func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bo
 		if err != nil {
 			return nil, "", "", err
 		}
+		// Writable: Open calls startWriting once every file of the
+		// chain is open and locked.
 		q, err := openQcow2(o, h, first, fileLen, depth)
 		if err != nil {
 			return nil, "", "", err
-		}
-		if writable {
-			if err := q.startWriting(); err != nil {
-				q.closeData()
-				return nil, "", "", err
-			}
 		}
 		return q, q.hdr.BackingFile, q.hdr.BackingFormat, nil
 	}
@@ -287,6 +289,10 @@ func openQcow2(o *opener, h *hostFile, first []byte, fileLen int64, depth int) (
 			return nil, fmt.Errorf("%s: opening external data file %q: %w", SafeName(h.name), hdr.DataFile, err)
 		}
 		q.data = d
+		if err := d.lock(dataFileLock(h.role), o.warn); err != nil {
+			d.close()
+			return nil, err
+		}
 		if q.dataLen, err = d.length(); err != nil {
 			d.close()
 			return nil, err
