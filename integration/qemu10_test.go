@@ -312,6 +312,66 @@ func TestQEMU10ServerToNbdgwClient(t *testing.T) {
 	}
 }
 
+// TestQEMU10ServerTakesNbdgwWrites: nbdserver's client writes through
+// qemu-nbd 10, with extended headers (as nbdgw backup and attach write)
+// and without; the image equals the one qemu-io wrote the same way.
+func TestQEMU10ServerTakesNbdgwWrites(t *testing.T) {
+	qemu10Require(t)
+	dir := t.TempDir()
+	base := nbdPick(t, nbdCorpus(t, dir), "three-layers")
+	ref := filepath.Join(dir, "ref.qcow2")
+	runOutput(t, "qemu-img", "convert", "-O", "qcow2", base.path, ref)
+	// 40 MiB is more than one request may carry (32 MiB): the client splits.
+	runOutput(t, "qemu-img", "resize", "-q", ref, "64M")
+	runOutput(t, "qemu-io", "-c", "write -P 7 1M 40M", "-c", "write -z -u 2M 64k", "-c", "discard 50M 1M", "-c", "write -P 8 5000k 3k", ref)
+	for _, ext := range []bool{true, false} {
+		t.Run(fmt.Sprintf("ext=%v", ext), func(t *testing.T) {
+			img := filepath.Join(dir, fmt.Sprintf("w%v.qcow2", ext))
+			runOutput(t, "qemu-img", "convert", "-O", "qcow2", base.path, img)
+			runOutput(t, "qemu-img", "resize", "-q", img, "64M")
+			t.Run("write", func(t *testing.T) {
+				sock := filepath.Join(dir, fmt.Sprintf("w%v.sock", ext))
+				_, trace := nbdStartLogged(t, sock, "qemu-nbd", "--trace", "nbd_*", "-t", "-k", sock, "--discard=unmap", img)
+				c, err := nbdserver.Dial(context.Background(), nbdURI(sock), nbdserver.ClientOptions{StructuredReplies: true, ExtendedHeaders: ext})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				if _, err := c.WriteAt(bytes.Repeat([]byte{7}, 40<<20), 1<<20); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.WriteZeroes(2<<20, 64<<10, 0); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.Trim(50<<20, 1<<20, 0); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.WriteFlags(bytes.Repeat([]byte{8}, 3<<10), 5000<<10, nbdserver.CmdFlagFUA); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, 3<<10)
+				if _, err := c.ReadAt(got, 5000<<10); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{8}, 3<<10)) {
+					t.Errorf("read back: %v", err)
+				}
+				s := trace.String()
+				// 40 MiB in two requests, then 3 KiB.
+				if n := strings.Count(s, "type = 1 (write)"); n != 3 {
+					t.Errorf("qemu-nbd decoded %d writes, want 3", n)
+				}
+				if strings.Contains(s, traceServerExtAck) != ext || strings.Contains(s, traceServerExtReq) != ext {
+					t.Errorf("qemu-nbd's trace does not show extended headers %v:\n%.3000s", ext, s)
+				}
+			})
+			if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", img, ref).CombinedOutput(); err != nil {
+				t.Errorf("qemu-img compare with qemu-io's writes: %v\n%s", err, out)
+			}
+		})
+	}
+}
+
 // goClientMap is nbdserver's client's map of ctx (merged as nbdinfo
 // merges), with or without extended headers.
 func goClientMap(t *testing.T, uri, ctx string, ext bool) []mapEntry {
