@@ -59,6 +59,14 @@
 // export: the engine streams extents and the server stops only at the
 // reply size limit below.
 //
+// QEMU 10.0 is the peer this follows; 7.2 knew neither side of extended
+// headers. qemu-img and qemu-io 10.0 negotiate them with the server,
+// qemu-nbd 10.0 grants them to the client, and the misuses of block status
+// payloads (no context, an id not negotiated or named twice, more ids than
+// contexts, a payload on a command that takes none) get the errno
+// qemu-nbd 10.0 answers, NBD_EINVAL, on a connection that stays usable
+// (integration.TestBlockStatusPayloadMisuse).
+//
 // # Concurrency
 //
 // A Server serves any number of connections (up to
