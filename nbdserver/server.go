@@ -44,7 +44,7 @@ type Config struct {
 
 // Defaults of the Config limits.
 const (
-	DefaultMaxConnections     = 1024
+	DefaultMaxConnections     = 4096
 	DefaultMaxPerAddress      = 64
 	DefaultMaxInFlight        = 16
 	DefaultMaxRequest         = 32 << 20         // like QEMU's NBD_MAX_BUFFER_SIZE
