@@ -40,10 +40,11 @@ func (b *memBudget) conn(limit, floor int64) *connBudget {
 func over(used, floor int64) int64 { return max(0, used-floor) }
 
 // acquire waits until n bytes fit within the connection's limit and the
-// pool (beyond the floor) and takes them. n is clipped to the
-// connection's limit; acquire returns the bytes taken, for release.
+// pool (beyond the floor) and takes them. n is clipped to what could
+// ever fit (the connection's limit, its floor plus the pool); acquire
+// returns the bytes taken, for release.
 func (c *connBudget) acquire(n int64) int64 {
-	n = min(n, c.limit)
+	n = min(n, c.limit, c.floor+c.pool.limit)
 	if n <= 0 {
 		return 0
 	}

@@ -281,6 +281,7 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 		off := p.off + pos
 		if got, rerr := s.exp.Image.ReadAt(b, off); int64(got) < k {
 			if p.chunk == nil {
+				s.srv.cfg.Logf("nbd: %v: read at %d failed after the reply header was sent, dropping the connection: %v", s.conn.RemoteAddr(), off, rerr)
 				return false, fmt.Errorf("read at %d: %v", off, rerr)
 			}
 			msg := fmt.Sprintf("read at %d: %v", off, rerr)
