@@ -38,7 +38,7 @@ type Config struct {
 	MaxRequest         int           // largest READ/WRITE payload (DefaultMaxRequest)
 	HandshakeTimeout   time.Duration // whole option haggling (DefaultHandshakeTimeout)
 	MaxBufferBytes     int64         // buffers held by requests in flight, shared by all connections (DefaultMaxBufferBytes)
-	MaxConnBufferBytes int64         // the same, per connection (DefaultMaxConnBufferBytes); the first connFloor bytes are the connection's own
+	MaxConnBufferBytes int64         // the same, per connection (DefaultMaxConnBufferBytes); its first 256 KiB do not come from MaxBufferBytes (budget.go)
 	SendTimeout        time.Duration // longest a reply may take to be taken by the client (DefaultSendTimeout)
 }
 
