@@ -97,7 +97,10 @@ func hardExec(timeout time.Duration, name string, args ...string) hardResult {
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	cmd.WaitDelay = 2 * time.Second
+	// After the child exits its output is drained; 64 MiB of nbdcopy
+	// stdout into a bytes.Buffer under -race on a loaded machine took
+	// over 2 s ("WaitDelay expired before I/O complete", exit status 0).
+	cmd.WaitDelay = 10 * time.Second
 	// On timeout kill the whole process group: killing /usr/bin/time
 	// alone would leave a hung nbdgw behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -21,6 +21,8 @@ packages=(
 	e2fsprogs        # mkfs.ext4 for filesystem tests
 	fdisk            # sfdisk for partition tests
 	util-linux       # losetup, mount
+	python3          # an OpenSSL TLS client (its ssl module) in the TLS tests
+	gnutls-bin       # certtool (certificates as QEMU's docs make them), gnutls-cli
 	procps           # pgrep/pkill in scripts
 	time             # /usr/bin/time in benchmarks
 	fio              # random-write benchmark (its nbd engine)
