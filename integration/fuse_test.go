@@ -714,7 +714,7 @@ func fuseBadInput(t *testing.T, bin, top string) {
 		{"bad-image", []string{garbage, empty}, "garbage.qcow2"},
 		{"writable-snapshots", []string{"--writable", snap, empty}, "snapshots"},
 		{"writable-no-backing", []string{"--writable", "--no-backing", top, empty}, "has a backing file"},
-		{"usage", []string{top}, "usage"},
+		{"usage", []string{top}, "missing MOUNTPOINT"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

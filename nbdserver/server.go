@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -31,6 +32,9 @@ type Config struct {
 	TLS         *tls.Config // nil: no STARTTLS
 	TLSRequired bool
 	Logf        func(format string, args ...any) // nil: discard
+	// Log, if set, receives one record per client event (connected,
+	// negotiated, disconnected), for nbdgw serve -v.
+	Log *slog.Logger
 
 	MaxConnections     int           // concurrent connections; beyond, new ones wait in the listen backlog (DefaultMaxConnections)
 	MaxPerAddress      int           // connections from one client IP address still in the handshake (DefaultMaxPerAddress); -1: no limit
@@ -232,6 +236,8 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 			n.conn.Close() // shuts TLS down cleanly (close_notify)
 		}
 	}()
+	start := time.Now()
+	s.verbose("client connected", "client", c.RemoteAddr())
 	sess, err := n.run()
 	inHandshake = false
 	s.handshakeDone(ip)
@@ -240,13 +246,25 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 		if !stopping() && !errors.Is(err, errAborted) && !clientLeft(err) {
 			s.cfg.Logf("nbd: %v: handshake: %v", c.RemoteAddr(), err)
 		}
+		s.verbose("client left in the handshake", "client", c.RemoteAddr(), "error", err)
 		return
 	}
 	if stopping() { // the stop may have raced with the handshake's end
 		return
 	}
-	if err := sess.serve(); err != nil && !stopping() {
+	s.verbose("client negotiated", "client", c.RemoteAddr(), "export", sess.exp.Name,
+		"mode", sess.mode.String(), "tls", n.conn != c, "contexts", sess.contexts)
+	err = sess.serve()
+	if err != nil && !stopping() {
 		s.cfg.Logf("nbd: %v: %v", c.RemoteAddr(), err)
+	}
+	s.verbose("client disconnected", "client", c.RemoteAddr(), "seconds", time.Since(start).Seconds(), "error", err)
+}
+
+// verbose logs a client event to Config.Log, if set.
+func (s *Server) verbose(msg string, args ...any) {
+	if s.cfg.Log != nil {
+		s.cfg.Log.Info(msg, args...)
 	}
 }
 

@@ -33,15 +33,15 @@ func cmdAttach(args []string) (err error) {
 	)
 	fs := newFlags("attach")
 	imgFlags := addImageFlags(fs)
-	device := fs.String("device", "", "attach to /dev/nbdN (default: the kernel picks a free device)")
-	conns := fs.Int("connections", 1, "number of connections serving the device")
+	device := fs.String("device", "", "attach to `/dev/nbdN` (default: the kernel picks a free device)")
+	conns := fs.Int("connections", 1, "`N` connections serving the device")
 	writable := fs.Bool("writable", false, "leave the device writable")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE|NBD-URI"); err != nil {
+		return err
 	}
 	target := pos[0]
 	index := kernel.AnyIndex
@@ -51,7 +51,7 @@ func cmdAttach(args []string) (err error) {
 		}
 	}
 	if *conns < 1 {
-		return fmt.Errorf("--connections %d: want at least 1", *conns)
+		return usagef("--connections %d: want at least 1", *conns)
 	}
 	cfg := kernel.AttachConfig{
 		Index:       index,
@@ -117,8 +117,8 @@ func cmdDetach(args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 {
-		return errUsage
+	if err := wantArgs(pos, "/dev/nbdN"); err != nil {
+		return err
 	}
 	index, err := kernel.ParseDevice(pos[0])
 	if err != nil {
@@ -138,8 +138,8 @@ func cmdList(args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(pos) != 0 {
-		return errUsage
+	if err := wantArgs(pos); err != nil {
+		return err
 	}
 	c, err := kernel.Open(kernel.Options{NoModuleLoad: true})
 	if err != nil {

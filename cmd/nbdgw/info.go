@@ -11,14 +11,17 @@ import (
 
 func cmdInfo(args []string) error {
 	fs := newFlags("info")
-	output := fs.String("output", "human", "json or human")
+	output := fs.String("output", "human", "`FORMAT`: json or human")
 	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 || (*output != "json" && *output != "human") {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE"); err != nil {
+		return err
+	}
+	if *output != "json" && *output != "human" {
+		return usagef("--output=%s: want json or human", *output)
 	}
 	img, err := qcow2.Open(pos[0], imgFlags.options())
 	if err != nil {

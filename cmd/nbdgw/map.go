@@ -13,21 +13,24 @@ import (
 
 func cmdMap(args []string) error {
 	fs := newFlags("map")
-	output := fs.String("output", "human", "json or human")
-	context := fs.String("context", "", "print this metadata context in nbdinfo --map form")
+	output := fs.String("output", "human", "`FORMAT`: json or human")
+	context := fs.String("context", "", "print the metadata context `NAME` (base:allocation, qemu:allocation-depth, qemu:joint-allocation, qemu:dirty-bitmap:BITMAP) in nbdinfo --map form")
 	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 || (*output != "json" && *output != "human") {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE|NBD-URI"); err != nil {
+		return err
+	}
+	if *output != "json" && *output != "human" {
+		return usagef("--output=%s: want json or human", *output)
 	}
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer w.Flush()
 	if isURI(pos[0]) {
 		if imgFlags.noBacking {
-			return fmt.Errorf("--no-backing applies to image files, not NBD URIs")
+			return usagef("--no-backing applies to image files, not NBD URIs")
 		}
 		return mapURI(w, pos[0], *context, *output)
 	}

@@ -26,8 +26,8 @@ func cmdMount(args []string) (err error) {
 	if err != nil {
 		return err
 	}
-	if len(pos) != 2 {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE", "MOUNTPOINT"); err != nil {
+		return err
 	}
 	path, dir := pos[0], pos[1]
 	// Check the mount point before the (possibly slow) open, and again
