@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 	"github.com/nbdgw/nbdgw/qemumap"
 )
@@ -15,6 +16,7 @@ func cmdMap(args []string) error {
 	fs := newFlags("map")
 	output := fs.String("output", "human", "json or human")
 	context := fs.String("context", "", "print this metadata context in nbdinfo --map form")
+	totals := fs.Bool("totals", false, "with --context: print the bytes of each type, as nbdinfo --map --totals")
 	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -23,13 +25,20 @@ func cmdMap(args []string) error {
 	if len(pos) != 1 || (*output != "json" && *output != "human") {
 		return errUsage
 	}
+	if *totals && *context == "" {
+		return fmt.Errorf("%w: --totals needs --context", errUsage)
+	}
+	format := metactx.Format{JSON: *output == "json", Totals: *totals}
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer w.Flush()
-	if isURI(pos[0]) {
+	if nbdserver.IsURI(pos[0]) {
 		if imgFlags.noBacking {
 			return fmt.Errorf("--no-backing applies to image files, not NBD URIs")
 		}
-		return mapURI(w, pos[0], *context, *output)
+		if err := mapURI(w, pos[0], *context, format); err != nil {
+			return err
+		}
+		return w.Flush()
 	}
 	img, err := qcow2.Open(pos[0], imgFlags.options())
 	if err != nil {
@@ -40,7 +49,8 @@ func cmdMap(args []string) error {
 		if !metactx.Offered(img, *context) {
 			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, strings.Join(metactx.Names(img), ", "))
 		}
-		if err := metactx.WriteMap(w, img, *context, *output == "json"); err != nil {
+		m := metactx.NewMap(*context, format, img.Size(), metactx.ImageSource(img, *context))
+		if _, err := m.WriteTo(w); err != nil {
 			return err
 		}
 		return w.Flush()
@@ -50,5 +60,3 @@ func cmdMap(args []string) error {
 	}
 	return w.Flush()
 }
-
-func isURI(s string) bool { return strings.Contains(s, "://") }
