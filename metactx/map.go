@@ -196,7 +196,7 @@ func (m *Map) emit(off, n int64, flags uint32) error {
 		}
 		m.buf = appendJSON(m.buf, m.name, off, n, flags)
 	} else {
-		m.buf = appendText(m.buf, m.name, off, n, flags)
+		m.buf = AppendText(m.buf, m.name, off, n, flags)
 	}
 	m.entries = true
 	return nil
@@ -316,10 +316,11 @@ func baseDescription(flags uint32) string {
 	return ""
 }
 
-// appendText appends one line of nbdinfo --map text output:
+// AppendText appends one line of nbdinfo --map text output:
 // "%10d  %10d  %3d  description\n" (no description column where there is
-// none).
-func appendText(b []byte, name string, off, length int64, flags uint32) []byte {
+// none). Map writes its lines with it; tests that derive a map line by
+// line from QEMU's answers format them with it too.
+func AppendText(b []byte, name string, off, length int64, flags uint32) []byte {
 	b = appendPadded(b, strconv.FormatInt(off, 10), 10)
 	b = append(b, "  "...)
 	b = appendPadded(b, strconv.FormatInt(length, 10), 10)

@@ -64,7 +64,7 @@ func TestMapStreaming(t *testing.T) {
 				}
 				want = appendJSON(want, BaseAllocation, i*runLen, runLen, uint32(i%3))
 			} else {
-				want = appendText(want, BaseAllocation, i*runLen, runLen, uint32(i%3))
+				want = AppendText(want, BaseAllocation, i*runLen, runLen, uint32(i%3))
 			}
 		}
 		if json {
