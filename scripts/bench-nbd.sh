@@ -73,7 +73,9 @@ echo "nbdgw ${g}s  qemu-nbd ${q}s  nbdkit-file(raw) ${k}s"
 echo "ratio qemu-nbd/nbdgw: $(ratio "$q" "$g")x   nbdkit/nbdgw: $(ratio "$k" "$g")x"
 
 echo "== 2: nbdinfo --map of a 1 TiB sparse qcow2, 16384 scattered 64 KiB writes (best of 3)"
-cmp <(nbdinfo --map "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/qs.sock")") && echo "maps identical"
+# A timing of a wrong answer means nothing: differing maps fail the run.
+cmp <(nbdinfo --map "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/qs.sock")") || { echo "bench-nbd: nbdinfo --map of nbdgw differs from qemu-nbd's" >&2; exit 1; }
+echo "maps identical"
 g=$(best 3 nbdinfo --map "$(uri "$work/gs.sock")")
 q=$(best 3 nbdinfo --map "$(uri "$work/qs.sock")")
 echo "nbdgw ${g}s  qemu-nbd ${q}s  ratio qemu-nbd/nbdgw: $(ratio "$q" "$g")x"
@@ -84,7 +86,8 @@ c4=$(best 3 nbdcopy --connections=4 "$(uri "$work/g.sock")" null:)
 echo "1 conn ${c1}s  4 conns ${c4}s  speedup: $(ratio "$c1" "$c4")x"
 
 echo "== 4: the same 1 TiB map with nbdgw's client (extended headers: one round trip) vs nbdinfo (best of 3)"
-cmp <("$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/gs.sock")") && echo "maps identical"
+cmp <("$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/gs.sock")") || { echo "bench-nbd: nbdgw map differs from nbdinfo --map" >&2; exit 1; }
+echo "maps identical"
 e=$(best 3 "$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")")
 n=$(best 3 nbdinfo --map "$(uri "$work/gs.sock")")
 echo "nbdgw map ${e}s  nbdinfo --map ${n}s"
