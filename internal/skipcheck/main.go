@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"sort"
 	"strings"
 )
 
@@ -97,6 +98,16 @@ func check(in io.Reader, out io.Writer) ([]string, error) {
 		case "pass":
 			delete(logs, key)
 		}
+	}
+	// Tests without a result (a panic or a timeout killed the binary):
+	// their output is what explains the failure.
+	keys := make([]string, 0, len(logs))
+	for k := range logs {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprint(out, logs[k].String())
 	}
 	return bad, sc.Err()
 }

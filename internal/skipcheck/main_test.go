@@ -34,6 +34,7 @@ func TestCheck(t *testing.T) {
 		event{Action: "fail", Package: pkg, Test: "TestC"},
 		event{Action: "output", Package: pkg, Test: "TestD", Output: "    d_test.go:9: chatter\n"},
 		event{Action: "pass", Package: pkg, Test: "TestD"},
+		event{Action: "output", Package: pkg, Test: "TestE", Output: "panic: test timed out after 1s\n"},
 		event{Action: "output", Package: pkg, Output: "FAIL\texample.com/p\t0.1s\n"},
 	) + "# example.com/q\nq.go:1: syntax error\n"
 	var out strings.Builder
@@ -49,7 +50,7 @@ func TestCheck(t *testing.T) {
 		t.Errorf("disallowed skips:\n%s\nwant:\n%s", strings.Join(bad, "\n"), strings.Join(want, "\n"))
 	}
 	o := out.String()
-	for _, s := range []string{"c_test.go:9: boom", "FAIL\texample.com/p", "allowed skip: " + pkg + " TestAttachWithoutNBD", "q.go:1: syntax error"} {
+	for _, s := range []string{"c_test.go:9: boom", "FAIL\texample.com/p", "allowed skip: " + pkg + " TestAttachWithoutNBD", "q.go:1: syntax error", "panic: test timed out"} {
 		if !strings.Contains(o, s) {
 			t.Errorf("output lacks %q:\n%s", s, o)
 		}
