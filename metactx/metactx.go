@@ -6,6 +6,21 @@
 // It also writes maps in the forms nbdinfo --map prints (text, JSON,
 // --totals), coalescing adjacent extents of equal flags as nbdinfo does,
 // for the CLI (images and NBD URIs) and the FUSE maps/ files: see Map.
+//
+// # QEMU 7.2 and 10.0
+//
+// The oracle is qemu-nbd 10.0 (bookworm-backports). Run side by side on
+// the integration corpus (compressed, zero and discarded clusters,
+// subclusters, metadata preallocation, external data files, 512-byte
+// clusters, short backing files, bitmaps), qemu-nbd 7.2 and 10.0 answer
+// base:allocation, qemu:allocation-depth and qemu:dirty-bitmap:NAME
+// identically, so the contexts have no version-dependent rule. What 10.0
+// adds is framing, not content: it grants NBD_OPT_EXTENDED_HEADERS (7.2
+// refuses it) and with it 64-bit extents and block status payloads that
+// select a subset of the contexts; nbdinfo 1.22 shows "extended": true and
+// "can_block_status_payload": true for 10.0, false for 7.2. The extents
+// are the same either way (integration.TestLibnbd118 compares them,
+// filtered and not, with qemu-nbd 10.0).
 package metactx
 
 import (

@@ -11,14 +11,17 @@ type rawLayer struct {
 	h     *hostFile
 	depth int
 	len   int64 // file length rounded up to 512, as QEMU's total_sectors
+	// probed: the format was probed, not given; writes that would change
+	// what the first 512 bytes probe as are refused (checkProbedWrite).
+	probed bool
 }
 
-func openRaw(h *hostFile, depth int, writable bool) (layer, error) {
+func openRaw(h *hostFile, depth int, writable, probed bool) (layer, error) {
 	n, err := h.length()
 	if err != nil {
 		return nil, err
 	}
-	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511}
+	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511, probed: probed}
 	if writable {
 		return &rawWriter{rawLayer: r, f: &wfile{h: h}}, nil
 	}
@@ -67,11 +70,17 @@ type rawWriter struct {
 func (r *rawWriter) attach(below) {}
 
 func (r *rawWriter) writeAt(p []byte, off int64) error {
+	if err := r.checkProbedWrite(off, p, int64(len(p))); err != nil {
+		return err
+	}
 	return r.f.pwrite(p, off)
 }
 
 func (r *rawWriter) writeZeroes(off, length int64, flags ZeroFlags) error {
 	if err := r.f.failed(); err != nil {
+		return err
+	}
+	if err := r.checkProbedWrite(off, nil, length); err != nil {
 		return err
 	}
 	fd := int(r.h.f.Fd())
@@ -99,7 +108,11 @@ func (r *rawWriter) discard(off, length int64) error {
 	if err := r.f.failed(); err != nil {
 		return err
 	}
-	// Advisory: a file system without hole punching keeps the data.
+	// Advisory: a file system without hole punching keeps the data, and
+	// so does a probed image whose first 512 bytes would change format.
+	if r.checkProbedWrite(off, nil, length) != nil {
+		return nil
+	}
 	unix.Fallocate(int(r.h.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	return nil
 }

@@ -47,7 +47,7 @@ func cmdMap(args []string) error {
 	defer img.Close()
 	if *context != "" {
 		if !metactx.Offered(img, *context) {
-			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, strings.Join(metactx.Names(img), ", "))
+			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, quotedNames(metactx.Names(img)))
 		}
 		m := metactx.NewMap(*context, format, img.Size(), metactx.ImageSource(img, *context))
 		if _, err := m.WriteTo(w); err != nil {
@@ -59,4 +59,14 @@ func cmdMap(args []string) error {
 		return err
 	}
 	return w.Flush()
+}
+
+// quotedNames lists context names for a message, each quoted: bitmap
+// names come from the image.
+func quotedNames(names []string) string {
+	q := make([]string, len(names))
+	for i, n := range names {
+		q[i] = fmt.Sprintf("%q", n)
+	}
+	return strings.Join(q, ", ")
 }

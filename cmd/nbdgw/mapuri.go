@@ -13,8 +13,8 @@ import (
 
 // mapURI prints the map of the NBD server at uri: with a context, what
 // nbdinfo --map=CONTEXT prints in form f;
-// without one, what qemu-img map prints for the URI (QEMU 7.2's NBD
-// client asks base:allocation only).
+// without one, what qemu-img map prints for the URI (QEMU's NBD client,
+// 7.2 as 10.0, asks base:allocation only).
 func mapURI(w io.Writer, uri, ctxName string, f metactx.Format) error {
 	ctx := context.Background()
 	name := ctxName

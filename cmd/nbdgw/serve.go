@@ -18,13 +18,17 @@ func cmdServe(args []string) error {
 	fs := newFlags("serve")
 	socket := fs.String("socket", "", "listen on this unix socket")
 	listen := fs.String("listen", "", "listen on HOST:PORT (default 127.0.0.1:10809)")
-	exportName := fs.String("export-name", "", "export name (the default export answers \"\" too)")
+	exportName := fs.String("export-name", "", "export name (the default export answers \"\" too), at most 4096 bytes")
+	description := fs.String("description", "", "export description sent to clients (NBD_INFO_DESCRIPTION), at most 4096 bytes")
 	imgFlags := addImageFlags(fs)
 	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain)")
 	snapshot := fs.Bool("snapshot", false, "allow writes, to a temporary overlay deleted at exit (the chain is not changed)")
 	tlsCreds := fs.String("tls-creds", "", "directory with ca-cert.pem, server-cert.pem, server-key.pem")
 	tlsRequired := fs.Bool("tls-required", false, "refuse clients that do not start TLS")
 	tlsVerifyPeer := fs.Bool("tls-verify-peer", true, "require client certificates signed by the CA (as qemu-nbd's verify-peer=on)")
+	handshakeTimeout := fs.Duration("handshake-timeout", nbdserver.DefaultHandshakeTimeout, "drop clients that have not finished option negotiation (TLS included) in this time")
+	maxConns := fs.Int("max-connections", nbdserver.DefaultMaxConnections, "connections served at once; more wait in the listen backlog")
+	maxPerAddr := fs.Int("max-per-address", nbdserver.DefaultMaxPerAddress, "connections from one client IP address in the handshake at once; more are closed (-1: no limit)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -38,9 +42,19 @@ func cmdServe(args []string) error {
 	if *tlsRequired && *tlsCreds == "" {
 		return errors.New("--tls-required needs --tls-creds")
 	}
+	if *handshakeTimeout <= 0 || *maxConns <= 0 || *maxPerAddr == 0 || *maxPerAddr < -1 {
+		return errors.New("--handshake-timeout and --max-connections must be positive, --max-per-address positive or -1")
+	}
 	cfg := nbdserver.Config{
-		TLSRequired: *tlsRequired,
-		Logf:        func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw serve: "+f+"\n", a...) },
+		HandshakeTimeout: *handshakeTimeout,
+		MaxConnections:   *maxConns,
+		MaxPerAddress:    *maxPerAddr,
+		TLSRequired:      *tlsRequired,
+		Logf:             func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw serve: "+f+"\n", a...) },
+	}
+	cfg.Exports = []*nbdserver.Export{{Name: *exportName, Description: *description}}
+	if err := cfg.Validate(); err != nil {
+		return err
 	}
 	if *tlsCreds != "" {
 		if cfg.TLS, err = nbdserver.LoadServerTLS(*tlsCreds, *tlsVerifyPeer); err != nil {
@@ -59,15 +73,7 @@ func cmdServe(args []string) error {
 			img.Close()
 		}
 	}()
-	if *writable && imgFlags.noBacking {
-		if l := img.Layers(); len(l) > 0 && l[0].BackingFile != "" {
-			// A write to part of a cluster copies the rest from below:
-			// with the backing file hidden that would be zeroes, which
-			// would then hide the backing file's data for good.
-			return fmt.Errorf("--writable --no-backing: %s has a backing file (%s); partial-cluster writes would copy zeroes over its data: serve with the backing file, or with --snapshot", pos[0], l[0].BackingFile)
-		}
-	}
-	cfg.Exports = []*nbdserver.Export{{Name: *exportName, Image: img, Writable: *writable || *snapshot}}
+	cfg.Exports[0].Image, cfg.Exports[0].Writable = img, *writable || *snapshot
 
 	l, cleanup, err := serveListener(*socket, *listen)
 	if err != nil {
