@@ -84,6 +84,7 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"info"}, 2, "missing IMAGE"},
 		{[]string{"info", "a", "b"}, 2, `unexpected argument "b" after IMAGE`},
 		{[]string{"map", "--output=xml", "x"}, 2, "--output=xml: want json or human"},
+		{[]string{"map", "--totals", "x"}, 2, "--totals needs --context"},
 		{[]string{"mount", "x"}, 2, "missing MOUNTPOINT"},
 		{[]string{"serve", "--socket", "/tmp/s", "--listen", "127.0.0.1:1", "x"}, 2, "--socket excludes --listen"},
 		{[]string{"serve", "-k", "/tmp/s", "-p", "1", "x"}, 2, "--socket excludes"},
