@@ -9,11 +9,11 @@ require (
 	github.com/mdlayher/genetlink v1.4.0
 	github.com/mdlayher/netlink v1.11.2
 	github.com/pmorjan/kmod v1.1.1
-	golang.org/x/sync v0.20.0
 	golang.org/x/sys v0.49.0
 )
 
 require (
 	github.com/mdlayher/socket v0.6.0 // indirect
 	golang.org/x/net v0.53.0 // indirect
+	golang.org/x/sync v0.20.0 // indirect
 )

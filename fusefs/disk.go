@@ -218,15 +218,17 @@ func (n *diskNode) Writev(ctx context.Context, f fs.FileHandle, data [][]byte, o
 }
 
 // writeErrno logs a write-side engine error and turns it into an errno:
-// a full or over-quota host file system is reported as such, everything
-// else is EIO.
+// a full or over-quota host file system is reported as such (also by every
+// later call on an image that failed for it: the engine's failure wraps
+// its first cause), everything else is EIO. Every one is logged, since the
+// errno alone does not say which file and call failed first.
 func (t *tree) writeErrno(err error, format string, args ...any) syscall.Errno {
+	t.logf(format+": %v", append(args, err)...)
 	for _, e := range []syscall.Errno{syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG} {
 		if errors.Is(err, e) {
 			return e
 		}
 	}
-	t.logf(format+": %v", append(args, err)...)
 	return syscall.EIO
 }
 

@@ -436,7 +436,7 @@ func TestBackupBadInput(t *testing.T) {
 	bkIdentical(t, dir, "exists.qcow2", "img.qcow2")
 
 	for _, args := range [][]string{{"--layer", "--bitmap", "b"}, {nbdURI(sock)}, {"--connections", "0"}} {
-		if _, e, code = bkRun(t, dir, bin, append(append([]string{"backup"}, args...), nbdURI(sock), "u.qcow2")...); code != 2 || !strings.Contains(e, "usage: nbdgw backup") {
+		if _, e, code = bkRun(t, dir, bin, append(append([]string{"backup"}, args...), nbdURI(sock), "u.qcow2")...); code != 2 || !strings.Contains(e, "(see nbdgw help backup)") {
 			t.Errorf("%q: exit %d\n%s", args, code, e)
 		}
 	}

@@ -52,13 +52,13 @@ func TestHardeningCorpus(t *testing.T) {
 			}
 			hardCorpusCLI(t, bin, c)
 			hardCorpusServe(t, bin, c, want)
-			if fuse == "" {
+			t.Run("mount", func(t *testing.T) {
+				if fuse != "" {
+					t.Skipf("FUSE part: %s", fuse) // scripts/test.sh fails on it
+				}
 				hardCorpusMount(t, bin, c, want)
-			}
+			})
 		})
-	}
-	if fuse != "" {
-		t.Logf("FUSE part skipped: %s", fuse)
 	}
 }
 
@@ -478,8 +478,7 @@ func TestHardeningHostileClients(t *testing.T) {
 		}
 		slowConns = append(slowConns, c)
 	}
-	time.Sleep(time.Second)
-	slowRSS, _ := hardProcRSS(pid)
+	slowRSS := hardPeakRSS(pid, time.Second, 20*time.Second)
 	per := (slowRSS - idleRSS) / slow
 	t.Logf("server RSS idle %d MiB; with %d slow readers each asking 64 reads of 32 MiB: %d MiB (%d MiB per slow reader)",
 		idleRSS>>20, slow, slowRSS>>20, per>>20)
@@ -616,9 +615,9 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 	}
 }
 
-// TestHardeningConnectionLimit opens more connections than nbdserver's
-// DefaultMaxConnections: the extra ones are closed at once, and a slot
-// freed is a slot usable again.
+// TestHardeningConnectionLimit opens more connections than
+// --max-connections: the extra ones are not closed but wait in the listen
+// backlog (no greeting), and a slot freed lets the next one in.
 func TestHardeningConnectionLimit(t *testing.T) {
 	t.Parallel()
 	hardRequire(t, "qemu-img")
@@ -627,12 +626,12 @@ func TestHardeningConnectionLimit(t *testing.T) {
 	if r := hardExec(30*time.Second, "qemu-img", "create", "-q", "-f", "qcow2", img, "1M"); r.code != 0 {
 		t.Fatal(r)
 	}
-	s, r := hardServe(t, bin, img)
+	const limit = 8
+	s, r := hardServe(t, bin, "--max-connections", fmt.Sprint(limit), img)
 	if s == nil {
 		t.Fatal(r)
 	}
 	time.Sleep(100 * time.Millisecond) // the readiness probe's slot is released
-	limit := nbdserver.DefaultMaxConnections
 	var conns []*hardRawConn
 	defer func() {
 		for _, c := range conns {
@@ -646,25 +645,22 @@ func TestHardeningConnectionLimit(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
-	for i := 0; i < 3; i++ {
-		if c, err := hardDialRaw("unix", s.socket); err == nil {
-			c.Close()
-			t.Fatalf("connection %d over the limit of %d got a greeting", i+1, limit)
-		}
+	// Over the limit: connected (the backlog), no greeting, not closed.
+	extra, err := net.Dial("unix", s.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetReadDeadline(time.Now().Add(time.Second))
+	var hello [18]byte
+	if n, err := io.ReadFull(extra, hello[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection over the limit of %d: read %d bytes, %v; want it to wait in the backlog", limit, n, err)
 	}
 	conns[0].Close()
 	conns = conns[1:]
-	var err error
-	for i := 0; i < 100; i++ {
-		var c *hardRawConn
-		if c, err = hardDialRaw("unix", s.socket); err == nil {
-			c.Close()
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		t.Errorf("after closing one connection: %v", err)
+	extra.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(extra, hello[:]); err != nil {
+		t.Errorf("after closing one connection, the waiting one got no greeting: %v", err)
 	}
 	for _, c := range conns {
 		c.Close()
@@ -672,9 +668,6 @@ func TestHardeningConnectionLimit(t *testing.T) {
 	conns = nil
 	r = s.stop(t)
 	hardSane(t, r)
-	if !bytes.Contains(r.stderr, []byte("too many connections")) {
-		t.Errorf("the refusals were not logged:\n%s", hardClip(r.stderr))
-	}
 }
 
 // TestHardeningTLS checks `nbdgw serve --tls-creds DIR --tls-required`
@@ -801,7 +794,7 @@ func TestHardeningTLS(t *testing.T) {
 
 	t.Run("stalled-tls-handshake", func(t *testing.T) {
 		// Through the binary the handshake deadline is
-		// nbdserver.DefaultHandshakeTimeout (a minute): checked in full
+		// nbdserver.DefaultHandshakeTimeout (10 s): checked in full
 		// mode only (scripts/check.sh). The Go test checks the same code
 		// with a short timeout in-process, below.
 		stalled := []struct {
@@ -923,8 +916,7 @@ func TestHardeningServerMemoryBudget(t *testing.T) {
 					}
 				}()
 			}
-			time.Sleep(3 * time.Second)
-			rss, _ := hardProcRSS(s.cmd.Process.Pid)
+			rss := hardPeakRSS(s.cmd.Process.Pid, 2*time.Second, 30*time.Second)
 			t.Logf("%d clients asking 32 reads of 32 MiB each, reading nothing: server RSS %d MiB", clients, rss>>20)
 			if rss > 1<<30 {
 				t.Errorf("SERVER BUG (nbdserver): %d stalled clients make the server hold %d MiB: no server-wide budget for read buffers (suggest a weighted semaphore on request bytes, and a write deadline for clients that never drain replies)", clients, rss>>20)

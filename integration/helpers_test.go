@@ -94,3 +94,14 @@ func runOutput(t testing.TB, name string, args ...string) []byte {
 	}
 	return out
 }
+
+// serveSaid is what nbdgw serve wrote to stderr but its ready line.
+func serveSaid(stderr string) string {
+	var keep []string
+	for _, l := range strings.SplitAfter(stderr, "\n") {
+		if l != "" && !strings.HasPrefix(l, "nbdgw serve: serving ") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "")
+}

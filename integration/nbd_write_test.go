@@ -287,7 +287,7 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 			t.Errorf("backing file %s changed: sha256 %s, was %s", f, got, before[f])
 		}
 	}
-	if s := srv.stderr.String(); s != "" {
+	if s := serveSaid(srv.stderr.String()); s != "" {
 		t.Errorf("nbdgw serve said:\n%s", s)
 	}
 }

@@ -59,10 +59,18 @@
 // export: the engine streams extents and the server stops only at the
 // reply size limit below.
 //
+// QEMU 10.0 is the peer this follows; 7.2 knew neither side of extended
+// headers. qemu-img and qemu-io 10.0 negotiate them with the server,
+// qemu-nbd 10.0 grants them to the client, and the misuses of block status
+// payloads (no context, an id not negotiated or named twice, more ids than
+// contexts, a payload on a command that takes none) get the errno
+// qemu-nbd 10.0 answers, NBD_EINVAL, on a connection that stays usable
+// (integration.TestBlockStatusPayloadMisuse).
+//
 // # Concurrency
 //
-// A Server serves any number of connections (up to
-// Config.MaxConnections), one goroutine each for option haggling and for
+// A Server serves up to Config.MaxConnections connections (see
+// Connection admission), one goroutine each for option haggling and for
 // reading requests. Each request is then handled on its own goroutine;
 // at most Config.MaxInFlight run per connection, and the reader blocks
 // when all slots are taken, which pushes back on the client. Requests are
@@ -74,7 +82,10 @@
 // closes. The engine (qcow2.Image) is safe for concurrent reads, so
 // connections share it; NBD_FLAG_CAN_MULTI_CONN is advertised.
 //
-// One exception, for speed: on plain TCP and unix sockets, data clusters
+// Two exceptions. Large reads through the engine on read-only exports are
+// streamed under the send lock, piece by piece (see Memory under stalled
+// readers), so that a stalled reader holds one piece and not its whole
+// reply. And, for speed: on plain TCP and unix sockets, data clusters
 // that the engine maps to a host file offset (qemu-img map's "offset")
 // are sent with sendfile(2) straight from the engine's own open handle on
 // that file (qcow2.Image.HostFile), after the engine has answered block
@@ -109,18 +120,83 @@
 //     (131072 32-bit or 65536 64-bit extents), one with
 //     NBD_CMD_FLAG_REQ_ONE; 32-bit replies never exceed the 32-bit
 //     request length;
-//   - option haggling must finish within Config.HandshakeTimeout;
 //   - block status: at most 65536 engine lookups per context and request
 //     (the part walked is answered), so a crafted image cannot make one
 //     request walk for minutes;
-//   - buffers held by requests in flight (read data, write payloads,
-//     block status chunks) count against the connection's share,
-//     Config.MaxConnBufferBytes (64 MiB), then against
-//     Config.MaxBufferBytes (1 GiB) across all connections; a request
-//     waits for both before its payload is read, so a client that stops
-//     reading replies throttles itself first;
 //   - a reply must be taken by the client within Config.SendTimeout (a
 //     minute), else the connection is dropped and its budget freed.
+//
+// # Memory under stalled readers
+//
+// A client that stops reading its replies holds back its own connection
+// only, and bounded memory:
+//   - reads sent with sendfile and zero runs hold no buffer (zeroes are
+//     written from one static buffer);
+//   - a read whose bytes through the engine (compressed clusters, TLS
+//     connections, anything not mappable to a host file) are at most
+//     256 KiB is read before the send lock into pooled buffers that count
+//     against the budget below; a larger one is streamed: read through
+//     the engine in pieces of 128 KiB under the send lock, each piece its
+//     own NBD_REPLY_TYPE_OFFSET_DATA chunk with structured replies (a
+//     failed piece is answered NBD_REPLY_TYPE_ERROR_OFFSET and ends the
+//     reply), or raw bytes after a simple reply header (a failed piece
+//     drops the connection, as the header promised the data). A stalled
+//     connection thus holds one piece, whatever its reads' lengths;
+//   - write payloads, reads on writable exports (one engine call over the
+//     whole range, see Writes) and block status chunks count against the
+//     connection's share, Config.MaxConnBufferBytes (64 MiB), of which the
+//     first 256 KiB are the connection's own, and beyond that against the
+//     pool shared by all connections, Config.MaxBufferBytes (128 MiB).
+//     Memory held for requests is therefore at most 128 MiB plus 256 KiB
+//     and one 128 KiB piece per connection; the engine's caches
+//     (decompressed clusters included) are bounded per image by package
+//     qcow2;
+//   - waiting for the budget is not first come, first served: when bytes
+//     are released every waiter that now fits proceeds, so a small request
+//     never queues behind a large one, and thanks to the connection's own
+//     256 KiB a small request gets through even when stalled clients hold
+//     the whole pool.
+//
+// Measured by integration.TestAdmissionStalledReaders: with 64 clients
+// each holding a 32 MiB read unread, a fresh client's 4 KiB reads take
+// milliseconds and the server's peak RSS stays in tens of MiB, on plain
+// (sendfile) and compressed images.
+//
+// # Connection admission
+//
+// The policy, like a daemon's (and qemu-nbd's where it has one):
+//   - at most Config.MaxConnections (4096) connections are served at
+//     once, handshaking or not; beyond that the server stops accepting
+//     and new connections wait in the kernel's listen backlog, as with
+//     qemu-nbd --shared, instead of being closed;
+//   - option haggling (TLS included) must finish within
+//     Config.HandshakeTimeout (10 s, qemu-nbd's --handshake-limit), else
+//     the connection is closed: silent connections cost a slot for 10 s;
+//   - at most Config.MaxPerAddress (64) connections from one client IP
+//     address may be in the handshake at once; more from that address are
+//     closed at once and logged (unix socket peers have no address and are
+//     not limited). A flood from one address thus cannot hold the slots
+//     others need for long, and cannot make them wait;
+//   - a client that finished the handshake is not limited by address and
+//     has no idle timeout (the kernel's nbd client idles for hours
+//     legitimately): it counts only against MaxConnections, which is set
+//     high so that idle clients do not lock out new ones
+//     (TestAdmissionHandshakenIdle: 256 idle, a new one served at once;
+//     TestAdmissionIdleConnections: 2000 silent connections, a new
+//     client served at once).
+//
+// Export names and descriptions are at most 4096 bytes (Config.Validate,
+// checked by nbdgw serve at start, as qemu-nbd does).
+//
+// # TLS
+//
+// LoadServerTLS checks the x509 credentials at start (readable files, a
+// key matching its certificate, validity dates, the server certificate
+// signed by the CA) and explains why the certificate request names no
+// CAs: GnuTLS clients (libnbd, QEMU) with RSA certificates would
+// otherwise send none in TLS 1.3. TLS-PSK is not offered: crypto/tls has
+// no PSK key exchange, and no maintained Go module served by the module
+// proxy provides one.
 //
 // The client bounds option replies to 64 KiB and reply chunks to 64 MiB.
 package nbdserver

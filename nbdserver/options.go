@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"golang.org/x/sync/semaphore"
 	"io"
 	"net"
 	"strings"
@@ -399,6 +398,6 @@ func (n *negotiation) session(exp *Export, flags uint16) *session {
 		flags:    flags,
 		zeroCopy: canSendfile(n.conn) && !exp.Writable && !exp.Image.Writable(), // see doc.go
 		slots:    make(chan struct{}, n.srv.cfg.MaxInFlight),
-		mem:      semaphore.NewWeighted(n.srv.cfg.MaxConnBufferBytes),
+		mem:      n.srv.mem.conn(n.srv.cfg.MaxConnBufferBytes, connFloor),
 	}
 }

@@ -8,18 +8,40 @@ import (
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
-// reply is a whole reply, written by session.send: byte buffers and, for
-// zero-copy reads, ranges of host files sent with sendfile.
+// reply is a whole reply, written by session.send: byte buffers, zero
+// runs, ranges of host files sent with sendfile and ranges of the image
+// read through the engine as they are sent.
 type reply []replyPart
 
-// replyPart is either bytes (file == nil) or n bytes of file at off.
+// replyPart is one of:
+//   - bytes b (file == nil, n == 0 and neither zero nor image);
+//   - zero: n zero bytes, written from a static buffer;
+//   - file: n bytes of file at off, sent with sendfile;
+//   - image: n bytes of the image at off, read through the engine in
+//     pieces of streamPiece bytes under the send lock (a large read
+//     through the engine holds one piece, not its whole length). With
+//     chunk set (structured replies), every piece goes out as its own
+//     NBD_REPLY_TYPE_OFFSET_DATA chunk, so a failed read is answered
+//     with NBD_REPLY_TYPE_ERROR_OFFSET; without it the framing already
+//     promised the bytes and a failed read drops the connection.
+//
 // pooled, if set, is a getBuf buffer the reply's bytes point into, given
 // back once the reply is sent.
 type replyPart struct {
 	b      []byte
 	file   *os.File
 	off, n int64
+	zero   bool
+	image  bool
+	chunk  *chunkInfo
 	pooled []byte
+}
+
+// chunkInfo is what the pieces of a streamed structured read need for
+// their chunk headers.
+type chunkInfo struct {
+	cookie, reqOff uint64
+	last           bool // the part is the reply's last: its last piece carries DONE
 }
 
 func bytesReply(bs ...[]byte) reply {
@@ -29,6 +51,17 @@ func bytesReply(bs ...[]byte) reply {
 	}
 	return r
 }
+
+// Read buffering (see doc.go, Limits): a read whose bytes through the
+// engine are at most prepareMax is read before the send lock into
+// buffers counted against the connection's budget; a larger one is
+// streamed from the engine in pieces of streamPiece under the send lock.
+// connFloor is each connection's own part of the budget (budget.go).
+const (
+	prepareMax  = 256 << 10
+	streamPiece = 128 << 10
+	connFloor   = 256 << 10
+)
 
 // segKind is how a run of a read is produced.
 type segKind int
@@ -73,10 +106,21 @@ func (s *session) cmdRead(req *request) reply {
 	segs := s.readSegments(int64(req.offset), int64(req.length), holes)
 	var parts reply
 	var err error
+	stream := false
 	if s.exp.Writable || s.exp.Image.Writable() {
+		req.mem += s.mem.acquire(int64(req.length))
 		segs, parts, err = s.readSnapshot(segs, int64(req.offset), int64(req.length))
 	} else {
-		parts, err = s.readParts(segs)
+		var engine int64
+		for _, sg := range segs {
+			if sg.kind == segMem {
+				engine += sg.length
+			}
+		}
+		if stream = engine > prepareMax; !stream {
+			req.mem += s.mem.acquire(engine)
+		}
+		parts, err = s.readParts(segs, stream)
 	}
 	if err != nil {
 		return s.errReply(req, EIO, err.Error())
@@ -89,13 +133,14 @@ func (s *session) cmdRead(req *request) reply {
 		return append(bytesReply(be.AppendUint64(h, req.offset)), parts...)
 	}
 	var tail reply // the pooled buffer's holder, sent (as nothing) last
-	if k := len(parts) - 1; parts[k].pooled != nil {
-		parts, tail = parts[:k], parts[k:]
+	if len(parts) > len(segs) {
+		parts, tail = parts[:len(segs)], parts[len(segs):]
 	}
 	out := make(reply, 0, 2*len(segs))
 	for i, sg := range segs {
 		var flags uint16
-		if i == len(segs)-1 {
+		last := i == len(segs)-1
+		if last {
 			flags = replyFlagDone
 		}
 		if sg.kind == segZero {
@@ -104,28 +149,43 @@ func (s *session) cmdRead(req *request) reply {
 			out = append(out, replyPart{b: be.AppendUint32(b, uint32(sg.length))})
 			continue
 		}
+		if parts[i].image {
+			p := parts[i]
+			p.chunk = &chunkInfo{cookie: req.cookie, reqOff: req.offset, last: last}
+			out = append(out, p)
+			continue
+		}
 		b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, req.cookie, req.offset, uint64(offsetDataHdrLen+sg.length))
 		out = append(out, replyPart{b: be.AppendUint64(b, uint64(sg.off))}, parts[i])
 	}
 	return append(out, tail...)
 }
 
-// readParts produces the data of each segment: engine reads into memory
-// (done here, before anything is sent), zeroes, or file ranges.
-func (s *session) readParts(segs []readSegment) (reply, error) {
+// readParts produces the data of each segment: zeroes, file ranges, and
+// engine reads, done here before anything is sent unless stream, in
+// which case they are read as they are sent.
+func (s *session) readParts(segs []readSegment, stream bool) (reply, error) {
 	parts := make(reply, len(segs))
 	for i, sg := range segs {
-		switch sg.kind {
-		case segFile:
+		switch {
+		case sg.kind == segFile:
 			parts[i] = replyPart{file: sg.file, off: sg.hostOff, n: sg.length}
-		case segZero:
-			parts[i] = replyPart{b: make([]byte, sg.length)}
+		case sg.kind == segZero:
+			parts[i] = replyPart{zero: true, n: sg.length}
+		case stream:
+			parts[i] = replyPart{image: true, off: sg.off, n: sg.length}
 		default:
-			p := make([]byte, sg.length)
+			p := getBuf(int(sg.length))
 			if k, err := s.exp.Image.ReadAt(p, sg.off); k < len(p) {
+				putBuf(p)
+				for _, q := range parts[:i] {
+					if q.pooled != nil {
+						putBuf(q.pooled)
+					}
+				}
 				return nil, fmt.Errorf("read at %d: %v", sg.off, err)
 			}
-			parts[i] = replyPart{b: p}
+			parts[i] = replyPart{b: p, pooled: p}
 		}
 	}
 	return parts, nil

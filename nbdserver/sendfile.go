@@ -29,12 +29,17 @@ func sendFileRange(c net.Conn, f *os.File, off, n int64) error {
 	if err != nil {
 		return err
 	}
-	for left > 0 {
-		k := min(left, int64(len(zeroes)))
+	return writeZeroes(c, left)
+}
+
+// writeZeroes writes n zero bytes on c from the static buffer.
+func writeZeroes(c net.Conn, n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeroes)))
 		if _, err := c.Write(zeroes[:k]); err != nil {
 			return err
 		}
-		left -= k
+		n -= k
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -13,7 +14,6 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/qcow2"
-	"golang.org/x/sync/semaphore"
 )
 
 // Export is one named image the server offers.
@@ -32,23 +32,28 @@ type Config struct {
 	TLS         *tls.Config // nil: no STARTTLS
 	TLSRequired bool
 	Logf        func(format string, args ...any) // nil: discard
+	// Log, if set, receives one record per client event (connected,
+	// negotiated, disconnected), for nbdgw serve -v.
+	Log *slog.Logger
 
-	MaxConnections     int           // concurrent connections (DefaultMaxConnections)
+	MaxConnections     int           // concurrent connections; beyond, new ones wait in the listen backlog (DefaultMaxConnections)
+	MaxPerAddress      int           // connections from one client IP address still in the handshake (DefaultMaxPerAddress); -1: no limit
 	MaxInFlight        int           // requests in flight per connection (DefaultMaxInFlight)
 	MaxRequest         int           // largest READ/WRITE payload (DefaultMaxRequest)
 	HandshakeTimeout   time.Duration // whole option haggling (DefaultHandshakeTimeout)
-	MaxBufferBytes     int64         // buffers held by requests in flight, server-wide (DefaultMaxBufferBytes)
-	MaxConnBufferBytes int64         // the same, per connection (DefaultMaxConnBufferBytes)
+	MaxBufferBytes     int64         // buffers held by requests in flight, shared by all connections (DefaultMaxBufferBytes)
+	MaxConnBufferBytes int64         // the same, per connection (DefaultMaxConnBufferBytes); its first 256 KiB do not come from MaxBufferBytes (budget.go)
 	SendTimeout        time.Duration // longest a reply may take to be taken by the client (DefaultSendTimeout)
 }
 
 // Defaults of the Config limits.
 const (
-	DefaultMaxConnections     = 256
+	DefaultMaxConnections     = 4096
+	DefaultMaxPerAddress      = 64
 	DefaultMaxInFlight        = 16
-	DefaultMaxRequest         = 32 << 20 // like QEMU's NBD_MAX_BUFFER_SIZE
-	DefaultHandshakeTimeout   = time.Minute
-	DefaultMaxBufferBytes     = 1 << 30
+	DefaultMaxRequest         = 32 << 20         // like QEMU's NBD_MAX_BUFFER_SIZE
+	DefaultHandshakeTimeout   = 10 * time.Second // as qemu-nbd's --handshake-limit
+	DefaultMaxBufferBytes     = 128 << 20
 	DefaultMaxConnBufferBytes = 2 * DefaultMaxRequest
 	DefaultSendTimeout        = time.Minute
 )
@@ -56,13 +61,15 @@ const (
 // Server serves exports over NBD. It is safe for concurrent use.
 type Server struct {
 	cfg  Config
-	slot chan struct{}       // one token per open connection
-	mem  *semaphore.Weighted // bytes of request buffers, server-wide
+	slot chan struct{} // one token per open connection
+	mem  *memBudget    // bytes of request buffers, server-wide
 
-	mu        sync.Mutex // guards listeners, conns, closed
-	listeners map[net.Listener]struct{}
-	conns     map[net.Conn]struct{}
-	closed    bool
+	mu          sync.Mutex // guards listeners, conns, closed, handshaking
+	listeners   map[net.Listener]struct{}
+	conns       map[net.Conn]struct{}
+	closed      bool
+	done        chan struct{}  // closed by Close
+	handshaking map[string]int // connections in the handshake by client IP
 
 	wg sync.WaitGroup // connections being served
 }
@@ -77,6 +84,9 @@ func NewServer(cfg Config) *Server {
 	}
 	if cfg.MaxConnections <= 0 {
 		cfg.MaxConnections = DefaultMaxConnections
+	}
+	if cfg.MaxPerAddress == 0 {
+		cfg.MaxPerAddress = DefaultMaxPerAddress
 	}
 	if cfg.MaxInFlight <= 0 {
 		cfg.MaxInFlight = DefaultMaxInFlight
@@ -100,10 +110,13 @@ func NewServer(cfg Config) *Server {
 	}
 	return &Server{
 		cfg:       cfg,
-		mem:       semaphore.NewWeighted(cfg.MaxBufferBytes),
+		mem:       newMemBudget(cfg.MaxBufferBytes),
 		slot:      make(chan struct{}, cfg.MaxConnections),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
+		done:      make(chan struct{}),
+
+		handshaking: map[string]int{},
 	}
 }
 
@@ -118,8 +131,19 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {
+		// Over the connection limit the server stops accepting: new
+		// connections wait in the kernel's listen backlog, as with
+		// qemu-nbd, rather than being closed.
+		select {
+		case s.slot <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.done:
+			return ErrServerClosed
+		}
 		c, err := l.Accept()
 		if err != nil {
+			<-s.slot
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -127,24 +151,53 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 				return ErrServerClosed
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
 				time.Sleep(10 * time.Millisecond)
 				continue
 			}
 			return err
-		}
-		select {
-		case s.slot <- struct{}{}:
-		default:
-			s.cfg.Logf("nbd: %v: too many connections (%d), refusing", c.RemoteAddr(), s.cfg.MaxConnections)
-			c.Close()
-			continue
 		}
 		go func() {
 			defer func() { <-s.slot }()
 			s.ServeConn(ctx, c)
 		}()
 	}
+}
+
+// clientIP is the address the per-address limit counts c under; "" for
+// connections without one (unix sockets).
+func clientIP(c net.Conn) string {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.IP.String()
+	}
+	return ""
+}
+
+// admit counts c as handshaking under its client address, or reports
+// that its address already has MaxPerAddress handshakes in progress.
+func (s *Server) admit(ip string) bool {
+	if ip == "" || s.cfg.MaxPerAddress < 0 {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.handshaking[ip] >= s.cfg.MaxPerAddress {
+		return false
+	}
+	s.handshaking[ip]++
+	return true
+}
+
+// handshakeDone ends what admit counted.
+func (s *Server) handshakeDone(ip string) {
+	if ip == "" || s.cfg.MaxPerAddress < 0 {
+		return
+	}
+	s.mu.Lock()
+	if s.handshaking[ip]--; s.handshaking[ip] <= 0 {
+		delete(s.handshaking, ip)
+	}
+	s.mu.Unlock()
 }
 
 // ServeConn runs the handshake and the transmission phase on c and
@@ -166,25 +219,52 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	stop := context.AfterFunc(ctx, func() { stopConn(c) })
 	defer stop()
 
+	ip := clientIP(c)
+	if !s.admit(ip) {
+		s.cfg.Logf("nbd: %v: %d connections from %s already in the handshake, refusing", c.RemoteAddr(), s.cfg.MaxPerAddress, ip)
+		return
+	}
+	inHandshake := true
+	defer func() { // also after a panic in the handshake
+		if inHandshake {
+			s.handshakeDone(ip)
+		}
+	}()
 	n := &negotiation{srv: s, conn: c}
 	defer func() {
 		if n.conn != c {
 			n.conn.Close() // shuts TLS down cleanly (close_notify)
 		}
 	}()
+	start := time.Now()
+	s.verbose("client connected", "client", c.RemoteAddr())
 	sess, err := n.run()
+	inHandshake = false
+	s.handshakeDone(ip)
 	stopping := func() bool { return ctx.Err() != nil || s.isClosed() }
 	if err != nil {
 		if !stopping() && !errors.Is(err, errAborted) && !clientLeft(err) {
 			s.cfg.Logf("nbd: %v: handshake: %v", c.RemoteAddr(), err)
 		}
+		s.verbose("client left in the handshake", "client", c.RemoteAddr(), "error", err)
 		return
 	}
 	if stopping() { // the stop may have raced with the handshake's end
 		return
 	}
-	if err := sess.serve(); err != nil && !stopping() {
+	s.verbose("client negotiated", "client", c.RemoteAddr(), "export", sess.exp.Name,
+		"mode", sess.mode.String(), "tls", n.conn != c, "contexts", sess.contexts)
+	err = sess.serve()
+	if err != nil && !stopping() {
 		s.cfg.Logf("nbd: %v: %v", c.RemoteAddr(), err)
+	}
+	s.verbose("client disconnected", "client", c.RemoteAddr(), "seconds", time.Since(start).Seconds(), "error", err)
+}
+
+// verbose logs a client event to Config.Log, if set.
+func (s *Server) verbose(msg string, args ...any) {
+	if s.cfg.Log != nil {
+		s.cfg.Log.Info(msg, args...)
 	}
 }
 
@@ -210,6 +290,9 @@ func stopConn(c net.Conn) {
 // waits for the replies in flight and closes the connections.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.done)
+	}
 	s.closed = true
 	for l := range s.listeners {
 		l.Close()
@@ -297,3 +380,35 @@ func transmissionFlags(exp *Export, mode replyMode, payload bool) uint16 {
 }
 
 func (e *Export) String() string { return fmt.Sprintf("export %q", e.Name) }
+
+// MaxStringLen is the protocol's limit on export names and descriptions
+// (NBD_MAX_STRING_SIZE, nbd-proto.md "Export name and description").
+const MaxStringLen = 4096
+
+// Validate checks what a client could not negotiate at all: export names
+// and descriptions over MaxStringLen bytes (qemu-nbd refuses them at start
+// too: "export name '...' too long") and names given twice.
+func (cfg *Config) Validate() error {
+	seen := map[string]bool{}
+	for _, e := range cfg.Exports {
+		if len(e.Name) > MaxStringLen {
+			return fmt.Errorf("export name %s too long: %d bytes, at most %d", clipQuote(e.Name), len(e.Name), MaxStringLen)
+		}
+		if len(e.Description) > MaxStringLen {
+			return fmt.Errorf("export description %s too long: %d bytes, at most %d", clipQuote(e.Description), len(e.Description), MaxStringLen)
+		}
+		if seen[e.Name] {
+			return fmt.Errorf("export name %q given twice", e.Name)
+		}
+		seen[e.Name] = true
+	}
+	return nil
+}
+
+// clipQuote quotes the start of a long string for a one-line message.
+func clipQuote(s string) string {
+	if len(s) > 40 {
+		return fmt.Sprintf("%q...", s[:40])
+	}
+	return fmt.Sprintf("%q", s)
+}

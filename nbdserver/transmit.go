@@ -2,7 +2,6 @@ package nbdserver
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -13,7 +12,6 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
-	"golang.org/x/sync/semaphore"
 )
 
 // Reply size limits.
@@ -37,9 +35,9 @@ type session struct {
 	flags    uint16   // transmission flags advertised
 	zeroCopy bool     // data may be sent from host files with sendfile
 
-	slots chan struct{}       // one token per request in flight
-	mem   *semaphore.Weighted // this connection's share of buffer bytes
-	wg    sync.WaitGroup      // requests in flight
+	slots chan struct{}  // one token per request in flight
+	mem   *connBudget    // this connection's share of buffer bytes
+	wg    sync.WaitGroup // requests in flight
 
 	sendMu  sync.Mutex // guards writes to conn and sendErr
 	sendErr error
@@ -71,21 +69,13 @@ func (s *session) serve() error {
 		// MaxInFlight payloads of at most MaxRequest bytes are held per
 		// connection.
 		s.slots <- struct{}{}
-		// The buffers the request may hold (its payload or its reply)
-		// count against the server-wide budget until the reply is sent.
-		// The connection's own share is taken first, so a client that
-		// stalls only throttles itself.
-		req.mem = s.bufferWeight(&req)
-		if req.mem > 0 {
-			if err := s.mem.Acquire(context.Background(), req.mem); err != nil {
-				<-s.slots
-				return err
-			}
-			if err := s.srv.mem.Acquire(context.Background(), req.mem); err != nil {
-				s.mem.Release(req.mem)
-				<-s.slots
-				return err
-			}
+		// A write's payload counts against the connection's share and
+		// the shared pool (see budget.go) before it is read, so a client
+		// that stalls only throttles itself. Reads and block status take
+		// their buffers' budget in the handler, once they know what they
+		// hold (sendfile and zero runs hold none).
+		if req.typ == CmdWrite && s.exp.Writable {
+			req.mem = s.mem.acquire(int64(min(req.length, uint64(s.srv.cfg.MaxRequest))))
 		}
 		if err := s.readPayload(&req); err != nil {
 			s.release(&req)
@@ -129,30 +119,10 @@ func (s *session) readPayload(req *request) error {
 	return err
 }
 
-// bufferWeight is how many bytes of buffers req may hold while in flight:
-// its payload or its reply data (reads sent with sendfile are counted
-// too: the segmentation is not known yet), or its block status chunks.
-func (s *session) bufferWeight(req *request) int64 {
-	var w int64
-	switch req.typ {
-	case CmdRead:
-		w = int64(min(req.length, uint64(s.srv.cfg.MaxRequest)))
-	case CmdWrite:
-		if s.exp.Writable {
-			w = int64(min(req.length, uint64(s.srv.cfg.MaxRequest)))
-		}
-	case CmdBlockStatus:
-		w = int64(len(s.contexts)) * maxExtentBytes
-	}
-	return min(w, s.srv.cfg.MaxConnBufferBytes)
-}
-
 // release gives back a request's slot and buffer budget.
 func (s *session) release(req *request) {
-	if req.mem > 0 {
-		s.srv.mem.Release(req.mem)
-		s.mem.Release(req.mem)
-	}
+	s.mem.release(req.mem)
+	req.mem = 0
 	<-s.slots
 }
 
@@ -247,8 +217,9 @@ func (s *session) cmdCache(req *request) reply {
 }
 
 // send writes a whole reply under the send lock: byte parts gathered
-// into one writev, file parts with sendfile. After a write error the
-// connection is closed, which ends the request loop.
+// into one writev, zero runs from a static buffer, file parts with
+// sendfile, image parts read through the engine piece by piece. After a
+// write error the connection is closed, which ends the request loop.
 func (s *session) send(r reply) {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
@@ -259,24 +230,87 @@ func (s *session) send(r reply) {
 	// rather than holding buffers (and the server-wide budget) forever.
 	s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.SendTimeout))
 	var bufs net.Buffers
+	flush := func() error {
+		_, err := bufs.WriteTo(s.conn)
+		bufs = nil
+		return err
+	}
 	for _, p := range r {
-		if p.file == nil {
+		if p.file == nil && !p.zero && !p.image {
 			bufs = append(bufs, p.b)
 			continue
 		}
-		if _, err := bufs.WriteTo(s.conn); err != nil {
+		if err := flush(); err != nil {
 			s.fail(err)
 			return
 		}
-		bufs = nil
-		if err := sendFileRange(s.conn, p.file, p.off, p.n); err != nil {
+		var err error
+		switch {
+		case p.file != nil:
+			err = sendFileRange(s.conn, p.file, p.off, p.n)
+		case p.zero:
+			err = writeZeroes(s.conn, p.n)
+		default:
+			var done bool
+			done, err = s.sendImage(p)
+			if done && err == nil {
+				return // an error chunk ended the reply
+			}
+		}
+		if err != nil {
 			s.fail(err)
 			return
 		}
 	}
-	if _, err := bufs.WriteTo(s.conn); err != nil {
+	if err := flush(); err != nil {
 		s.fail(err)
 	}
+}
+
+// sendImage sends an image part, reading it through the engine one
+// piece at a time into one pooled buffer. With p.chunk, each piece is an
+// OFFSET_DATA chunk and a failed read is answered with an ERROR_OFFSET
+// chunk that ends the reply (done true); without, a failed read is
+// returned and drops the connection.
+func (s *session) sendImage(p replyPart) (done bool, err error) {
+	buf := getBuf(int(min(p.n, streamPiece)))
+	defer putBuf(buf)
+	for pos := int64(0); pos < p.n; {
+		k := min(p.n-pos, int64(len(buf)))
+		b := buf[:k]
+		off := p.off + pos
+		if got, rerr := s.exp.Image.ReadAt(b, off); int64(got) < k {
+			if p.chunk == nil {
+				s.srv.cfg.Logf("nbd: %v: read at %d failed after the reply header was sent, dropping the connection: %v", s.conn.RemoteAddr(), off, rerr)
+				return false, fmt.Errorf("read at %d: %v", off, rerr)
+			}
+			msg := fmt.Sprintf("read at %d: %v", off, rerr)
+			if len(msg) > 4096 {
+				msg = msg[:4096]
+			}
+			h := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(errorPayloadHdrLen+len(msg)+8))
+			h = be.AppendUint32(h, uint32(EIO))
+			h = be.AppendUint16(h, uint16(len(msg)))
+			h = append(h, msg...)
+			h = be.AppendUint64(h, uint64(off))
+			_, err := s.conn.Write(h)
+			return true, err
+		}
+		pos += k
+		bufs := net.Buffers{b}
+		if p.chunk != nil {
+			var flags uint16
+			if p.chunk.last && pos == p.n {
+				flags = replyFlagDone
+			}
+			h := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(offsetDataHdrLen+k))
+			bufs = net.Buffers{be.AppendUint64(h, uint64(off)), b}
+		}
+		if _, err := bufs.WriteTo(s.conn); err != nil {
+			return false, err
+		}
+	}
+	return false, nil
 }
 
 // fail records a send error and drops the connection: a reply may have
@@ -333,6 +367,8 @@ func (s *session) cmdBlockStatus(req *request) reply {
 	if length == 0 || !s.inBounds(req.offset, length) {
 		return s.errReply(req, EINVAL, "block status range empty or beyond the end of the export")
 	}
+	// Each chunk holds up to maxExtentBytes of descriptors until sent.
+	req.mem += s.mem.acquire(int64(len(ids)) * maxExtentBytes)
 	out := make(reply, 0, len(ids))
 	for i, id := range ids {
 		var flags uint16

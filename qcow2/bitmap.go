@@ -129,11 +129,11 @@ func (q *qcow2Layer) loadBitmaps() error {
 		return nil
 	}
 	if h.AutoclearFeatures&AutoclearBitmaps == 0 {
-		q.warnf(q.h.name + ": a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
+		q.warnf(SafeName(q.h.name) + ": a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
 		return nil
 	}
 	dir := make([]byte, h.BitmapDirSize) // bounded and inside the file (ParseHeader)
-	if err := q.h.readFull(dir, int64(h.BitmapDirOffset)); err != nil {
+	if err := q.readMeta(dir, int64(h.BitmapDirOffset)); err != nil {
 		return err
 	}
 	bms, err := DecodeBitmapDirectory(q.h.name, dir, int64(h.BitmapDirOffset), h.NbBitmaps, q.csize, q.size_)
@@ -143,9 +143,9 @@ func (q *qcow2Layer) loadBitmaps() error {
 	for _, b := range bms {
 		b.info.Layer = q.depth
 		if b.info.InUse {
-			q.warnf(fmt.Sprintf("%s: bitmap %q is inconsistent (in use, not saved cleanly): not exported", q.h.name, b.info.Name))
+			q.warnf(fmt.Sprintf("%s: bitmap %q is inconsistent (in use, not saved cleanly): not exported", SafeName(q.h.name), b.info.Name))
 		} else if !b.usable {
-			q.warnf(fmt.Sprintf("%s: bitmap %q has unknown extra data: not exported", q.h.name, b.info.Name))
+			q.warnf(fmt.Sprintf("%s: bitmap %q has unknown extra data: not exported", SafeName(q.h.name), b.info.Name))
 		}
 	}
 	q.bms = bms
@@ -171,7 +171,7 @@ func (q *qcow2Layer) loadTable(b *bitmap) ([]uint64, error) {
 			return
 		}
 		buf := make([]byte, n*8)
-		if b.err = q.h.readFull(buf, b.tableOffset); b.err != nil {
+		if b.err = q.readMeta(buf, b.tableOffset); b.err != nil {
 			return
 		}
 		t := make([]uint64, n)
@@ -254,7 +254,7 @@ func (q *qcow2Layer) bitmapStatus(name string, off, length int64, fn func(int64,
 		if loaded != ci {
 			if b.mem != nil {
 				cluster = b.mem[ci*q.csize : (ci+1)*q.csize]
-			} else if err := q.h.readFull(cluster, int64(e&bmeTableOffsetMask)); err != nil {
+			} else if err := q.readMeta(cluster, int64(e&bmeTableOffsetMask)); err != nil {
 				return err
 			}
 			loaded = ci

@@ -70,15 +70,15 @@ func (q *qcow2Layer) setInUse(on bool) error {
 			f |= bmeFlagInUse
 		}
 		binary.BigEndian.PutUint32(buf[:], f)
-		if _, err := q.h.f.WriteAt(buf[:], b.dirPos+12); err != nil {
-			return fmt.Errorf("%s: updating bitmap directory: %w", q.h.name, err)
+		if err := q.w.f.pwrite(buf[:], b.dirPos+12); err != nil {
+			return fmt.Errorf("updating bitmap directory: %w", err)
 		}
 		changed = true
 	}
 	if !changed {
 		return nil
 	}
-	return q.h.f.Sync()
+	return q.w.f.sync()
 }
 
 // markDirty sets the bits of [off, off+length) in every enabled bitmap.
@@ -127,15 +127,15 @@ func (q *qcow2Layer) storeBitmaps() error {
 			if allZero(chunk) {
 				table[i] = 0
 				if off != 0 {
-					w.pending = append(w.pending, hostRange{off, q.csize})
+					w.rc.release(off, q.csize)
 				}
 				continue
 			}
-			if off == 0 || !q.exclusive(off, q.csize) {
+			if off == 0 || !w.rc.exclusive(off, q.csize) {
 				if off != 0 {
-					w.pending = append(w.pending, hostRange{off, q.csize})
+					w.rc.release(off, q.csize)
 				}
-				if off, err = w.alloc(1); err != nil {
+				if off, err = w.rc.alloc(1); err != nil {
 					return err
 				}
 			}
@@ -149,10 +149,10 @@ func (q *qcow2Layer) storeBitmaps() error {
 	if len(updates) == 0 {
 		return nil
 	}
-	if err := q.h.f.Sync(); err != nil { // bitmap data
+	if err := q.w.f.sync(); err != nil { // bitmap data
 		return err
 	}
-	if err := w.writeRefcounts(); err != nil { // new clusters' refcounts
+	if err := w.rc.write(); err != nil { // new clusters' refcounts
 		return err
 	}
 	for _, u := range updates {
@@ -165,7 +165,7 @@ func (q *qcow2Layer) storeBitmaps() error {
 		}
 		u.b.table = u.table
 	}
-	if err := w.flush(); err != nil { // syncs, then releases the old clusters
+	if err := q.flush(); err != nil { // syncs, then releases the old clusters
 		return err
 	}
 	return q.setInUse(false)

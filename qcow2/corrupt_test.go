@@ -31,7 +31,7 @@ func header(t *testing.T, file string) (*Header, []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := ParseHeader(file, b[:min(len(b), firstReadBytes)], int64(len(b)))
+	h, err := ParseHeader(file, b[:min(len(b), 2<<20)], int64(len(b)))
 	if err != nil {
 		t.Fatal(err)
 	}

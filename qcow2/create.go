@@ -105,7 +105,7 @@ func Create(path string, o CreateOptions) error {
 // disappears with the process whatever way it ends.
 func openSnapshot(path string, opts Options) (*Image, error) {
 	ro := opts
-	ro.Snapshot, ro.Writable = false, false
+	ro.Snapshot, ro.Writable, ro.snapshotBase = false, false, true
 	base, err := Open(path, ro)
 	if err != nil {
 		return nil, err
@@ -127,14 +127,18 @@ func openSnapshot(path string, opts Options) (*Image, error) {
 		base.Close()
 		return nil, err
 	}
-	l, _, _, err := openLayer(ov, "qcow2", 1, true, base.warn)
+	l, _, _, err := openLayer(ov, "qcow2", 1, true, roleTop, base.warn)
 	if err != nil {
 		base.Close()
 		return nil, err
 	}
-	img := &Image{mu: base.mu, warn: base.warn, layers: append([]layer{l}, base.layers...), w: l.(writer)}
+	img := &Image{mu: base.mu, warn: base.warn, layers: append([]layer{l}, base.layers...)}
 	for i, bl := range base.layers {
 		setDepth(bl, i+2)
+	}
+	if err := img.startWriting(); err != nil {
+		img.Close()
+		return nil, err
 	}
 	return img, nil
 }

@@ -3,6 +3,7 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+	"strconv"
 )
 
 // Sentinel errors. Every error the engine returns for a bad image wraps one
@@ -23,6 +24,10 @@ var (
 	// ErrReadOnly is returned by write operations on an image opened
 	// without Options.Writable.
 	ErrReadOnly = errors.New("image is read-only")
+	// ErrConfined is a file of the chain that Options.Confine refuses:
+	// it resolves outside the confinement directory or is not a regular
+	// file.
+	ErrConfined = errors.New("file outside the confinement")
 	// ErrNoBitmap is returned for a bitmap name the image does not have.
 	ErrNoBitmap = errors.New("no such bitmap")
 )
@@ -39,7 +44,7 @@ type FormatError struct {
 }
 
 func (e *FormatError) Error() string {
-	s := e.File + ": " + e.Msg
+	s := SafeName(e.File) + ": " + e.Msg
 	if e.Index >= 0 {
 		s += fmt.Sprintf(" (index %d)", e.Index)
 	}
@@ -57,4 +62,18 @@ func corrupt(file string, off, idx int64, format string, args ...any) error {
 
 func unsupported(file string, format string, args ...any) error {
 	return &FormatError{File: file, Offset: -1, Index: -1, Msg: fmt.Sprintf(format, args...), Err: ErrUnsupported}
+}
+
+// SafeName is how a file name is printed in messages and human-readable
+// output: as it is when every byte is printable (so that paths look as the
+// user typed them, and as QEMU prints them), else quoted in Go syntax
+// (strconv.Quote), so that a name read from an image (a backing or data
+// file name) cannot carry ESC, BEL, CR or LF to the terminal and forge
+// lines or rewrite the screen. Names read from images that are not paths
+// (bitmap names, the raw backing file name field) are always quoted (%q).
+func SafeName(s string) string {
+	if q := strconv.Quote(s); q[1:len(q)-1] != s {
+		return q
+	}
+	return s
 }

@@ -317,7 +317,7 @@ func ParseHeader(name string, b []byte, fileSize int64) (*Header, error) {
 		var names []string
 		for bit := uint8(0); bit < 64; bit++ {
 			if unknown&(1<<bit) != 0 {
-				names = append(names, h.featureName(0, bit))
+				names = append(names, SafeName(h.featureName(0, bit)))
 			}
 		}
 		return nil, unsupported(name, "unsupported incompatible feature(s): %s", strings.Join(names, ", "))

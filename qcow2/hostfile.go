@@ -16,6 +16,7 @@ import (
 type hostFile struct {
 	name string
 	f    *os.File
+	role lockRole // how the chain uses the file, for its image locks (lock.go)
 }
 
 // openHost opens a file of the chain, read-only unless writable: nothing

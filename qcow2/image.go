@@ -20,7 +20,9 @@ type Options struct {
 	// NoBacking opens the top layer alone, as QEMU does with
 	// "backing": null: unallocated ranges read as zeroes.
 	NoBacking bool
-	// Format forces the top layer's format ("qcow2" or "raw"); "" probes.
+	// Format forces the top layer's format ("qcow2" or "raw"); "" probes
+	// as QEMU does and refuses formats the engine does not read, naming
+	// them (see the package documentation, "Formats and confinement").
 	Format string
 	// Warn receives warnings (dirty or corrupt bits on a read-only open,
 	// inconsistent bitmaps). Nil writes them to standard error.
@@ -41,6 +43,10 @@ type Options struct {
 	// (default: the opened image's directory) and to be a regular file.
 	Confine    bool
 	ConfineDir string
+
+	// snapshotBase: the chain is opened under a snapshot overlay, so
+	// its top file is locked as a backing file (create.go).
+	snapshotBase bool
 }
 
 // Image is an opened backing chain. Layer 0 of layers is the opened image.
@@ -157,15 +163,37 @@ type layerStatus struct {
 
 // Open opens the image at path and its backing chain.
 func Open(path string, opts Options) (*Image, error) {
+	if err := checkForceShare(path, opts); err != nil {
+		return nil, err
+	}
+	if err := checkFormatName(path, opts.Format, true); err != nil {
+		return nil, err
+	}
+	o := &opener{warn: opts.Warn}
+	if o.warn == nil {
+		o.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
+	}
+	if opts.Confine {
+		c, err := newConfiner(path, opts.ConfineDir)
+		if err != nil {
+			return nil, err
+		}
+		o.conf = c
+	}
+	if opts.Writable && opts.NoBacking {
+		if err := refuseWritableNoBacking(o, path, opts.Format); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Snapshot {
 		return openSnapshot(path, opts)
 	}
-	img := &Image{mu: new(sync.RWMutex), warn: opts.Warn}
-	if img.warn == nil {
-		img.warn = func(msg string) { fmt.Fprintln(os.Stderr, "nbdgw: warning: "+msg) }
+	img := &Image{mu: new(sync.RWMutex), warn: o.warn}
+	if opts.ForceShare {
+		img.warn(SafeName(path) + ": opened with force-share: other processes' image locks are ignored, and answers may be inconsistent if another process writes the image")
 	}
 	seen := map[string]bool{}
-	name, format := path, opts.Format
+	name, format, what := path, opts.Format, "image "+SafeName(path)
 	for depth := 1; ; depth++ {
 		if depth > MaxChainDepth {
 			img.Close()
@@ -180,18 +208,15 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
-		l, backing, backingFmt, err := openLayer(name, format, depth, opts.Writable && depth == 1, img.warn)
+		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1, chainRole(opts, depth))
 		if err != nil {
-			if depth > 1 {
-				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", name, depth, img.layers[len(img.layers)-1].info().Filename, err)
+			if depth > 1 && !errors.Is(err, ErrConfined) {
+				err = fmt.Errorf("opening backing file %s (depth %d) of %s: %w", SafeName(name), depth, SafeName(img.layers[len(img.layers)-1].info().Filename), err)
 			}
 			img.Close()
 			return nil, err
 		}
 		img.layers = append(img.layers, l)
-		if w, ok := l.(writer); ok && depth == 1 && opts.Writable {
-			img.w = w
-		}
 		if backing == "" || opts.NoBacking {
 			break
 		}
@@ -199,9 +224,33 @@ func Open(path string, opts Options) (*Image, error) {
 			img.Close()
 			return nil, unsupported(name, "backing file %q is not a local file name", backing)
 		}
+		what = whatName("backing file name", backing, name)
 		name, format = combinePath(name, backing), backingFmt
 	}
+	if opts.Writable {
+		// Only now, with every file of the chain open and locked, may
+		// anything be written (bitmaps are marked in_use).
+		if err := img.startWriting(); err != nil {
+			img.Close()
+			return nil, err
+		}
+	}
 	return img, nil
+}
+
+// startWriting sets up writes to the top layer.
+func (img *Image) startWriting() error {
+	w, ok := img.layers[0].(writer)
+	if !ok {
+		return fmt.Errorf("qcow2: internal error: %s was not opened for writing", img.layers[0].info().Filename)
+	}
+	if q, ok := w.(*qcow2Layer); ok {
+		if err := q.startWriting(); err != nil {
+			return err
+		}
+	}
+	img.setWriter(w)
+	return nil
 }
 
 // combinePath resolves a backing or data file name the way QEMU's
@@ -534,7 +583,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	if err := img.w.writeAt(img, p, off); err != nil {
+	if err := img.w.writeAt(p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -547,7 +596,7 @@ func (img *Image) WriteZeroes(off, length int64, flags ZeroFlags) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.w.writeZeroes(img, off, length, flags)
+	return img.w.writeZeroes(off, length, flags)
 }
 
 // Discard tells the image [off, off+length) is no longer needed. Whole
@@ -558,7 +607,7 @@ func (img *Image) Discard(off, length int64) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.w.discard(img, off, length)
+	return img.w.discard(off, length)
 }
 
 // Flush makes every write completed so far durable.
@@ -583,6 +632,12 @@ func (img *Image) HostFile(name string) *os.File {
 	for _, l := range img.layers {
 		for _, h := range l.hostFiles() {
 			if h.name == name {
+				if nc, ok := l.(noClose); ok {
+					l = nc.layer
+				}
+				if q, ok := l.(*qcow2Layer); ok {
+					return q.guestFile(h) // readahead on, unlike metadata reads
+				}
 				return h.f
 			}
 		}

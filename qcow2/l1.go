@@ -23,7 +23,7 @@ func (q *qcow2Layer) loadL1() error {
 	buf := make([]byte, min(n*8, 1<<20))
 	for start := int64(0); start < n; {
 		cnt := min(n-start, int64(len(buf))/8)
-		if err := q.h.readFull(buf[:cnt*8], int64(q.hdr.L1TableOffset)+start*8); err != nil {
+		if err := q.readMeta(buf[:cnt*8], int64(q.hdr.L1TableOffset)+start*8); err != nil {
 			return fmt.Errorf("%s: reading L1 table: %w", q.h.name, err)
 		}
 		for i := int64(0); i < cnt; i++ {

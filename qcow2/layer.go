@@ -2,9 +2,14 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // L1/L2 entry bits (QEMU's qcow2.h).
@@ -20,9 +25,8 @@ const (
 
 // Cache budgets per layer.
 const (
-	l2CacheBytes   = 32 << 20
-	zCacheBytes    = 8 << 20
-	firstReadBytes = 2 << 20 // the header lives in the first cluster (at most 2 MiB)
+	l2CacheBytes = 32 << 20
+	zCacheBytes  = 8 << 20
 )
 
 // scType is QEMU's QCow2SubclusterType.
@@ -46,6 +50,8 @@ func (t scType) String() string {
 type qcow2Layer struct {
 	h                *hostFile // the qcow2 file
 	data             *hostFile // the external data file, or h
+	ra               *os.File  // h's file again, with readahead, for guest reads (nil: use h)
+	dfd              int       // h's file again, O_DIRECT, for metadata reads (-1: use h)
 	depth            int
 	hdr              *Header
 	warnf            func(string)
@@ -82,12 +88,25 @@ type qcow2Layer struct {
 // openLayer opens one file of the chain. format "" probes (qcow2 magic or
 // raw). It returns the layer and the backing file name and format it
 // names, if any.
-func openLayer(name, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
-	h, err := openHost(name, writable)
+func openLayer(name, format string, depth int, writable bool, role lockRole, warn func(string)) (layer, string, string, error) {
+	return openChainFile(&opener{warn: warn}, name, "image "+SafeName(name), format, depth, writable, role)
+}
+
+// opener is what every file of one Open shares.
+type opener struct {
+	conf *confiner // nil without Options.Confine
+	warn func(string)
+}
+
+// openChainFile opens one file of the chain; what says where its name
+// came from (for confinement messages), role how it is locked.
+func openChainFile(o *opener, name, what, format string, depth int, writable bool, role lockRole) (layer, string, string, error) {
+	h, err := o.conf.open(name, what, writable)
 	if err != nil {
-		return nil, "", "", err
+		return nil, "", "", safePathError(err)
 	}
-	l, backing, backingFmt, err := openLayerFile(h, format, depth, writable, warn)
+	h.role = role
+	l, backing, backingFmt, err := openLayerFile(o, h, format, depth, writable)
 	if err != nil {
 		h.close()
 		return nil, "", "", err
@@ -95,48 +114,143 @@ func openLayer(name, format string, depth int, writable bool, warn func(string))
 	return l, backing, backingFmt, nil
 }
 
-func openLayerFile(h *hostFile, format string, depth int, writable bool, warn func(string)) (layer, string, string, error) {
+// adviseRandom turns the kernel's readahead off for h (POSIX_FADV_RANDOM,
+// per open file description), the description a qcow2 layer writes
+// through and reads metadata through where O_DIRECT is not available
+// (readMeta): a table read then caches its own pages only, not the guest
+// data clusters after it. Guest data is read through a second description
+// with the normal readahead (openReadahead).
+func adviseRandom(h *hostFile) {
+	unix.Fadvise(int(h.f.Fd()), 0, 0, unix.FADV_RANDOM)
+}
+
+// openReadahead opens a second, read-only description of h's file for
+// guest data reads (nil if it cannot: reads then use h). It takes no
+// lock: image locks are OFD locks on h's own description, which closing
+// this one does not release.
+func openReadahead(h *hostFile) *os.File {
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(int(h.f.Fd())), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	return os.NewFile(uintptr(fd), h.name)
+}
+
+// readGuest reads guest data (a data or compressed cluster) at host
+// offset off of f: through the readahead description when f is the
+// qcow2 file itself.
+func (q *qcow2Layer) readGuest(f *hostFile, p []byte, off int64) error {
+	if f == q.h && q.ra != nil {
+		return (&hostFile{name: f.name, f: q.ra}).readFull(p, off)
+	}
+	return f.readFull(p, off)
+}
+
+// readMeta reads metadata (tables, bitmaps) at off: with O_DIRECT where
+// the file system has it, so that opening an image and answering block
+// status leave the page cache as they found it. The kernel writes back
+// dirty pages of the range before a direct read, so writes made through
+// h are seen.
+func (q *qcow2Layer) readMeta(p []byte, off int64) error {
+	if q.dfd >= 0 {
+		if ok, err := readAtDirect(q.dfd, p, off); ok {
+			return err
+		}
+	}
+	return q.h.readFull(p, off)
+}
+
+// guestFile is the descriptor guest data of h is read through.
+func (q *qcow2Layer) guestFile(h *hostFile) *os.File {
+	if h == q.h && q.ra != nil {
+		return q.ra
+	}
+	return h.f
+}
+
+func openLayerFile(o *opener, h *hostFile, format string, depth int, writable bool) (layer, string, string, error) {
 	fileLen, err := h.length()
 	if err != nil {
 		return nil, "", "", err
 	}
-	first := make([]byte, min(fileLen, firstReadBytes))
-	if err := h.readFull(first, 0); err != nil {
-		return nil, "", "", err
-	}
-	if format == "" {
-		format = "raw"
-		if len(first) >= 4 && binary.BigEndian.Uint32(first) == Magic {
-			format = "qcow2"
+	probed := format == ""
+	if probed {
+		if format, _, err = probeFile(h, fileLen); err != nil {
+			return nil, "", "", err
 		}
 	}
+	// The image locks are taken once the format is known (only the
+	// probe's bytes have been read) and before anything is written.
+	if err := h.lock(lockFor(format, writable, h.role), o.warn); err != nil {
+		return nil, "", "", err
+	}
 	switch format {
-	case "raw":
-		r, err := openRaw(h, depth, writable)
+	case FormatRaw:
+		if probed && writable {
+			// QEMU's raw_open() warning, and the same restriction.
+			o.warn(SafeName(h.name) + ": image format was not specified and probing guessed raw; writes that would make the first 512 bytes probe as another format are refused: use -f raw to remove the restriction")
+		}
+		r, err := openRaw(h, depth, writable, probed)
 		return r, "", "", err
-	case "qcow2":
-		q, err := openQcow2(h, first, fileLen, depth, warn)
+	case FormatQcow2:
+		adviseRandom(h)
+		first, err := readHeaderCluster(h, fileLen)
 		if err != nil {
 			return nil, "", "", err
 		}
-		if writable {
-			if err := q.startWriting(); err != nil {
-				q.closeData()
-				return nil, "", "", err
-			}
+		// Writable: Open calls startWriting once every file of the
+		// chain is open and locked.
+		q, err := openQcow2(o, h, first, fileLen, depth)
+		if err != nil {
+			return nil, "", "", err
 		}
 		return q, q.hdr.BackingFile, q.hdr.BackingFormat, nil
 	}
-	return nil, "", "", unsupported(h.name, "image format %q is not supported (only qcow2 and raw)", format)
+	return nil, "", "", unsupportedFormat(h.name, format, probed && depth == 1, !probed && depth == 1)
 }
 
-func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(string)) (*qcow2Layer, error) {
+// readHeaderCluster reads what ParseHeader needs and nothing more: the
+// first cluster (header, extensions, backing file name), or the whole file
+// when it is shorter. The cluster size comes from the header itself; an
+// out-of-range one reads the smallest cluster and ParseHeader refuses it.
+func readHeaderCluster(h *hostFile, fileLen int64) ([]byte, error) {
+	fd := openDirect(h)
+	if fd >= 0 {
+		defer unix.Close(fd)
+	}
+	read := func(p []byte) error {
+		if fd >= 0 {
+			if ok, err := readAtDirect(fd, p, 0); ok {
+				return err
+			}
+		}
+		return h.readFull(p, 0)
+	}
+	head := make([]byte, min(fileLen, v3HeaderLength))
+	if err := read(head); err != nil {
+		return nil, fmt.Errorf("%s: reading the header: %w", SafeName(h.name), err)
+	}
+	n := int64(1) << minClusterBits
+	if len(head) >= 24 {
+		if cb := binary.BigEndian.Uint32(head[20:]); cb >= minClusterBits && cb <= maxClusterBits {
+			n = 1 << cb
+		}
+	}
+	first := make([]byte, min(fileLen, n))
+	if err := read(first); err != nil {
+		return nil, fmt.Errorf("%s: reading the header: %w", SafeName(h.name), err)
+	}
+	return first, nil
+}
+
+func openQcow2(o *opener, h *hostFile, first []byte, fileLen int64, depth int) (*qcow2Layer, error) {
 	hdr, err := ParseHeader(h.name, first, fileLen)
 	if err != nil {
 		return nil, err
 	}
+	warn := o.warn
 	q := &qcow2Layer{
-		h: h, data: h, depth: depth, hdr: hdr, warnf: warn,
+		h: h, data: h, dfd: -1, depth: depth, hdr: hdr, warnf: warn,
 		size_:   int64(hdr.Size) &^ 511, // QEMU: total_sectors = size / 512
 		fileLen: fileLen, dataLen: fileLen,
 		cbits: uint(hdr.ClusterBits), csize: hdr.ClusterSize(),
@@ -158,25 +272,36 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 	q.coffMask = 1<<q.csizeShift - 1
 
 	if hdr.IncompatibleFeatures&IncompatDirty != 0 {
-		warn(h.name + ": image is marked dirty (not closed cleanly); refcounts may be stale, reading anyway")
+		warn(SafeName(h.name) + ": image is marked dirty (not closed cleanly); refcounts may be stale, reading anyway")
 	}
 	if hdr.IncompatibleFeatures&IncompatCorrupt != 0 {
-		warn(h.name + ": image is marked corrupt; reading anyway, read-only")
+		warn(SafeName(h.name) + ": image is marked corrupt; reading anyway, read-only")
 	}
 	if q.hasDataFile {
 		if hdr.DataFile == "" {
 			return nil, corrupt(h.name, -1, -1, "external data file feature set but no data file name")
 		}
-		d, err := openDataFile(h.name, hdr.DataFile, false)
+		d, err := openDataFile(o, h.name, hdr.DataFile, false)
+		if errors.Is(err, ErrConfined) {
+			return nil, err
+		}
 		if err != nil {
-			return nil, fmt.Errorf("%s: opening external data file: %w", h.name, err)
+			return nil, fmt.Errorf("%s: opening external data file %q: %w", SafeName(h.name), hdr.DataFile, err)
 		}
 		q.data = d
+		if err := d.lock(dataFileLock(h.role), o.warn); err != nil {
+			d.close()
+			return nil, err
+		}
 		if q.dataLen, err = d.length(); err != nil {
 			d.close()
 			return nil, err
 		}
 	}
+	if q.data == h {
+		q.ra = openReadahead(h)
+	}
+	q.dfd = openDirect(h)
 	if err := q.loadL1(); err != nil {
 		q.close()
 		return nil, err
@@ -192,15 +317,28 @@ func openQcow2(h *hostFile, first []byte, fileLen int64, depth int, warn func(st
 // stored, relative to the process's working directory (not the image's
 // directory, unlike backing files); we do the same, so the names printed
 // agree, and fall back to the image's directory where QEMU would fail.
-func openDataFile(image, name string, writable bool) (*hostFile, error) {
-	d, err := openHost(name, writable)
-	if err == nil || filepath.IsAbs(name) {
-		return d, err
+// With confinement the data file must resolve inside the directory too
+// (Options.NoBacking does not hide it: it is part of the top layer).
+func openDataFile(o *opener, image, name string, writable bool) (*hostFile, error) {
+	what := whatName("data file name", name, image)
+	d, err := o.conf.open(name, what, writable)
+	if err == nil || filepath.IsAbs(name) || errors.Is(err, ErrConfined) {
+		return d, safePathError(err)
 	}
-	if d, err2 := openHost(combinePath(image, name), writable); err2 == nil {
-		return d, nil
+	if d, err2 := o.conf.open(combinePath(image, name), what, writable); err2 == nil || errors.Is(err2, ErrConfined) {
+		return d, err2
 	}
-	return nil, err
+	return nil, safePathError(err)
+}
+
+// safePathError quotes the path of an *os.PathError that needs it (it
+// may come from an image header), keeping what it wraps.
+func safePathError(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		pe.Path = SafeName(pe.Path)
+	}
+	return err
 }
 
 func (q *qcow2Layer) size() int64 { return q.size_ }
@@ -220,8 +358,17 @@ func (q *qcow2Layer) hostFiles() []*hostFile {
 	return []*hostFile{q.h}
 }
 
-// closeData closes an external data file (the caller closes q.h).
+// closeData closes an external data file and the readahead description
+// (the caller closes q.h).
 func (q *qcow2Layer) closeData() error {
+	if q.ra != nil {
+		q.ra.Close()
+		q.ra = nil
+	}
+	if q.dfd >= 0 {
+		unix.Close(q.dfd)
+		q.dfd = -1
+	}
 	if q.data != q.h {
 		return q.data.close()
 	}
@@ -239,7 +386,7 @@ func (q *qcow2Layer) l2Table(off int64) ([]byte, error) {
 		return t, nil
 	}
 	t := make([]byte, q.csize)
-	if err := q.h.readFull(t, off); err != nil {
+	if err := q.readMeta(t, off); err != nil {
 		return nil, fmt.Errorf("%s: reading L2 table at %#x: %w", q.h.name, off, err)
 	}
 	if zeroEntries(t) == int64(len(t)) {
@@ -495,7 +642,7 @@ func (q *qcow2Layer) read(p []byte, off int64) (int, bool, error) {
 	case scZeroPlain, scZeroAlloc:
 		clear(buf)
 	case scNormal:
-		if err := q.data.readFull(buf, m.host); err != nil {
+		if err := q.readGuest(q.data, buf, m.host); err != nil {
 			return 0, false, fmt.Errorf("%s: reading data at %#x: %w", q.data.name, m.host, err)
 		}
 	case scCompressed:
@@ -522,7 +669,7 @@ func (q *qcow2Layer) compressedCluster(e uint64) ([]byte, error) {
 		return nil, corrupt(q.h.name, coff, -1, "compressed cluster (%d bytes at %#x) past the end of the file (%d bytes)", clen, coff, q.fileLen)
 	}
 	in := make([]byte, clen)
-	if err := q.h.readFull(in, coff); err != nil {
+	if err := q.readGuest(q.h, in, coff); err != nil {
 		return nil, err
 	}
 	out := make([]byte, q.csize)
@@ -558,7 +705,7 @@ func (q *qcow2Layer) countRefcounts(end, limit int64) (int64, error) {
 	perBlock := q.csize * 8 >> order
 	entries := int64(q.hdr.RefcountTableClusters) * q.csize / 8
 	rt := make([]byte, entries*8) // bounded by ParseHeader
-	if err := q.h.readFull(rt, int64(q.hdr.RefcountTableOffset)); err != nil {
+	if err := q.readMeta(rt, int64(q.hdr.RefcountTableOffset)); err != nil {
 		return 0, err
 	}
 	block := make([]byte, q.csize)
@@ -571,7 +718,7 @@ func (q *qcow2Layer) countRefcounts(end, limit int64) (int64, error) {
 		if off%q.csize != 0 || off > q.fileLen-q.csize {
 			return 0, corrupt(q.h.name, int64(q.hdr.RefcountTableOffset)+b*8, b, "refcount block offset %#x invalid", off)
 		}
-		if err := q.h.readFull(block, off); err != nil {
+		if err := q.readMeta(block, off); err != nil {
 			return 0, err
 		}
 		n := min(perBlock, end-b*perBlock)

@@ -11,16 +11,19 @@ type rawLayer struct {
 	h     *hostFile
 	depth int
 	len   int64 // file length rounded up to 512, as QEMU's total_sectors
+	// probed: the format was probed, not given; writes that would change
+	// what the first 512 bytes probe as are refused (checkProbedWrite).
+	probed bool
 }
 
-func openRaw(h *hostFile, depth int, writable bool) (layer, error) {
+func openRaw(h *hostFile, depth int, writable, probed bool) (layer, error) {
 	n, err := h.length()
 	if err != nil {
 		return nil, err
 	}
-	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511}
+	r := &rawLayer{h: h, depth: depth, len: (n + 511) &^ 511, probed: probed}
 	if writable {
-		return &rawWriter{r}, nil
+		return &rawWriter{rawLayer: r, f: &wfile{h: h}}, nil
 	}
 	return r, nil
 }
@@ -57,17 +60,29 @@ func (r *rawLayer) close() error { return r.h.close() }
 func (r *rawLayer) hostFiles() []*hostFile { return []*hostFile{r.h} }
 
 // rawWriter is a raw layer opened for writing: plain writes, holes punched
-// for discard and unmapping zero writes.
-type rawWriter struct{ *rawLayer }
-
-func (r *rawWriter) writeAt(_ *Image, p []byte, off int64) error {
-	if _, err := r.h.f.WriteAt(p, off); err != nil {
-		return fmt.Errorf("writing %s at %#x: %w", r.h.name, off, err)
-	}
-	return nil
+// for discard and unmapping zero writes. A failed write or fsync fails the
+// image, as for qcow2 (see ErrFailed).
+type rawWriter struct {
+	*rawLayer
+	f *wfile
 }
 
-func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) error {
+func (r *rawWriter) attach(below) {}
+
+func (r *rawWriter) writeAt(p []byte, off int64) error {
+	if err := r.checkProbedWrite(off, p, int64(len(p))); err != nil {
+		return err
+	}
+	return r.f.pwrite(p, off)
+}
+
+func (r *rawWriter) writeZeroes(off, length int64, flags ZeroFlags) error {
+	if err := r.f.failed(); err != nil {
+		return err
+	}
+	if err := r.checkProbedWrite(off, nil, length); err != nil {
+		return err
+	}
 	fd := int(r.h.f.Fd())
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
 	if flags&ZeroMayUnmap != 0 {
@@ -81,7 +96,7 @@ func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) 
 	}
 	for length > 0 { // the file system cannot: write zeroes
 		n := min(length, 1<<20)
-		if err := r.writeAt(img, make([]byte, n), off); err != nil {
+		if err := r.writeAt(make([]byte, n), off); err != nil {
 			return err
 		}
 		off, length = off+n, length-n
@@ -89,12 +104,19 @@ func (r *rawWriter) writeZeroes(img *Image, off, length int64, flags ZeroFlags) 
 	return nil
 }
 
-func (r *rawWriter) discard(_ *Image, off, length int64) error {
-	// Advisory: a file system without hole punching keeps the data.
+func (r *rawWriter) discard(off, length int64) error {
+	if err := r.f.failed(); err != nil {
+		return err
+	}
+	// Advisory: a file system without hole punching keeps the data, and
+	// so does a probed image whose first 512 bytes would change format.
+	if r.checkProbedWrite(off, nil, length) != nil {
+		return nil
+	}
 	unix.Fallocate(int(r.h.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	return nil
 }
 
-func (r *rawWriter) flush() error { return r.h.f.Sync() }
+func (r *rawWriter) flush() error { return r.f.sync() }
 
 func (r *rawWriter) finish() error { return r.flush() }

@@ -249,13 +249,15 @@ func discardModel(shadow, below []byte, off, n, cs int64, c writeCase) {
 func checkWithQEMU(t *testing.T, d, name string, shadow []byte, raw bool) {
 	t.Helper()
 	if !raw {
-		cmd := exec.Command("qemu-img", "check", name)
+		// -U: the image may still be open writable here, locked as
+		// QEMU locks it; it was flushed, so its state is consistent.
+		cmd := exec.Command("qemu-img", "check", "-U", name)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("qemu-img check: %v\n%s", err, out)
 		}
 	}
 	out := filepath.Join(d, "converted.raw")
-	if o, err := exec.Command("qemu-img", "convert", "-O", "raw", name, out).CombinedOutput(); err != nil {
+	if o, err := exec.Command("qemu-img", "convert", "-U", "-O", "raw", name, out).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img convert: %v\n%s", err, o)
 	}
 	got, err := os.ReadFile(out)

@@ -3,7 +3,8 @@
 # Safe to run twice: apt-get skips what is installed, the Go module cache is
 # reused. The only change to the machine's package sources is the
 # bookworm-backports suite, for QEMU 10.0 (the reference) and, where the
-# machine has no Go, golang-1.23-go.
+# machine has no Go, golang-1.23-go (libnbd's trixie source package is
+# fetched through a private apt configuration, see build-libnbd.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo=""
@@ -20,6 +21,8 @@ packages=(
 	e2fsprogs        # mkfs.ext4 for filesystem tests
 	fdisk            # sfdisk for partition tests
 	util-linux       # losetup, mount
+	python3          # an OpenSSL TLS client (its ssl module) in the TLS tests
+	gnutls-bin       # certtool (certificates as QEMU's docs make them), gnutls-cli
 	procps           # pgrep/pkill in scripts
 	time             # /usr/bin/time in benchmarks
 	fio              # random-write benchmark (its nbd engine)
@@ -54,4 +57,8 @@ if ! command -v go >/dev/null; then
 fi
 go mod download
 go run "$STATICCHECK" -version >/dev/null
-echo "install-deps: ok ($(go version | awk '{print $3}'), $(qemu-img --version | head -1), $((${#missing[@]} + ${#missing_bpo[@]})) package(s) installed)"
+# libnbd >= 1.18 for the tests of 64-bit block status and block status
+# filters: built from trixie's source package into ~/.cache/nbdgw-libnbd
+# (once, ~3 min; its build dependencies are installed by the script).
+libnbd=$(scripts/build-libnbd.sh)
+echo "install-deps: ok ($(go version | awk '{print $3}'), $(qemu-img --version | head -1), $("$libnbd/bin/nbdinfo" --version | tail -1) in $libnbd, $((${#missing[@]} + ${#missing_bpo[@]})) package(s) installed)"

@@ -327,7 +327,11 @@ if start_attach /tmp/a1.log /images/overlay.qcow2; then
 	section "bad input"
 	expect_fail "attach to the busy $dev" "busy" attach --device "$dev" /images/base.qcow2
 	expect_fail "attach with an index out of range" "out of range" attach --device /dev/nbd99999 /images/base.qcow2
-	expect_fail "attach --writable to the busy $dev" "busy" attach --writable --device "$dev" /images/base.qcow2
+	# base.qcow2 is the backing file of the attached overlay, locked
+	# read-only and shared as QEMU locks it: readers may open it (the busy
+	# device refuses the one above), a writer is refused by the lock first.
+	expect_fail "attach --writable of the overlay's backing file" 'Failed to get "write" lock, held by nbdgw' attach --writable --device "$dev" /images/base.qcow2
+	expect_fail "serve --writable of the attached overlay" 'Failed to get "write" lock, held by nbdgw' serve --writable --socket /tmp/locked.sock /images/overlay.qcow2
 	expect_fail "attach an image that does not exist" "no such file" attach /images/missing.qcow2
 	expect_fail "attach an overlay whose backing file is missing" "gone.qcow2" attach /images/orphan.qcow2
 	expect_fail "attach an NBD URI that refuses the connection" "refused" attach nbd://127.0.0.1:1/

@@ -8,23 +8,13 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"text/tabwriter"
 
 	"github.com/nbdgw/nbdgw/kernel"
+	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
-
-// isNBDURI tells an NBD URI from an image path.
-func isNBDURI(s string) bool {
-	for _, p := range []string{"nbd://", "nbds://", "nbd+unix://", "nbds+unix://"} {
-		if strings.HasPrefix(s, p) {
-			return true
-		}
-	}
-	return false
-}
 
 func cmdAttach(args []string) (err error) {
 	var (
@@ -33,15 +23,15 @@ func cmdAttach(args []string) (err error) {
 	)
 	fs := newFlags("attach")
 	imgFlags := addImageFlags(fs)
-	device := fs.String("device", "", "attach to /dev/nbdN (default: the kernel picks a free device)")
-	conns := fs.Int("connections", 1, "number of connections serving the device")
+	device := fs.String("device", "", "attach to `/dev/nbdN` (default: the kernel picks a free device)")
+	conns := fs.Int("connections", 1, "`N` connections serving the device")
 	writable := fs.Bool("writable", false, "leave the device writable")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE|NBD-URI"); err != nil {
+		return err
 	}
 	target := pos[0]
 	index := kernel.AnyIndex
@@ -51,7 +41,7 @@ func cmdAttach(args []string) (err error) {
 		}
 	}
 	if *conns < 1 {
-		return fmt.Errorf("--connections %d: want at least 1", *conns)
+		return usagef("--connections %d: want at least 1", *conns)
 	}
 	cfg := kernel.AttachConfig{
 		Index:       index,
@@ -63,7 +53,7 @@ func cmdAttach(args []string) (err error) {
 	// final flush short.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if isNBDURI(target) {
+	if nbdserver.IsURI(target) {
 		cfg.URI, cfg.Name = target, target
 	} else {
 		// Without --writable no file of the chain is opened for writing.
@@ -117,8 +107,8 @@ func cmdDetach(args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 {
-		return errUsage
+	if err := wantArgs(pos, "/dev/nbdN"); err != nil {
+		return err
 	}
 	index, err := kernel.ParseDevice(pos[0])
 	if err != nil {
@@ -138,8 +128,8 @@ func cmdList(args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(pos) != 0 {
-		return errUsage
+	if err := wantArgs(pos); err != nil {
+		return err
 	}
 	c, err := kernel.Open(kernel.Options{NoModuleLoad: true})
 	if err != nil {

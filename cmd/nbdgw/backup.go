@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -12,27 +11,34 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdgw/nbdgw/internal/backup"
+	"github.com/nbdgw/nbdgw/nbdserver"
 )
 
 func cmdBackup(args []string) error {
 	fs := newFlags("backup")
 	imgFlags := addImageFlags(fs)
 	layer := fs.Bool("layer", false, "copy only the top layer: local data, local zeroes as zero clusters, the rest unallocated")
-	bitmap := fs.String("bitmap", "", "copy only the ranges dirty in this bitmap (incremental backup)")
-	backing := fs.String("backing", "", "OUT's backing file (the layer's base, or the previous backup)")
-	conns := fs.Int("connections", 4, "NBD connections reading in parallel (where the server allows multiple connections)")
+	bitmap := fs.String("bitmap", "", "copy only the ranges dirty in the bitmap `NAME` (incremental backup)")
+	backing := fs.String("backing", "", "OUT's backing `FILE` (the layer's base, or the previous backup), named relative to OUT")
+	conns := fs.Int("connections", 4, "`N` NBD connections reading in parallel (where the server allows multiple connections)")
 	var progress bool
 	for _, name := range []string{"p", "progress"} {
 		fs.BoolVar(&progress, name, false, "show a progress bar on a terminal")
 	}
-	opts := fs.String("o", "", "OUT's geometry: cluster_size=SIZE,extended_l2=on|off (default: follow the source)")
+	opts := fs.String("o", "", "OUT's geometry `OPTS`: cluster_size=SIZE,extended_l2=on|off (default: follow the source)")
 	force := fs.Bool("force", false, "replace OUT if it exists")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 2 || (*layer && *bitmap != "") || *conns < 1 {
-		return errUsage
+	if err := wantArgs(pos, "SOURCE", "OUT.qcow2"); err != nil {
+		return err
+	}
+	if *layer && *bitmap != "" {
+		return usagef("--layer and --bitmap exclude each other")
+	}
+	if *conns < 1 {
+		return usagef("--connections %d: want at least 1", *conns)
 	}
 	o := backup.Options{
 		Mode:        backup.Full,
@@ -49,11 +55,11 @@ func cmdBackup(args []string) error {
 	case *bitmap != "":
 		o.Mode = backup.Incremental
 	}
-	if backup.IsURI(pos[0]) && (imgFlags.noBacking || imgFlags.format != "") {
-		return errors.New("--no-backing and -f apply to image files; serve the image with --no-backing instead")
+	if nbdserver.IsURI(pos[0]) && (imgFlags.noBacking || imgFlags.format != "") {
+		return usagef("--no-backing and -f apply to image files; serve the image with --no-backing instead")
 	}
 	if o.ClusterSize, o.ExtendedL2, err = backup.ParseCreateOptions(*opts); err != nil {
-		return fmt.Errorf("-o: %w", err)
+		return usagef("-o: %v", err)
 	}
 	tty := progress && isTerminal(os.Stderr)
 	if tty {

@@ -20,7 +20,7 @@ type imageFlags struct {
 func addImageFlags(fs *flag.FlagSet) *imageFlags {
 	f := &imageFlags{}
 	for _, name := range []string{"f", "format"} {
-		fs.StringVar(&f.format, name, "", "image format: raw or qcow2 (default: probe as QEMU does)")
+		fs.StringVar(&f.format, name, "", "image `FORMAT`: raw or qcow2 (default: probe as QEMU does)")
 	}
 	for _, name := range []string{"U", "force-share"} {
 		fs.BoolVar(&f.forceShare, name, false, "open read-only, ignoring other processes' image locks (answers may be inconsistent)")

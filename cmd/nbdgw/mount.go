@@ -26,8 +26,8 @@ func cmdMount(args []string) (err error) {
 	if err != nil {
 		return err
 	}
-	if len(pos) != 2 {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE", "MOUNTPOINT"); err != nil {
+		return err
 	}
 	path, dir := pos[0], pos[1]
 	// Check the mount point before the (possibly slow) open, and again
@@ -46,14 +46,6 @@ func cmdMount(args []string) (err error) {
 			err = fmt.Errorf("closing %s: %w", path, cerr)
 		}
 	}()
-	if *writable && imgFlags.noBacking {
-		if l := img.Layers(); len(l) > 0 && l[0].BackingFile != "" {
-			// A write to part of a cluster copies the rest from below:
-			// with the backing file hidden that would be zeroes, which
-			// would then hide the backing file's data for good.
-			return fmt.Errorf("--writable --no-backing: %s has a backing file (%s); partial-cluster writes would copy zeroes over its data: mount with the backing file, or without --writable", path, l[0].BackingFile)
-		}
-	}
 	cfg := fusefs.Config{
 		Name:  path,
 		Logf:  func(format string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw mount: "+format+"\n", a...) },

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -16,31 +18,72 @@ import (
 
 func cmdServe(args []string) error {
 	fs := newFlags("serve")
-	socket := fs.String("socket", "", "listen on this unix socket")
-	listen := fs.String("listen", "", "listen on HOST:PORT (default 127.0.0.1:10809)")
-	exportName := fs.String("export-name", "", "export name (the default export answers \"\" too)")
+	var socket, bind, port, exportName string
+	fs.StringVar(&socket, "socket", "", "listen on this unix `PATH`")
+	fs.StringVar(&socket, "k", "", "")
+	listen := fs.String("listen", "", "listen on `HOST:PORT` (default 127.0.0.1:10809)")
+	fs.StringVar(&bind, "bind", "", "listen on this `ADDRESS` (qemu-nbd's -b; default 127.0.0.1)")
+	fs.StringVar(&bind, "b", "", "")
+	fs.StringVar(&port, "port", "", "listen on this TCP `PORT` (qemu-nbd's -p; default 10809)")
+	fs.StringVar(&port, "p", "", "")
+	fs.StringVar(&exportName, "export-name", "", "export `NAME` (the default export answers \"\" too), at most 4096 bytes")
+	fs.StringVar(&exportName, "x", "", "")
+	description := fs.String("description", "", "export description `TEXT` sent to clients (NBD_INFO_DESCRIPTION), at most 4096 bytes")
 	imgFlags := addImageFlags(fs)
 	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain)")
+	readOnly := fs.Bool("read-only", false, "serve read-only: the default, accepted for qemu-nbd's -r")
+	fs.BoolVar(readOnly, "r", false, "")
+	persistent := fs.Bool("persistent", false, "serve clients until SIGINT/SIGTERM: the default, accepted for qemu-nbd's -t")
+	fs.BoolVar(persistent, "t", false, "")
+	pidFile := fs.String("pid-file", "", "write the process id to `FILE` once listening (removed at exit)")
+	verbose := fs.Bool("verbose", false, "log each client (address, options negotiated, errors) to stderr")
+	fs.BoolVar(verbose, "v", false, "")
 	snapshot := fs.Bool("snapshot", false, "allow writes, to a temporary overlay deleted at exit (the chain is not changed)")
-	tlsCreds := fs.String("tls-creds", "", "directory with ca-cert.pem, server-cert.pem, server-key.pem")
+	tlsCreds := fs.String("tls-creds", "", "`DIR` with ca-cert.pem, server-cert.pem, server-key.pem (and client certificates are checked against ca-cert.pem)")
 	tlsRequired := fs.Bool("tls-required", false, "refuse clients that do not start TLS")
 	tlsVerifyPeer := fs.Bool("tls-verify-peer", true, "require client certificates signed by the CA (as qemu-nbd's verify-peer=on)")
+	handshakeTimeout := fs.Duration("handshake-timeout", nbdserver.DefaultHandshakeTimeout, "drop clients that have not finished option negotiation (TLS included) in this `DURATION`")
+	maxConns := fs.Int("max-connections", nbdserver.DefaultMaxConnections, "`N` connections served at once; more wait in the listen backlog")
+	maxPerAddr := fs.Int("max-per-address", nbdserver.DefaultMaxPerAddress, "`N` connections from one client IP address in the handshake at once; more are closed (-1: no limit)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 || (*socket != "" && *listen != "") {
-		return errUsage
+	if err := wantArgs(pos, "IMAGE"); err != nil {
+		return err
+	}
+	if socket != "" && (*listen != "" || bind != "" || port != "") {
+		return usagef("--socket excludes --listen, --bind and --port")
+	}
+	if *listen != "" && (bind != "" || port != "") {
+		return usagef("--listen HOST:PORT excludes --bind and --port")
+	}
+	if bind != "" || port != "" {
+		*listen = net.JoinHostPort(cmp.Or(bind, "127.0.0.1"), cmp.Or(port, nbdserver.DefaultPort))
 	}
 	if *writable && *snapshot {
-		return errors.New("--writable and --snapshot exclude each other")
+		return usagef("--writable and --snapshot exclude each other")
+	}
+	if *readOnly && (*writable || *snapshot) {
+		return usagef("--read-only excludes --writable and --snapshot")
 	}
 	if *tlsRequired && *tlsCreds == "" {
-		return errors.New("--tls-required needs --tls-creds")
+		return usagef("--tls-required needs --tls-creds")
+	}
+	if *handshakeTimeout <= 0 || *maxConns <= 0 || *maxPerAddr == 0 || *maxPerAddr < -1 {
+		return usagef("--handshake-timeout and --max-connections must be positive, --max-per-address positive or -1")
 	}
 	cfg := nbdserver.Config{
-		TLSRequired: *tlsRequired,
-		Logf:        func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw serve: "+f+"\n", a...) },
+		HandshakeTimeout: *handshakeTimeout,
+		MaxConnections:   *maxConns,
+		MaxPerAddress:    *maxPerAddr,
+		TLSRequired:      *tlsRequired,
+		Log:              verboseLog(*verbose),
+		Logf:             func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw serve: "+f+"\n", a...) },
+	}
+	cfg.Exports = []*nbdserver.Export{{Name: exportName, Description: *description}}
+	if err := cfg.Validate(); err != nil {
+		return err
 	}
 	if *tlsCreds != "" {
 		if cfg.TLS, err = nbdserver.LoadServerTLS(*tlsCreds, *tlsVerifyPeer); err != nil {
@@ -59,17 +102,9 @@ func cmdServe(args []string) error {
 			img.Close()
 		}
 	}()
-	if *writable && imgFlags.noBacking {
-		if l := img.Layers(); len(l) > 0 && l[0].BackingFile != "" {
-			// A write to part of a cluster copies the rest from below:
-			// with the backing file hidden that would be zeroes, which
-			// would then hide the backing file's data for good.
-			return fmt.Errorf("--writable --no-backing: %s has a backing file (%s); partial-cluster writes would copy zeroes over its data: serve with the backing file, or with --snapshot", pos[0], l[0].BackingFile)
-		}
-	}
-	cfg.Exports = []*nbdserver.Export{{Name: *exportName, Image: img, Writable: *writable || *snapshot}}
+	cfg.Exports[0].Image, cfg.Exports[0].Writable = img, *writable || *snapshot
 
-	l, cleanup, err := serveListener(*socket, *listen)
+	l, cleanup, err := serveListener(socket, *listen)
 	if err != nil {
 		return err
 	}
@@ -77,6 +112,24 @@ func cmdServe(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	srv := nbdserver.NewServer(cfg)
+	// Ready: the socket listens (connections wait in its backlog until
+	// Serve accepts them), so scripts and systemd may connect now.
+	if *pidFile != "" {
+		if err := os.WriteFile(*pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			return fmt.Errorf("--pid-file: %w", err)
+		}
+		defer os.Remove(*pidFile)
+	}
+	mode := "read-only"
+	if *writable {
+		mode = "writable"
+	} else if *snapshot {
+		mode = "writable, to a temporary overlay"
+	}
+	fmt.Fprintf(os.Stderr, "nbdgw serve: serving %s as export %q (%s) on %s\n", pos[0], exportName, mode, listenerName(l))
+	if err := sdNotify("READY=1"); err != nil {
+		fmt.Fprintf(os.Stderr, "nbdgw serve: warning: sd_notify: %v\n", err)
+	}
 	err = srv.Serve(ctx, l)
 	// Close stops reading requests and answers those in flight; only then
 	// is the image closed, which flushes a writable one.
@@ -145,4 +198,40 @@ func activationListener() (net.Listener, error) {
 		return nil, fmt.Errorf("socket activation: %w", err)
 	}
 	return l, nil
+}
+
+// verboseLog is serve -v's logger of client events, or nil.
+func verboseLog(on bool) *slog.Logger {
+	if !on {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, nil))
+}
+
+// listenerName is how the ready line names where serve listens.
+func listenerName(l net.Listener) string {
+	if a := l.Addr(); a.Network() == "unix" {
+		return "unix:" + a.String()
+	}
+	return l.Addr().String()
+}
+
+// sdNotify sends state to systemd's notification socket ($NOTIFY_SOCKET,
+// a path or "@" for the abstract namespace) for Type=notify units, as
+// sd_notify(3) does; without the variable it does nothing.
+func sdNotify(state string) error {
+	name := os.Getenv("NOTIFY_SOCKET")
+	if name == "" {
+		return nil
+	}
+	if name[0] == '@' {
+		name = "\x00" + name[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = c.Write([]byte(state))
+	return err
 }

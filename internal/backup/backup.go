@@ -90,9 +90,6 @@ func (s Stats) String() string {
 		s.Read, s.Written, s.Zeroed, s.Skipped, s.Elapsed.Seconds(), s.Used)
 }
 
-// IsURI reports whether SOURCE names an NBD export rather than a file.
-func IsURI(s string) bool { return strings.Contains(s, "://") }
-
 // ParseCreateOptions parses -o OPTS: cluster_size=SIZE (512 B to 2 MiB, a
 // power of two; k/M suffixes) and extended_l2=on|off.
 func ParseCreateOptions(s string) (clusterSize int64, extL2 *bool, err error) {
@@ -184,7 +181,7 @@ func Run(ctx context.Context, src, out string, o Options) (Stats, error) {
 	}
 	var s source
 	var err error
-	if IsURI(src) {
+	if nbdserver.IsURI(src) {
 		s, err = dialNBD(ctx, src, o.Mode, o.Bitmap, o.Connections, o.Note)
 	} else {
 		s, err = openLocal(src, o.Image, o.Mode, o.Bitmap, o.Connections)
@@ -276,7 +273,7 @@ func notTheSame(out string, others ...string) error {
 		return nil // OUT does not exist yet
 	}
 	for _, p := range others {
-		if IsURI(p) || p == "" {
+		if nbdserver.IsURI(p) || p == "" {
 			continue
 		}
 		if fp, err := os.Stat(p); err == nil && os.SameFile(fo, fp) {

@@ -354,15 +354,19 @@ func TestIncremental(t *testing.T) {
 			run(t, dir, "qemu-io", "-c", "write -P 1 0 6M", "img.qcow2")
 			backup := func(out string, o Options) {
 				t.Helper()
-				src := at("img.qcow2")
-				if viaNBD {
-					src = serve(t, openImage(t, src, qcow2.Options{}))
-				}
-				st, err := Run(context.Background(), src, at(out), o)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Logf("%s: %v", out, st)
+				// A subtest, so that the image and its server are closed
+				// (and their locks released) before qemu-io writes again.
+				t.Run(out, func(t *testing.T) {
+					src := at("img.qcow2")
+					if viaNBD {
+						src = serve(t, openImage(t, src, qcow2.Options{}))
+					}
+					st, err := Run(context.Background(), src, at(out), o)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Logf("%s: %v", out, st)
+				})
 				run(t, dir, "cp", "--sparse=always", "img.qcow2", "at-"+out)
 				run(t, dir, "qemu-img", "check", out)
 			}
