@@ -25,6 +25,8 @@ static int psk_set_key(gnutls_datum_t *key, const void *p, unsigned int n) {
 	return 0;
 }
 
+static void psk_free(void *p) { gnutls_free(p); }
+
 static gnutls_psk_server_credentials_t psk_server_creds;
 static gnutls_priority_t psk_priority;
 
@@ -151,7 +153,9 @@ func (k *Keys) Server(c net.Conn) (net.Conn, error) {
 		if tc.lookup.unknown {
 			err = fmt.Errorf("TLS-PSK handshake: unknown username %q", tc.lookup.user)
 		} else if tc.lookup.user != "" {
-			err = fmt.Errorf("TLS-PSK handshake with username %q: %w", tc.lookup.user, err)
+			// In TLS 1.3 a key other than the file's fails the binder
+			// check: GnuTLS says "An illegal parameter has been received".
+			err = fmt.Errorf("TLS-PSK handshake with username %q (the client's key not the file's?): %w", tc.lookup.user, err)
 		} else {
 			err = fmt.Errorf("TLS-PSK handshake: %w", err)
 		}
@@ -411,6 +415,18 @@ func (c *Conn) free() {
 		C.gnutls_psk_free_client_credentials(c.ccred)
 	}
 	c.h.Delete()
+}
+
+// Description is GnuTLS's name of what was negotiated, such as
+// "(TLS1.3-PSK)-(ECDHE-SECP256R1)-(AES-256-GCM)".
+func (c *Conn) Description() string {
+	if err := c.enter(); err != nil {
+		return ""
+	}
+	defer c.leave()
+	d := C.gnutls_session_get_desc(c.s)
+	defer C.psk_free(unsafe.Pointer(d))
+	return C.GoString(d)
 }
 
 // Username is the PSK identity the handshake authenticated.

@@ -116,6 +116,7 @@ func TestTransfer(t *testing.T) {
 	if u := srv.c.(*Conn).Username(); u != "alice" {
 		t.Errorf("username %q", u)
 	}
+	t.Logf("negotiated %s", srv.c.(*Conn).Description())
 	data := make([]byte, 3<<20)
 	rand.Read(data)
 	errs := make(chan error, 4)
