@@ -9,7 +9,10 @@ package integration
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -278,4 +281,53 @@ func pskRefusals(log string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestTLSPSKHandshakeTimeout: a client that asks for STARTTLS and then
+// stays silent is dropped at --handshake-timeout (the deadline reaches
+// the GnuTLS handshake), and a good client is served meanwhile.
+func TestTLSPSKHandshakeTimeout(t *testing.T) {
+	hardRequire(t, "psktool", "qemu-img", "nbdinfo")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.qcow2")
+	tlsRun(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+	keys := pskKeys(t, filepath.Join(dir, "k"), "alice")
+	s := admStart(t, true, "", img, "--tls-psk", keys, "--tls-required", "--handshake-timeout", "1s")
+	c, err := net.Dial("unix", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	hello := make([]byte, 18)
+	if _, err := io.ReadFull(c, hello); err != nil {
+		t.Fatal(err)
+	}
+	opt := binary.BigEndian.AppendUint32(nil, 3) // fixed newstyle, no zeroes
+	opt = append(opt, "IHAVEOPT"...)
+	opt = binary.BigEndian.AppendUint32(opt, 5) // NBD_OPT_STARTTLS
+	opt = binary.BigEndian.AppendUint32(opt, 0)
+	if _, err := c.Write(opt); err != nil {
+		t.Fatal(err)
+	}
+	reply := make([]byte, 20)
+	if _, err := io.ReadFull(c, reply); err != nil || binary.BigEndian.Uint32(reply[12:]) != 1 {
+		t.Fatalf("STARTTLS reply %x: %v", reply, err)
+	}
+	start := time.Now()
+	// Silent: no ClientHello. A good client is served meanwhile.
+	if r := hardExec(30*time.Second, "nbdinfo", "--size", "nbds+unix://alice@/?socket="+s.addr+"&tls-psk-file="+keys); r.code != 0 {
+		t.Errorf("nbdinfo beside a silent client: %s", r)
+	}
+	n, err := c.Read(make([]byte, 1))
+	if waited := time.Since(start); n != 0 || err == nil || waited > 5*time.Second {
+		t.Errorf("silent client: read %d, %v after %v; want the server to close at about 1s", n, err, waited)
+	} else {
+		t.Logf("silent client dropped after %v: %v", waited.Round(10*time.Millisecond), err)
+	}
+	r := s.proc.stop(t)
+	hardSane(t, r)
+	if !strings.Contains(string(r.stderr), "TLS-PSK handshake: ") || !strings.Contains(string(r.stderr), "timeout") {
+		t.Errorf("server log does not say the TLS-PSK handshake timed out:\n%s", hardClip(r.stderr))
+	}
 }
