@@ -114,12 +114,19 @@ func gnutlsError(what string, r C.int) error {
 }
 
 // Conn is a TLS-PSK connection over a socket (a *net.TCPConn or
-// *net.UnixConn). Read and Write may run at once in two goroutines (one
-// reader, one writer, as GnuTLS allows); deadlines are the socket's.
+// *net.UnixConn). Read and Write may run at once in two goroutines;
+// deadlines are the socket's.
 type Conn struct {
 	conn net.Conn
 	raw  syscall.RawConn
 	s    C.gnutls_session_t
+	// gmu serializes the GnuTLS calls on s. They never block (the socket
+	// is non-blocking; waits are Go's poller's, outside the lock), so a
+	// reader and a writer still proceed together. GnuTLS allows one
+	// sender and one receiver at once, but a receiver may send too (an
+	// alert, the answer to a TLS 1.3 KeyUpdate); with the lock GnuTLS
+	// never has two threads in a session.
+	gmu  sync.Mutex
 	h    cgo.Handle
 	user string
 
@@ -237,9 +244,6 @@ func lookupKey(h uintptr, user string, key *C.gnutls_datum_t) C.int {
 	return C.psk_set_key(key, unsafe.Pointer(&k[0]), C.uint(len(k)))
 }
 
-// again reports a GnuTLS result that asks for the call to be repeated.
-func again(r C.int) bool { return r == C.GNUTLS_E_AGAIN || r == C.GNUTLS_E_INTERRUPTED }
-
 // do runs op, which calls GnuTLS on the socket, until it stops asking to
 // be repeated, waiting with Go's poller for the socket to be readable or
 // writable, as GnuTLS says it was blocked on; the deadlines apply there.
@@ -249,16 +253,19 @@ func (c *Conn) do(write bool, op func() C.int) (C.int, error) {
 	for {
 		turn := false
 		f := func(uintptr) bool {
+			c.gmu.Lock()
 			for {
 				r = op()
 				if r != C.GNUTLS_E_INTERRUPTED {
 					break
 				}
 			}
+			wantWrite := r == C.GNUTLS_E_AGAIN && C.gnutls_record_get_direction(c.s) == 1
+			c.gmu.Unlock()
 			if r != C.GNUTLS_E_AGAIN {
 				return true
 			}
-			if (C.gnutls_record_get_direction(c.s) == 1) != write {
+			if wantWrite != write {
 				turn = true
 				return true
 			}
@@ -293,7 +300,12 @@ func (c *Conn) handshake() error {
 		}
 		if C.gnutls_error_is_fatal(r) != 0 {
 			// Tell the peer why, best effort (the socket is non-blocking).
-			c.raw.Write(func(uintptr) bool { C.gnutls_alert_send_appropriate(c.s, r); return true })
+			c.raw.Write(func(uintptr) bool {
+				c.gmu.Lock()
+				C.gnutls_alert_send_appropriate(c.s, r)
+				c.gmu.Unlock()
+				return true
+			})
 			return errors.New(C.GoString(C.gnutls_strerror(r)))
 		}
 	}
@@ -424,7 +436,9 @@ func (c *Conn) Description() string {
 		return ""
 	}
 	defer c.leave()
+	c.gmu.Lock()
 	d := C.gnutls_session_get_desc(c.s)
+	c.gmu.Unlock()
 	defer C.psk_free(unsafe.Pointer(d))
 	return C.GoString(d)
 }
