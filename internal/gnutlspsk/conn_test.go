@@ -144,6 +144,19 @@ func TestRefused(t *testing.T) {
 	}
 }
 
+// TestPeerLeaves: a client that closes its socket in the handshake is
+// io.EOF to the server (nbdserver does not log clients that left).
+func TestPeerLeaves(t *testing.T) {
+	k := testKeys(t)
+	a, b := pair(t)
+	b.SetDeadline(time.Now().Add(10 * time.Second))
+	a.Write([]byte{0x16, 3, 1}) // the start of a ClientHello record
+	a.Close()
+	if _, err := k.Server(b); !errors.Is(err, io.EOF) {
+		t.Errorf("server handshake with a peer that left: %v, want io.EOF", err)
+	}
+}
+
 // TestDeadlines: a Read blocked on a silent peer ends at its deadline,
 // and a Close from another goroutine ends a blocked Read.
 func TestDeadlines(t *testing.T) {

@@ -7,6 +7,7 @@ package gnutlspsk
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <gnutls/gnutls.h>
 
 extern int goPSKLookup(uintptr_t h, char *user, unsigned int len, gnutls_datum_t *key);
@@ -26,6 +27,13 @@ static int psk_set_key(gnutls_datum_t *key, const void *p, unsigned int n) {
 }
 
 static void psk_free(void *p) { gnutls_free(p); }
+
+// psk_ready says whether the socket is readable (or at its end) or
+// writable now, without waiting.
+static int psk_ready(int fd, int write) {
+	struct pollfd p = {fd, write ? POLLOUT : POLLIN, 0};
+	return poll(&p, 1, 0) > 0;
+}
 
 static gnutls_psk_server_credentials_t psk_server_creds;
 static gnutls_priority_t psk_priority;
@@ -252,24 +260,37 @@ func (c *Conn) do(write bool, op func() C.int) (C.int, error) {
 	var r C.int
 	for {
 		turn := false
-		f := func(uintptr) bool {
-			c.gmu.Lock()
-			for {
-				r = op()
-				if r != C.GNUTLS_E_INTERRUPTED {
-					break
+		f := func(fd uintptr) bool {
+			for tries := 0; ; tries++ {
+				c.gmu.Lock()
+				for {
+					r = op()
+					if r != C.GNUTLS_E_INTERRUPTED {
+						break
+					}
+				}
+				wantWrite := r == C.GNUTLS_E_AGAIN && C.gnutls_record_get_direction(c.s) == 1
+				c.gmu.Unlock()
+				if r != C.GNUTLS_E_AGAIN {
+					return true
+				}
+				if wantWrite != write {
+					turn = true
+					return true
+				}
+				// Go's poller is edge-triggered: it wakes on what
+				// happens after this call. GnuTLS may have met the
+				// socket's end after a partial record and still said
+				// GNUTLS_E_AGAIN: nothing more will happen then, so
+				// ask again while the socket is ready.
+				w := C.int(0)
+				if write {
+					w = 1
+				}
+				if tries == 3 || C.psk_ready(C.int(fd), w) == 0 {
+					return false // wait on the socket, then call f again
 				}
 			}
-			wantWrite := r == C.GNUTLS_E_AGAIN && C.gnutls_record_get_direction(c.s) == 1
-			c.gmu.Unlock()
-			if r != C.GNUTLS_E_AGAIN {
-				return true
-			}
-			if wantWrite != write {
-				turn = true
-				return true
-			}
-			return false // wait on the socket, then call f again
 		}
 		var err error
 		if write {
@@ -297,6 +318,10 @@ func (c *Conn) handshake() error {
 		}
 		if r >= 0 {
 			return nil
+		}
+		if r == C.GNUTLS_E_PREMATURE_TERMINATION {
+			// The peer closed the socket: io.EOF, as crypto/tls says it.
+			return fmt.Errorf("%s: %w", C.GoString(C.gnutls_strerror(r)), io.EOF)
 		}
 		if C.gnutls_error_is_fatal(r) != 0 {
 			// Tell the peer why, best effort (the socket is non-blocking).
