@@ -170,7 +170,7 @@ func (k *Keys) Server(c net.Conn) (net.Conn, error) {
 		} else if tc.lookup.user != "" {
 			// In TLS 1.3 a key other than the file's fails the binder
 			// check: GnuTLS says "An illegal parameter has been received".
-			err = fmt.Errorf("TLS-PSK handshake with username %q (the client's key not the file's?): %w", tc.lookup.user, err)
+			err = fmt.Errorf("TLS-PSK handshake with username %q (wrong key?): %w", tc.lookup.user, err)
 		} else {
 			err = fmt.Errorf("TLS-PSK handshake: %w", err)
 		}
