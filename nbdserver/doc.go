@@ -194,9 +194,10 @@
 // key matching its certificate, validity dates, the server certificate
 // signed by the CA) and explains why the certificate request names no
 // CAs: GnuTLS clients (libnbd, QEMU) with RSA certificates would
-// otherwise send none in TLS 1.3. TLS-PSK is not offered: crypto/tls has
-// no PSK key exchange, and no maintained Go module served by the module
-// proxy provides one.
+// otherwise send none in TLS 1.3. Config.PSK makes STARTTLS a TLS-PSK
+// handshake instead, through GnuTLS (internal/gnutlspsk, cgo): crypto/tls
+// has no PSK key exchange, and no Go module served by the module proxy
+// provides one. A build without cgo has no TLS-PSK (gnutlspsk.Load fails).
 //
 // The client bounds option replies to 64 KiB and reply chunks to 64 MiB.
 package nbdserver

@@ -179,7 +179,7 @@ func (n *negotiation) optStartTLS() error {
 	switch {
 	case len(n.data) != 0:
 		return n.replyErr(RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
-	case n.srv.cfg.TLS == nil:
+	case n.srv.cfg.TLS == nil && n.srv.cfg.PSK == nil:
 		return n.replyErr(RepErrPolicy, "TLS not configured")
 	case n.tls:
 		return n.replyErr(RepErrInvalid, "TLS already negotiated")
@@ -190,9 +190,18 @@ func (n *negotiation) optStartTLS() error {
 	if err := n.reply(RepAck, nil); err != nil {
 		return err
 	}
-	tc := tls.Server(n.conn, n.srv.cfg.TLS)
-	if err := tc.Handshake(); err != nil {
-		return fmt.Errorf("TLS handshake: %w", err)
+	var tc net.Conn
+	if n.srv.cfg.PSK != nil {
+		var err error
+		if tc, err = n.srv.cfg.PSK.Server(n.conn); err != nil {
+			return err
+		}
+	} else {
+		t := tls.Server(n.conn, n.srv.cfg.TLS)
+		if err := t.Handshake(); err != nil {
+			return fmt.Errorf("TLS handshake: %w", err)
+		}
+		tc = t
 	}
 	n.conn, n.tls = tc, true
 	n.r = bufio.NewReaderSize(tc, 4096)

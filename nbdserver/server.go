@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdgw/nbdgw/internal/gnutlspsk"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -28,9 +29,12 @@ type Export struct {
 
 // Config configures a Server. Zero limits take the defaults below.
 type Config struct {
-	Exports     []*Export   // the first one is the default export ("" maps to it)
-	TLS         *tls.Config // nil: no STARTTLS
-	TLSRequired bool
+	Exports []*Export   // the first one is the default export ("" maps to it)
+	TLS     *tls.Config // nil: no STARTTLS
+	// PSK, instead of TLS, makes STARTTLS a TLS-PSK handshake (GnuTLS,
+	// see internal/gnutlspsk) with these keys.
+	PSK         *gnutlspsk.Keys
+	TLSRequired bool                             // with TLS or PSK
 	Logf        func(format string, args ...any) // nil: discard
 	// Log, if set, receives one record per client event (connected,
 	// negotiated, disconnected), for nbdgw serve -v.
@@ -389,6 +393,9 @@ const MaxStringLen = 4096
 // and descriptions over MaxStringLen bytes (qemu-nbd refuses them at start
 // too: "export name '...' too long") and names given twice.
 func (cfg *Config) Validate() error {
+	if cfg.TLS != nil && cfg.PSK != nil {
+		return errors.New("TLS certificates and TLS-PSK exclude each other")
+	}
 	seen := map[string]bool{}
 	for _, e := range cfg.Exports {
 		if len(e.Name) > MaxStringLen {

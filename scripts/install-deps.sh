@@ -22,7 +22,10 @@ packages=(
 	fdisk            # sfdisk for partition tests
 	util-linux       # losetup, mount
 	python3          # an OpenSSL TLS client (its ssl module) in the TLS tests
-	gnutls-bin       # certtool (certificates as QEMU's docs make them), gnutls-cli
+	gnutls-bin       # certtool (certificates as QEMU's docs make them), gnutls-cli, psktool (TLS-PSK keys)
+	libgnutls28-dev  # serve --tls-psk: GnuTLS through cgo (internal/gnutlspsk)
+	pkg-config       # cgo's #cgo pkg-config: gnutls
+	gcc              # cgo
 	procps           # pgrep/pkill in scripts
 	time             # /usr/bin/time in benchmarks
 	fio              # random-write benchmark (its nbd engine)

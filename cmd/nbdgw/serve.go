@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/nbdgw/nbdgw/internal/gnutlspsk"
 	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
@@ -40,8 +41,9 @@ func cmdServe(args []string) error {
 	fs.BoolVar(verbose, "v", false, "")
 	snapshot := fs.Bool("snapshot", false, "allow writes, to a temporary overlay deleted at exit (the chain is not changed)")
 	tlsCreds := fs.String("tls-creds", "", "`DIR` with ca-cert.pem, server-cert.pem, server-key.pem (and client certificates are checked against ca-cert.pem)")
+	tlsPSK := fs.String("tls-psk", "", "TLS with pre-shared keys from `FILE` of username:hexkey lines (psktool's format, as nbdkit's --tls-psk and QEMU's tls-creds-psk keys.psk); needs a build with cgo (GnuTLS)")
 	tlsRequired := fs.Bool("tls-required", false, "refuse clients that do not start TLS")
-	tlsVerifyPeer := fs.Bool("tls-verify-peer", true, "require client certificates signed by the CA (as qemu-nbd's verify-peer=on)")
+	tlsVerifyPeer := fs.Bool("tls-verify-peer", true, "require client certificates signed by the CA (as qemu-nbd's verify-peer=on; --tls-creds only)")
 	handshakeTimeout := fs.Duration("handshake-timeout", nbdserver.DefaultHandshakeTimeout, "drop clients that have not finished option negotiation (TLS included) in this `DURATION`")
 	maxConns := fs.Int("max-connections", nbdserver.DefaultMaxConnections, "`N` connections served at once; more wait in the listen backlog")
 	maxPerAddr := fs.Int("max-per-address", nbdserver.DefaultMaxPerAddress, "`N` connections from one client IP address in the handshake at once; more are closed (-1: no limit)")
@@ -67,8 +69,11 @@ func cmdServe(args []string) error {
 	if *readOnly && (*writable || *snapshot) {
 		return usagef("--read-only excludes --writable and --snapshot")
 	}
-	if *tlsRequired && *tlsCreds == "" {
-		return usagef("--tls-required needs --tls-creds")
+	if *tlsCreds != "" && *tlsPSK != "" {
+		return usagef("--tls-creds and --tls-psk exclude each other")
+	}
+	if *tlsRequired && *tlsCreds == "" && *tlsPSK == "" {
+		return usagef("--tls-required needs --tls-creds or --tls-psk")
 	}
 	if *handshakeTimeout <= 0 || *maxConns <= 0 || *maxPerAddr == 0 || *maxPerAddr < -1 {
 		return usagef("--handshake-timeout and --max-connections must be positive, --max-per-address positive or -1")
@@ -87,6 +92,11 @@ func cmdServe(args []string) error {
 	}
 	if *tlsCreds != "" {
 		if cfg.TLS, err = nbdserver.LoadServerTLS(*tlsCreds, *tlsVerifyPeer); err != nil {
+			return err
+		}
+	}
+	if *tlsPSK != "" {
+		if cfg.PSK, err = gnutlspsk.Load(*tlsPSK); err != nil {
 			return err
 		}
 	}
