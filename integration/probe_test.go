@@ -487,7 +487,7 @@ func TestQuotedNames(t *testing.T) {
 	}
 	out, errOut, code := probeRun(t, bin, "info", top)
 	clean("info", out+errOut)
-	for _, w := range []string{"backing file:  " + strconv.Quote(bname), "bitmap:        " + strconv.Quote(bm), "layer 2: " + strconv.Quote(filepath.Join(dir, bname))} {
+	for _, w := range []string{"backing file: " + strconv.Quote(bname), "name: " + strconv.Quote(bm)} {
 		if code != 0 || !strings.Contains(out, w) {
 			t.Errorf("info: exit %d, want %q in:\n%s", code, w, out)
 		}
@@ -522,9 +522,20 @@ func TestQuotedNames(t *testing.T) {
 	}
 	m.cmd.Process.Signal(unix.SIGINT)
 	m.wait(t)
-	// The backing file gone: the one-line error quotes its name.
+	out, errOut, code = probeRun(t, bin, "info", "--backing-chain", top)
+	clean("info --backing-chain", out+errOut)
+	if w := "image: " + strconv.Quote(filepath.Join(dir, bname)); code != 0 || !strings.Contains(out, w) {
+		t.Errorf("info --backing-chain: exit %d, want %q in:\n%s", code, w, out)
+	}
+	// The backing file gone: the warning, and --backing-chain's one-line
+	// error, quote its name.
 	os.Remove(filepath.Join(dir, bname))
-	msg := probeRefused(t, bin, []string{"opening backing file " + strconv.Quote(filepath.Join(dir, bname))}, "info", top)
+	out, errOut, code = probeRun(t, bin, "info", top)
+	clean("info, backing file gone", out+errOut)
+	if w := "backing file " + strconv.Quote(filepath.Join(dir, bname)) + " of " + top + " does not exist"; code != 0 || !strings.Contains(errOut, w) {
+		t.Errorf("info, backing file gone: exit %d, want %q in stderr %q", code, w, errOut)
+	}
+	msg := probeRefused(t, bin, []string{"opening backing file " + strconv.Quote(filepath.Join(dir, bname))}, "info", "--backing-chain", top)
 	clean("error", msg)
 }
 

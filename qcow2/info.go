@@ -342,7 +342,9 @@ func (l LayerInfo) qcow2Specific() qdict {
 
 // Human is what nbdgw info prints: qemu-img info's human output
 // (bdrv_node_info_dump), of the top layer or, with chain, of every
-// layer separated by empty lines.
+// layer separated by empty lines. Unlike qemu-img, names that are not
+// printable (file, bitmap and snapshot names come from the image) are
+// quoted as Go strings (SafeName): a terminal never sees them raw.
 func (ci ChainInfo) Human(chain bool) string {
 	var b strings.Builder
 	for i, l := range ci.Layers {
@@ -363,20 +365,20 @@ func (l LayerInfo) human(b *strings.Builder) {
 		disk = sizeToStr(l.ActualSize)
 	}
 	fmt.Fprintf(b, "image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
-		l.Filename, l.Format, sizeToStr(l.VirtualSize), l.VirtualSize, disk)
+		SafeName(l.Filename), l.Format, sizeToStr(l.VirtualSize), l.VirtualSize, disk)
 	if l.Format == FormatQcow2 {
 		fmt.Fprintf(b, "cluster_size: %d\n", l.ClusterSize)
 		if l.Dirty {
 			b.WriteString("cleanly shut down: no\n")
 		}
 		if l.BackingFile != "" {
-			fmt.Fprintf(b, "backing file: %s", l.BackingFile)
+			fmt.Fprintf(b, "backing file: %s", SafeName(l.BackingFile))
 			if l.FullBackingFile != l.BackingFile {
-				fmt.Fprintf(b, " (actual path: %s)", l.FullBackingFile)
+				fmt.Fprintf(b, " (actual path: %s)", SafeName(l.FullBackingFile))
 			}
 			b.WriteString("\n")
 			if l.BackingFormat != "" {
-				fmt.Fprintf(b, "backing file format: %s\n", l.BackingFormat)
+				fmt.Fprintf(b, "backing file format: %s\n", SafeName(l.BackingFormat))
 			}
 		}
 		if len(l.Snapshots) > 0 {
@@ -390,14 +392,14 @@ func (l LayerInfo) human(b *strings.Builder) {
 					icount = strconv.FormatInt(s.ICount, 10)
 				}
 				date := time.Unix(s.DateSec, 0).Local().Format("2006-01-02 15:04:05")
-				fmt.Fprintf(b, "%-7s %-16s %8s %19s %15s %10s\n", s.ID, s.Name, sizeToStr(s.VMStateSize), date, clock, icount)
+				fmt.Fprintf(b, "%-7s %-16s %8s %19s %15s %10s\n", SafeName(s.ID), SafeName(s.Name), sizeToStr(s.VMStateSize), date, clock, icount)
 			}
 		}
 		b.WriteString("Format specific information:\n")
 		dumpQObject(b, 1, l.qcow2Specific())
 	}
 	fmt.Fprintf(b, "Child node '/file':\n    filename: %s\n    protocol type: %s\n    file length: %s (%d bytes)\n    disk size: %s\n",
-		l.Filename, l.Protocol, sizeToStr(l.FileLength), l.FileLength, disk)
+		SafeName(l.Filename), l.Protocol, sizeToStr(l.FileLength), l.FileLength, disk)
 }
 
 // sizeToStr is QEMU's size_to_str(): three significant digits and a
@@ -427,6 +429,8 @@ func dumpQObject(b *strings.Builder, indent int, v any) {
 			fmt.Fprintf(b, "%*s[%d]:", indent*4, "", i)
 			dumpMember(b, indent, e)
 		}
+	case string:
+		b.WriteString(SafeName(x))
 	default:
 		fmt.Fprintf(b, "%v", x)
 	}
