@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -113,13 +114,11 @@ func (q *qcow2Layer) snapshots() ([]SnapshotInfo, error) {
 		return nil, nil
 	}
 	off := int64(q.hdr.SnapshotsOffset)
-	fileLen, err := q.h.length()
-	if err != nil {
-		return nil, err
-	}
+	// Bytes past the end of the file read as zeroes, as in QEMU; the
+	// table is bounded as QEMU bounds it.
 	read := func(p []byte, at int64) error {
-		if at < 0 || at > fileLen || int64(len(p)) > fileLen-at || at+int64(len(p))-int64(q.hdr.SnapshotsOffset) > maxSnapshotTableSize {
-			return corrupt(q.h.name, int64(q.hdr.SnapshotsOffset), -1, "snapshot table (%d entries) runs past the end of the file or %d MiB", n, maxSnapshotTableSize>>20)
+		if at+int64(len(p))-int64(q.hdr.SnapshotsOffset) > maxSnapshotTableSize {
+			return corrupt(q.h.name, int64(q.hdr.SnapshotsOffset), -1, "snapshot table (%d entries) larger than %d MiB", n, maxSnapshotTableSize>>20)
 		}
 		return q.readMeta(p, at)
 	}
@@ -154,12 +153,21 @@ func (q *qcow2Layer) snapshots() ([]SnapshotInfo, error) {
 		if len(extra) >= 24 {
 			sn.ICount = int64(be.Uint64(extra[16:]))
 		}
-		sn.ID = string(rest[extraLen : extraLen+idLen])
-		sn.Name = string(rest[extraLen+idLen:])
+		// QEMU keeps them as C strings: they end at a NUL byte.
+		sn.ID = cString(rest[extraLen : extraLen+idLen])
+		sn.Name = cString(rest[extraLen+idLen:])
 		out = append(out, sn)
 		off += 40 + int64(len(rest))
 	}
 	return out, nil
+}
+
+// cString is b up to its first NUL byte.
+func cString(b []byte) string {
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		b = b[:i]
+	}
+	return string(b)
 }
 
 func (q *qcow2Layer) info() LayerInfo {
