@@ -3,13 +3,16 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // infoImage is one image of the nbdgw info corpus, named relative to
@@ -359,6 +362,30 @@ func TestInfoNBDURI(t *testing.T) {
 	s2 := filepath.Join(dir, "n.sock")
 	nbdStart(t, s2, bin, "serve", "--socket", s2, img)
 	servers = append(servers, struct{ name, uri string }{"nbdgw-serve", nbdURI(s2)})
+	// TCP, with an export name: QEMU names the node nbd://HOST:PORT/NAME.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	srv := exec.Command(bin, "serve", "--listen", addr, "--export-name", "disk1", img)
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() })
+	for i := 0; ; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if i == 100 {
+			t.Fatalf("nbdgw serve --listen %s: %v", addr, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	servers = append(servers, struct{ name, uri string }{"nbdgw-serve-tcp", "nbd://" + addr + "/disk1"})
 	for _, s := range servers {
 		t.Run(s.name, func(t *testing.T) {
 			for _, args := range [][]string{
