@@ -15,7 +15,7 @@ import (
 // an image whose backing file is missing; it also warns.
 func cmdInfo(args []string) error {
 	fs := newFlags("info")
-	output := fs.String("output", "human", "`FORMAT`: json or human, as qemu-img info's")
+	output := fs.String("output", "human", "output `FORMAT`: human (qemu-img info's) or json (qemu-img info --output=json's, with an \"nbdgw\" key per image file)")
 	chain := fs.Bool("backing-chain", false, "describe every layer of the backing chain, top first (JSON: a list), as qemu-img info --backing-chain")
 	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
