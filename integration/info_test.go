@@ -143,7 +143,7 @@ func infoStripNbdgw(t *testing.T, b []byte) []byte {
 type infoNbdgwPart struct {
 	Depth   int      `json:"depth"`
 	Version int      `json:"qcow2-version"`
-	Missing bool     `json:"backing-file-missing"`
+	Missing string   `json:"missing-backing-file"`
 	Layers  []string // filenames of "layers"
 }
 
@@ -153,7 +153,7 @@ func infoNbdgwParts(t *testing.T, b []byte, chain bool) []infoNbdgwPart {
 		Nbdgw struct {
 			Depth   int  `json:"depth"`
 			Version int  `json:"qcow2-version"`
-			Missing bool `json:"backing-file-missing"`
+			Missing string `json:"missing-backing-file"`
 			Layers  []struct {
 				Filename string `json:"filename"`
 			} `json:"layers"`
@@ -273,8 +273,8 @@ func infoCheckNbdgwPart(t *testing.T, dir, name string, chain bool, got []byte) 
 		if p.Depth != i+1 {
 			t.Errorf("%s: object %d has nbdgw depth %d", name, i, p.Depth)
 		}
-		if p.Missing != (name == "missing.qcow2") {
-			t.Errorf("%s: backing-file-missing %t", name, p.Missing)
+		if want := map[bool]string{true: "gone.qcow2"}[name == "missing.qcow2" && !chain]; p.Missing != want {
+			t.Errorf("%s: missing-backing-file %q, want %q", name, p.Missing, want)
 		}
 	}
 	if chain {
@@ -335,9 +335,25 @@ func TestInfoMissingBacking(t *testing.T) {
 			t.Errorf("--backing-chain --output=%s: exit %d (qemu-img %d), stdout %q, stderr %q, want %q", output, code, qcode, stdout, stderr, w)
 		}
 	}
+	// Deeper: top2 -> mid2 -> gone2. qemu-img shows top2; nbdgw too, and
+	// says which layer names the missing file.
+	runOutputIn(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "gone2.qcow2", "-F", "qcow2", "mid2.qcow2", "1M")
+	runOutputIn(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "mid2.qcow2", "-F", "qcow2", "top2.qcow2", "1M")
+	want := runOutputIn(t, dir, "qemu-img", "info", "--output=json", "top2.qcow2")
+	code, got, stderr := infoRun(t, dir, bin, "info", "--output=json", "top2.qcow2")
+	if code != 0 || !bytes.Equal(infoStripNbdgw(t, got), want) {
+		t.Errorf("top2: exit %d, stdout:\n%s\nqemu-img:\n%s", code, got, want)
+	}
+	if w := "nbdgw: warning: backing file gone2.qcow2 of mid2.qcow2 does not exist\n"; string(stderr) != w {
+		t.Errorf("top2: stderr %q, want %q", stderr, w)
+	}
+	if p := infoNbdgwParts(t, got, false)[0]; !reflect.DeepEqual(p.Layers, []string{"top2.qcow2", "mid2.qcow2"}) || p.Missing != "gone2.qcow2" {
+		t.Errorf("top2: nbdgw part %+v", p)
+	}
+
 	// With the backing file back, the warning goes and the chain shows.
 	runOutputIn(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "gone.qcow2", "1M")
-	code, _, stderr := infoRun(t, dir, bin, "info", "top.qcow2")
+	code, _, stderr = infoRun(t, dir, bin, "info", "top.qcow2")
 	if code != 0 || len(stderr) != 0 {
 		t.Errorf("backing file back: exit %d, stderr %q", code, stderr)
 	}

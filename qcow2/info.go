@@ -213,26 +213,27 @@ func (ci ChainInfo) JSON(chain bool) []byte {
 	var b []byte
 	if chain {
 		var list qlist
-		for i, l := range ci.Layers {
-			list = append(list, l.qobject(ci, i, false))
+		for _, l := range ci.Layers {
+			list = append(list, l.qobject(ci, false))
 		}
 		b = appendQJSON(b, list, 0)
 	} else {
-		b = appendQJSON(b, ci.Layers[0].qobject(ci, 0, true), 0)
+		b = appendQJSON(b, ci.Layers[0].qobject(ci, true), 0)
 	}
 	return append(b, '\n')
 }
 
 // qobject is the layer as QEMU's BlockGraphInfo, members in QAPI order
-// (qdict puts them in QEMU's print order). top adds the chain to the
-// "nbdgw" member.
+// (qdict puts them in QEMU's print order). top adds the chain (the
+// layers nbdgw opened, and the missing backing file that ends it, if
+// any) to the "nbdgw" member.
 //
 // Left out because nbdgw does not compute them as QEMU's block layer
 // does: "encrypted" (the engine refuses encrypted images), "compressed"
 // (no driver nbdgw reads sets it), the file node's "extent-size-hint"
 // (XFS only) and the external data file's node, which qemu-img info
 // does not list either.
-func (l LayerInfo) qobject(ci ChainInfo, i int, top bool) qdict {
+func (l LayerInfo) qobject(ci ChainInfo, top bool) qdict {
 	if l.Protocol == "nbd" {
 		// No "actual-size", "dirty-flag" or "format-specific": QEMU's nbd
 		// driver has no bdrv_get_info or allocated file size. nbdgw knows
@@ -299,15 +300,17 @@ func (l LayerInfo) qobject(ci ChainInfo, i int, top bool) qdict {
 			nb = append(nb, qmember{"data-file-opened", l.DataFile})
 		}
 	}
-	if i == len(ci.Layers)-1 && ci.MissingBacking != "" {
-		nb = append(nb, qmember{"backing-file-missing", true})
-	}
 	if top {
 		var layers qlist
 		for _, x := range ci.Layers {
 			layers = append(layers, qdict{{"depth", x.Depth}, {"filename", x.Filename}, {"format", x.Format}})
 		}
 		nb = append(nb, qmember{"layers", layers})
+		if ci.MissingBacking != "" {
+			// The backing file the last of layers names, which does not
+			// exist: the chain stops there.
+			nb = append(nb, qmember{"missing-backing-file", ci.MissingBacking})
+		}
 	}
 	return append(d, qmember{"nbdgw", nb})
 }
