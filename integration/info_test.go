@@ -151,8 +151,8 @@ func infoNbdgwParts(t *testing.T, b []byte, chain bool) []infoNbdgwPart {
 	t.Helper()
 	type part struct {
 		Nbdgw struct {
-			Depth   int  `json:"depth"`
-			Version int  `json:"qcow2-version"`
+			Depth   int    `json:"depth"`
+			Version int    `json:"qcow2-version"`
 			Missing string `json:"missing-backing-file"`
 			Layers  []struct {
 				Filename string `json:"filename"`
