@@ -2,6 +2,7 @@ package qcow2_test
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,4 +103,46 @@ func TestInfoSnapshotTableBounds(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzInfoJSON: whatever a name holds (it comes from the image or the
+// command line), the JSON output parses, and gives the name back
+// (invalid UTF-8 as U+FFFD, as QEMU's JSON writer does).
+func FuzzInfoJSON(f *testing.F) {
+	for _, s := range []string{"a.qcow2", "w\x01é💾\"\\.qcow2", "\xff\xfe", "\u2028\x7f/", ""} {
+		f.Add(s, int64(1<<20))
+	}
+	f.Fuzz(func(t *testing.T, name string, size int64) {
+		for _, chain := range []bool{false, true} {
+			out := qcow2.NBDExportInfo(name, size).JSON(chain)
+			var v struct {
+				Filename string `json:"filename"`
+				Size     int64  `json:"virtual-size"`
+			}
+			var err error
+			if chain {
+				var l []*struct {
+					Filename string `json:"filename"`
+					Size     int64  `json:"virtual-size"`
+				}
+				if err = json.Unmarshal(out, &l); err == nil && len(l) == 1 {
+					v.Filename, v.Size = l[0].Filename, l[0].Size
+				}
+			} else {
+				err = json.Unmarshal(out, &v)
+			}
+			if err != nil {
+				t.Fatalf("%v:\n%s", err, out)
+			}
+			// Each byte of invalid UTF-8 becomes U+FFFD (QEMU's
+			// mod_utf8_codepoint may take a bad sequence as one).
+			var want strings.Builder
+			for _, r := range name {
+				want.WriteRune(r)
+			}
+			if v.Filename != want.String() || v.Size != size {
+				t.Errorf("name %q size %d: JSON gives %q %d:\n%s", name, size, v.Filename, v.Size, out)
+			}
+		}
+	})
 }
