@@ -58,13 +58,13 @@
 // # Maps
 //
 // Map files are generated on demand, never held whole: a map of millions
-// of extents streams through a per-open-file cursor that resumes the
-// metactx.Walk where the last read stopped. The files are direct-I/O
+// of extents streams through a per-open-file metactx.Map that resumes
+// the metactx.Walk where the last read stopped. The files are direct-I/O
 // (FOPEN_DIRECT_IO) and report a size of 0, as /proc files do: readers
 // read until end of file. A read at a lower offset than the cursor's
 // (a re-read from the start) restarts the walk from the beginning. The
-// bytes are exactly what metactx.WriteMap, and so `nbdgw map --context`,
-// writes.
+// bytes are exactly what `nbdgw map --context` writes: metactx.Map is
+// the one writer of both.
 //
 // # Caching
 //

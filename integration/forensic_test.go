@@ -37,9 +37,6 @@ func TestForensicReadOnly(t *testing.T) {
 	bin := nbdgwBinary(t)
 	images := hardValidCorpus(t, t.TempDir())
 	fuse := hardFUSE()
-	if fuse != "" {
-		t.Logf("FUSE part skipped: %s", fuse)
-	}
 	for _, im := range images {
 		t.Run(im.name, func(t *testing.T) {
 			t.Parallel()
@@ -50,9 +47,12 @@ func TestForensicReadOnly(t *testing.T) {
 			hardForensicCLI(t, bin, im)
 			hardForensicServe(t, bin, im, want)
 			hardForensicSnapshot(t, bin, im)
-			if fuse == "" {
+			t.Run("mount", func(t *testing.T) {
+				if fuse != "" {
+					t.Skipf("FUSE part: %s", fuse) // scripts/test.sh fails on it
+				}
 				hardForensicMount(t, bin, im, want)
-			}
+			})
 
 			if ev := w.stop(); len(ev) > 0 {
 				t.Errorf("inotify saw the chain written to:\n%s", strings.Join(ev, "\n"))
@@ -369,10 +369,8 @@ func hardForensicSnapshot(t *testing.T, bin string, im hardValid) {
 	before := entries()
 	s, r := hardServe(t, bin, "--snapshot", im.top)
 	if s == nil {
-		if strings.Contains(string(r.stderr), "not supported") {
-			t.Logf("serve --snapshot: %s", r.stderr)
-			return
-		}
+		// The overlay takes the writes, so every image the engine reads
+		// must serve with --snapshot: a refusal is a failure.
 		t.Fatalf("serve --snapshot: %s", r)
 	}
 	hardHeldReadOnly(t, s.cmd.Process.Pid, im.files, "nbdgw serve --snapshot")

@@ -633,7 +633,7 @@ func fusePartitionExt4(t *testing.T, bin string) {
 		t.Fatal(err)
 	}
 	if out, err := exec.Command("mount", "-o", "ro,loop", "-t", "ext4", p1, mnt).CombinedOutput(); err != nil {
-		t.Skipf("mount -o ro,loop not possible here: %v\n%s", err, out)
+		t.Fatalf("mount -o ro,loop of partitions/p1: %v\n%s", err, out)
 	}
 	defer func() {
 		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {

@@ -827,7 +827,7 @@ func fuseWriteMkfs(t *testing.T, bin string) {
 		t.Fatal(err)
 	}
 	if out, err := exec.Command("mount", "-o", "loop", "-t", "ext4", disk, mnt).CombinedOutput(); err != nil {
-		t.Skipf("mount -o loop not possible here: %v\n%s", err, out)
+		t.Fatalf("mount -o loop of the disk nbdgw wrote: %v\n%s", err, out)
 	}
 	content := make([]byte, 3<<20+17)
 	fillRandom(rand.New(rand.NewPCG(1, 2)), content)

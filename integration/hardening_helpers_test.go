@@ -38,10 +38,11 @@ const hardStartWait = 10 * time.Second
 // (maximum resident set size, from getrusage of the reaped child).
 const hardMaxRSS = 300 << 20
 
-// hardRequire skips unless every tool is installed.
+// hardRequire skips unless every tool is installed, /usr/bin/time (the
+// memory figure of hardExec) included. scripts/test.sh fails on the skip.
 func hardRequire(t testing.TB, tools ...string) {
 	t.Helper()
-	for _, tool := range tools {
+	for _, tool := range append([]string{"/usr/bin/time"}, tools...) {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not installed: %v", tool, err)
 		}
@@ -78,49 +79,69 @@ var hardTime = func() string {
 	return p
 }()
 
-// hardExec runs name args with a deadline and reports its status and
-// peak memory (when /usr/bin/time is installed; else rss is 0).
+// hardExec runs name args with a deadline and reports its status, output
+// and peak memory, measured by /usr/bin/time: without it (or without a
+// figure from it) the result is a failure, exit -1.
+//
+// The output goes to files, not pipes: Wait then returns when the process
+// exits, with nothing left to drain. With pipes, Wait also waits for Go's
+// copying goroutines, and the WaitDelay that bounds that wait (needed in
+// case a descendant keeps a pipe open) turned a successful 64 MiB nbdcopy
+// into exit -1 whenever a loaded machine did not drain the pipe in time.
 func hardExec(timeout time.Duration, name string, args ...string) hardResult {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	var memFile string
 	argv := append([]string{name}, args...)
-	if hardTime != "" {
-		f, err := os.CreateTemp("", "hmem")
-		if err == nil {
-			memFile = f.Name()
-			f.Close()
-			defer os.Remove(memFile)
-			argv = append([]string{hardTime, "-f", "%M", "-o", memFile, "--"}, argv...)
-		}
+	r := hardResult{args: append([]string{filepath.Base(name)}, args...)}
+	if hardTime == "" {
+		// Without it every memory check would read 0 and pass.
+		r.code, r.stderr = -1, []byte("/usr/bin/time is not installed (scripts/install-deps.sh installs it): no memory figure")
+		return r
 	}
+	files := make([]*os.File, 3) // stdout, stderr, /usr/bin/time's figure
+	for i := range files {
+		f, err := os.CreateTemp("", "hexec")
+		if err != nil {
+			r.code, r.stderr = -1, []byte(err.Error())
+			return r
+		}
+		defer os.Remove(f.Name())
+		defer f.Close()
+		files[i] = f
+	}
+	argv = append([]string{hardTime, "-f", "%M", "-o", files[2].Name(), "--"}, argv...)
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	// After the child exits its output is drained; 64 MiB of nbdcopy
-	// stdout into a bytes.Buffer under -race on a loaded machine took
-	// over 2 s ("WaitDelay expired before I/O complete", exit status 0).
-	cmd.WaitDelay = 10 * time.Second
+	cmd.Stdout, cmd.Stderr = files[0], files[1]
 	// On timeout kill the whole process group: killing /usr/bin/time
 	// alone would leave a hung nbdgw behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	start := time.Now()
 	err := cmd.Run()
-	r := hardResult{args: append([]string{filepath.Base(name)}, args...), stdout: stdout.Bytes(), stderr: stderr.Bytes(), elapsed: time.Since(start)}
+	r.elapsed = time.Since(start)
 	r.timedOut = ctx.Err() != nil
-	r.code = cmd.ProcessState.ExitCode()
+	r.code = -1
+	if cmd.ProcessState != nil {
+		r.code = cmd.ProcessState.ExitCode()
+	}
 	if err != nil && r.code == 0 {
 		r.code = -1
 	}
-	if memFile != "" {
-		// The last word is the figure; a line before it may say the
-		// command exited with a non-zero status.
-		b, _ := os.ReadFile(memFile)
-		if w := strings.Fields(string(b)); len(w) > 0 {
-			kb, _ := strconv.ParseInt(w[len(w)-1], 10, 64)
-			r.rss = kb << 10
-		}
+	r.stdout, _ = os.ReadFile(files[0].Name())
+	r.stderr, _ = os.ReadFile(files[1].Name())
+	if err != nil && cmd.ProcessState == nil {
+		r.stderr = append(r.stderr, err.Error()...)
+	}
+	// The last word is the figure; a line before it may say the command
+	// exited with a non-zero status.
+	b, _ := os.ReadFile(files[2].Name())
+	if w := strings.Fields(string(b)); len(w) > 0 {
+		kb, _ := strconv.ParseInt(w[len(w)-1], 10, 64)
+		r.rss = kb << 10
+	}
+	if r.rss == 0 && !r.timedOut {
+		r.code = -1
+		r.stderr = append(r.stderr, fmt.Sprintf("\n/usr/bin/time gave no memory figure: %q", b)...)
 	}
 	return r
 }
@@ -622,6 +643,23 @@ func hardProcRSS(pid int) (rss, hwm int64) {
 		}
 	}
 	return rss, hwm
+}
+
+// hardPeakRSS samples the resident set of pid every 10 ms until it has not
+// grown for settle (at most for limit) and returns the largest sample. One
+// sample after a fixed sleep reads too early on a loaded machine (the
+// server has not allocated yet) and so passes whatever the product does.
+func hardPeakRSS(pid int, settle, limit time.Duration) int64 {
+	var peak int64
+	start := time.Now()
+	grew := start
+	for time.Since(start) < limit && time.Since(grew) < settle {
+		if rss, _ := hardProcRSS(pid); rss > peak {
+			peak, grew = rss, time.Now()
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return peak
 }
 
 // hardGoodClient reads and maps random ranges through the Go client

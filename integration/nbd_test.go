@@ -220,20 +220,42 @@ func TestNBDContextsMatchQemuNBD(t *testing.T) {
 			for _, b := range im.bitmaps {
 				ctxs = append(ctxs, metactx.DirtyBitmapPrefix+b)
 			}
+			local := []string{im.path}
+			if im.noBacking {
+				local = []string{"--no-backing", im.path}
+			}
 			for _, ctx := range ctxs {
-				for _, form := range [][]string{{"--map=" + ctx}, {"--json", "--map=" + ctx}} {
+				for _, form := range [][]string{
+					{"--map=" + ctx}, {"--json", "--map=" + ctx},
+					{"--totals", "--map=" + ctx}, {"--totals", "--json", "--map=" + ctx},
+				} {
 					want := runOutput(t, "nbdinfo", append(form, q)...)
 					if got := runOutput(t, "nbdinfo", append(form, o)...); !bytes.Equal(got, want) {
 						t.Errorf("nbdinfo %v:\n got %s\nwant %s", form, got, want)
 					}
 					if got := runOutput(t, bin, append(mapArgs(form), o)...); !bytes.Equal(got, want) {
-						t.Errorf("nbdgw map %v:\n got %s\nwant %s", mapArgs(form), got, want)
+						t.Errorf("nbdgw map %v URI:\n got %s\nwant %s", mapArgs(form), got, want)
+					}
+					if got := runOutput(t, bin, append(mapArgs(form), local...)...); !bytes.Equal(got, want) {
+						t.Errorf("nbdgw map %v %v:\n got %s\nwant %s", mapArgs(form), local, got, want)
 					}
 				}
 			}
 			wantJoint := jointFromQemu(nbdMapJSON(t, q, metactx.BaseAllocation), nbdMapJSON(t, q, metactx.AllocationDepth))
 			if got := nbdMapJSON(t, o, metactx.JointAllocation); !slices.Equal(got, wantJoint) {
 				t.Errorf("joint-allocation:\n got %v\nwant %v", got, wantJoint)
+			}
+			// nbdgw map prints the joint-allocation descriptions nbdinfo
+			// does not know, the same for the image and the URI.
+			var text strings.Builder
+			for _, e := range wantJoint {
+				fmt.Fprintf(&text, "%10d  %10d  %3d  %s\n", e.Offset, e.Length, e.Type, metactx.Description(metactx.JointAllocation, e.Type))
+			}
+			for _, target := range [][]string{{o}, local} {
+				args := append([]string{"map", "--context", metactx.JointAllocation}, target...)
+				if got := runOutput(t, bin, args...); string(got) != text.String() {
+					t.Errorf("nbdgw %v:\n got %s\nwant %s", args, got, text.String())
+				}
 			}
 			for _, out := range []string{"json", "human"} {
 				want := runOutput(t, "qemu-img", "map", "--output="+out, q)
@@ -270,6 +292,8 @@ func mapArgs(form []string) []string {
 	for _, f := range form {
 		if c, ok := strings.CutPrefix(f, "--map="); ok {
 			args = append(args, "--context", c)
+		} else if f == "--totals" {
+			args = append(args, "--totals")
 		} else {
 			args = append(args, "--output=json")
 		}

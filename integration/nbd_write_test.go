@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 
 	"math/rand/v2"
@@ -33,6 +34,12 @@ func TestNBDWritable(t *testing.T) {
 	t.Run("kill-9", func(t *testing.T) { nbdWriteCrash(t, bin) })
 	t.Run("sigterm under load", func(t *testing.T) { nbdWriteSigterm(t, bin) })
 	t.Run("qemu-io and nbdcopy", func(t *testing.T) { nbdWriteRealClients(t, bin) })
+	t.Run("qemu-io random load", func(t *testing.T) {
+		for _, kind := range []string{"backing", "compressed", "extended-l2"} {
+			t.Run(kind, func(t *testing.T) { nbdWriteQemuIOLoad(t, bin, kind) })
+		}
+	})
+	t.Run("fio verify", func(t *testing.T) { nbdWriteFio(t, bin) })
 	t.Run("snapshot", func(t *testing.T) { nbdWriteSnapshot(t, bin) })
 	t.Run("refusals", func(t *testing.T) { nbdWriteRefusals(t, bin) })
 	t.Run("forensic default", func(t *testing.T) { nbdWriteForensic(t, bin) })
@@ -646,5 +653,84 @@ func nbdWriteRefusals(t *testing.T, bin string) {
 		if got := fuseSHA(t, f); got != before[f] {
 			t.Errorf("%s changed", f)
 		}
+	}
+}
+
+// nbdWriteQemuIOLoad: a seeded random load of writes, FUA writes and zero
+// writes (with and without unmap) sent by qemu-io, a real client, through
+// nbdgw serve; the same commands run by qemu-io on a raw copy of the
+// chain are the oracle: qemu-img compare must find the two identical, and
+// qemu-img check the image clean.
+func nbdWriteQemuIOLoad(t *testing.T, bin, kind string) {
+	dir := t.TempDir()
+	img, _ := nbdWriteImage(t, dir, kind)
+	shadow := filepath.Join(dir, "shadow.raw")
+	runOutput(t, "qemu-img", "convert", "-U", "-O", "raw", img, shadow)
+	size := int64(32 << 20)
+	rng := rand.New(rand.NewPCG(uint64(len(kind)), 11))
+	var cmds []string
+	for i := range 300 {
+		off := rng.Int64N(size - 1)
+		n := 1 + rng.Int64N(min(size-off, 300<<10))
+		if rng.IntN(2) == 0 { // sector-aligned, as most guests write
+			off &^= 511
+			n = max(512, n&^511)
+		}
+		switch rng.IntN(6) {
+		case 0:
+			cmds = append(cmds, fmt.Sprintf("write -z %d %d", off, n))
+		case 1:
+			cmds = append(cmds, fmt.Sprintf("write -z -u %d %d", off, n))
+		case 2:
+			cmds = append(cmds, fmt.Sprintf("write -f -P %d %d %d", i%251, off, n))
+		default:
+			cmds = append(cmds, fmt.Sprintf("write -P %d %d %d", i%251, off, n))
+		}
+		if i%50 == 49 {
+			cmds = append(cmds, "flush")
+		}
+	}
+	args := func(target string, format string) []string {
+		a := []string{"-f", format}
+		for _, c := range cmds {
+			a = append(a, "-c", c)
+		}
+		return append(a, target)
+	}
+	srv := nbdServe(t, bin, "--writable", img)
+	out := string(runOutput(t, "qemu-io", args(srv.uri(), "raw")...))
+	if strings.Contains(out, "fail") || strings.Count(out, "wrote ") != 300 {
+		t.Fatalf("qemu-io through nbdgw serve:\n%s", out)
+	}
+	if strings.Contains(string(runOutput(t, "qemu-io", args(shadow, "raw")...)), "fail") {
+		t.Fatal("qemu-io on the raw shadow failed")
+	}
+	srv.stop(t)
+	if code, out := nbdQemuCheck(img); code != 0 {
+		t.Errorf("qemu-img check exits %d:\n%s", code, out)
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, shadow).CombinedOutput(); err != nil {
+		t.Errorf("qemu-img compare with the shadow: %v\n%s", err, out)
+	}
+}
+
+// nbdWriteFio: fio's nbd engine (libnbd) writes 4 KiB blocks at random
+// with 16 in flight and verifies each block's checksum on read-back.
+func nbdWriteFio(t *testing.T, bin string) {
+	if out, err := exec.Command("fio", "--enghelp=nbd").CombinedOutput(); err != nil {
+		t.Fatalf("fio with the nbd engine is needed (scripts/install-deps.sh installs fio): %v\n%s", err, out)
+	}
+	dir := t.TempDir()
+	img, _ := nbdWriteImage(t, dir, "backing")
+	srv := nbdServe(t, bin, "--writable", img)
+	out, err := exec.Command("fio", "--name=verify", "--ioengine=nbd", "--uri="+srv.uri(),
+		"--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16", "--verify=crc32c",
+		"--do_verify=1", "--verify_fatal=1", "--randrepeat=1", "--output-format=terse").CombinedOutput()
+	if err != nil {
+		t.Fatalf("fio: %v\n%s\nserver:\n%s", err, out, srv.stderr)
+	}
+	srv.stop(t)
+	if code, out := nbdQemuCheck(img); code != 0 {
+		t.Errorf("qemu-img check exits %d:\n%s", code, out)
 	}
 }

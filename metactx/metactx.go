@@ -3,8 +3,9 @@
 // qemu:dirty-bitmap:NAME. The NBD server, nbdgw map --context and the FUSE
 // maps/ files all use it, so the three front ends cannot disagree.
 //
-// It also writes maps in the two forms nbdinfo --map prints (text and
-// JSON), coalescing adjacent extents of equal flags as nbdinfo does.
+// It also writes maps in the forms nbdinfo --map prints (text, JSON,
+// --totals), coalescing adjacent extents of equal flags as nbdinfo does,
+// for the CLI (images and NBD URIs) and the FUSE maps/ files: see Map.
 //
 // # QEMU 7.2 and 10.0
 //
@@ -25,8 +26,6 @@ package metactx
 import (
 	"errors"
 	"fmt"
-	"io"
-	"strconv"
 	"strings"
 
 	"github.com/nbdgw/nbdgw/qcow2"
@@ -178,121 +177,4 @@ func (c *coalescer) flush() error {
 	}
 	c.has = false
 	return c.fn(c.off, c.n, c.flags)
-}
-
-// Description is nbdinfo's description of a flag value in context name, ""
-// where nbdinfo prints none (it knows no qemu:joint-allocation).
-func Description(name string, flags uint32) string {
-	switch {
-	case name == BaseAllocation:
-		switch flags {
-		case 0:
-			return "data"
-		case 1:
-			return "hole"
-		case 2:
-			return "zero"
-		case 3:
-			return "hole,zero"
-		}
-	case strings.HasPrefix(name, DirtyBitmapPrefix):
-		switch flags {
-		case 0:
-			return "clean"
-		case 1:
-			return "dirty"
-		}
-	case name == AllocationDepth:
-		switch flags {
-		case 0:
-			return "absent"
-		case 1:
-			return "local"
-		default:
-			return "backing depth " + strconv.FormatUint(uint64(flags), 10)
-		}
-	}
-	return ""
-}
-
-// AppendText appends one line of nbdinfo --map text output:
-// "%10d  %10d  %3d  description\n" (no description column where nbdinfo
-// has none).
-func AppendText(b []byte, name string, off, length int64, flags uint32) []byte {
-	b = appendPadded(b, strconv.FormatInt(off, 10), 10)
-	b = append(b, "  "...)
-	b = appendPadded(b, strconv.FormatInt(length, 10), 10)
-	b = append(b, "  "...)
-	b = appendPadded(b, strconv.FormatUint(uint64(flags), 10), 3)
-	if d := Description(name, flags); d != "" {
-		b = append(b, "  "...)
-		b = append(b, d...)
-	}
-	return append(b, '\n')
-}
-
-func appendPadded(b []byte, s string, width int) []byte {
-	for i := len(s); i < width; i++ {
-		b = append(b, ' ')
-	}
-	return append(b, s...)
-}
-
-// AppendJSON appends one nbdinfo --map --json entry, without the separator:
-// { "offset": N, "length": N, "type": N, "description": "..."}
-func AppendJSON(b []byte, name string, off, length int64, flags uint32) []byte {
-	b = append(b, `{ "offset": `...)
-	b = strconv.AppendInt(b, off, 10)
-	b = append(b, `, "length": `...)
-	b = strconv.AppendInt(b, length, 10)
-	b = append(b, `, "type": `...)
-	b = strconv.AppendUint(b, uint64(flags), 10)
-	if d := Description(name, flags); d != "" {
-		b = append(b, `, "description": `...)
-		b = strconv.AppendQuote(b, d) // descriptions are plain ASCII
-	}
-	return append(b, '}')
-}
-
-// JSON framing of nbdinfo --map --json: "[\n", entries joined by ",\n",
-// then "\n]\n".
-const (
-	JSONOpen  = "[\n"
-	JSONSep   = ",\n"
-	JSONClose = "\n]\n"
-)
-
-// WriteMap writes the whole map of context name in nbdinfo's text or JSON
-// form, streaming.
-func WriteMap(w io.Writer, img *qcow2.Image, name string, asJSON bool) error {
-	var buf []byte
-	first := true
-	if asJSON {
-		buf = append(buf, JSONOpen...)
-	}
-	err := Walk(img, name, 0, img.Size(), func(off, n int64, flags uint32) error {
-		if asJSON {
-			if !first {
-				buf = append(buf, JSONSep...)
-			}
-			buf = AppendJSON(buf, name, off, n, flags)
-		} else {
-			buf = AppendText(buf, name, off, n, flags)
-		}
-		first = false
-		if len(buf) >= 64<<10 {
-			_, err := w.Write(buf)
-			buf = buf[:0]
-			return err
-		}
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		buf = append(buf, JSONClose...)
-	}
-	_, err = w.Write(buf)
-	return err
 }

@@ -2,6 +2,7 @@ package nbdserver
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -29,6 +30,10 @@ const (
 	maxClientChunk  = 64 << 20
 	clientReadChunk = 32 << 20
 )
+
+// ErrContextNotOffered is returned by the handshake when the server does
+// not offer a metadata context the client asked for.
+var ErrContextNotOffered = errors.New("nbd: server does not offer metadata context")
 
 // ServerError is an error reply from the server.
 type ServerError struct {
@@ -244,7 +249,10 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 		case RepAck:
 			for _, n := range names {
 				if _, ok := c.contexts[n]; !ok {
-					return fmt.Errorf("nbd: server does not offer metadata context %q", n)
+					// Leave politely: the caller may well retry with
+					// other contexts.
+					c.sendOption(OptAbort, nil)
+					return fmt.Errorf("%w %q", ErrContextNotOffered, n)
 				}
 			}
 			return nil
@@ -324,6 +332,10 @@ func (c *Client) exportName(export string, noZeroes bool) error {
 
 // Size is the export size.
 func (c *Client) Size() int64 { return c.size }
+
+// MaxBlock is the largest request payload the server accepts
+// (NBD_INFO_BLOCK_SIZE), 0 if it did not say.
+func (c *Client) MaxBlock() int64 { return int64(c.maxBlock) }
 
 // TransmissionFlags are the flags the server advertised.
 func (c *Client) TransmissionFlags() uint16 { return c.flags }
@@ -472,6 +484,87 @@ func (c *Client) read(p []byte, off int64) error {
 		err = fmt.Errorf("%w: read reply covered %d of %d bytes", errBadReply, got, len(p))
 	}
 	return err
+}
+
+// ReadRequest is one read of a ReadBatch: len(P) bytes at Off.
+type ReadRequest struct {
+	P   []byte
+	Off int64
+}
+
+// maxBatch bounds the requests a ReadBatch sends before reading replies,
+// so that the requests always fit in the socket's buffer (a server that
+// stops reading while its replies wait cannot block us for ever).
+const maxBatch = 64
+
+// ReadBatch sends every read of reqs before waiting for any reply, so that
+// they are in flight together on the connection, then takes the replies in
+// whatever order the server sends them. Each read must lie within the
+// export and be no larger than the server's maximum block size (2 MiB is
+// safe with every server). It returns the first error.
+func (c *Client) ReadBatch(reqs []ReadRequest) error {
+	if len(reqs) > maxBatch {
+		return fmt.Errorf("nbd: batch of %d reads, at most %d", len(reqs), maxBatch)
+	}
+	for _, r := range reqs {
+		if r.Off < 0 || r.Off > c.size || int64(len(r.P)) > c.size-r.Off || (c.maxBlock > 0 && len(r.P) > int(c.maxBlock)) {
+			return fmt.Errorf("nbd: read of %d bytes at %d outside the export or too large", len(r.P), r.Off)
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ext := c.mode == modeExtended
+	first := c.cookie + 1
+	var b []byte
+	for _, r := range reqs {
+		c.cookie++
+		b = request{typ: CmdRead, cookie: c.cookie, offset: uint64(r.Off), length: uint64(len(r.P))}.append(b, ext)
+	}
+	if _, err := c.conn.Write(b); err != nil {
+		return err
+	}
+	got := make([]int64, len(reqs))
+	open := len(reqs)
+	var failure error
+	for open > 0 {
+		h, err := c.readReplyHeader()
+		if err != nil {
+			return err
+		}
+		i := int(h.cookie - first)
+		if h.cookie < first || i >= len(reqs) || got[i] < 0 {
+			return fmt.Errorf("%w: reply cookie %d to none of the reads in flight", errBadReply, h.cookie)
+		}
+		r := reqs[i]
+		if h.magic != simpleReplyMagic && h.length > maxClientChunk {
+			return fmt.Errorf("%w: chunk of %d bytes", errTooLong, h.length)
+		}
+		done := h.magic == simpleReplyMagic || h.flags&replyFlagDone != 0
+		if h.magic == simpleReplyMagic {
+			if h.errno != 0 {
+				err = &ServerError{Op: "NBD_CMD_READ", Errno: h.errno}
+			} else if _, err = io.ReadFull(c.r, r.P); err == nil {
+				got[i] = int64(len(r.P))
+			}
+		} else {
+			err = c.readChunk(h, r.P, r.Off, &got[i])
+		}
+		if err != nil {
+			var se *ServerError
+			if !errors.As(err, &se) {
+				return err // the stream is out of sync
+			}
+			failure = cmp.Or(failure, err)
+		}
+		if done {
+			if failure == nil && got[i] != int64(len(r.P)) {
+				failure = fmt.Errorf("%w: read reply covered %d of %d bytes", errBadReply, got[i], len(r.P))
+			}
+			got[i] = -1
+			open--
+		}
+	}
+	return failure
 }
 
 // readChunk handles one structured chunk of a read reply.

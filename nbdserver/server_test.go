@@ -503,8 +503,13 @@ func TestReadPaths(t *testing.T) {
 	}
 }
 
-// TestCloseDrains closes the server while reads are in flight: every
-// reply that starts must arrive whole before the connection closes.
+// TestCloseDrains closes the server while a reply is being written: the
+// reply that started must arrive whole, every other reply too, and the
+// connection must then end at a reply boundary. The close is made to land
+// mid-reply every run: replies of 1 MiB do not fit in a unix socket's
+// buffer, so once the client has read the first reply's header and stops
+// reading, the server is blocked inside that reply; the client reads on
+// only after Close has stopped the connection.
 func TestCloseDrains(t *testing.T) {
 	img := rawImage(t, 32<<20)
 	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
@@ -516,28 +521,52 @@ func TestCloseDrains(t *testing.T) {
 		b = request{typ: CmdRead, flags: CmdFlagDF, cookie: uint64(i), offset: uint64(i) << 20, length: 1 << 20}.append(b, false)
 	}
 	rc.write(b)
-	go srv.Close()
+	closed := make(chan error, 1)
 	got := 0
+	seen := map[uint64]bool{}
 	for {
 		var hb [structuredReplyLen]byte
 		n, err := io.ReadFull(rc.r, hb[:])
 		// Unread requests make the close a reset rather than an EOF.
-		if n == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+		if n == 0 && got > 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
 			break
 		}
 		if err != nil {
-			t.Fatalf("after %d replies: partial header: %v", got, err)
+			t.Fatalf("after %d replies: partial or missing header: %v", got, err)
 		}
 		h, err := decodeReplyHeader(hb[:])
 		if err != nil {
 			t.Fatal(err)
 		}
+		if h.cookie >= 32 || seen[h.cookie] {
+			t.Fatalf("reply %d: cookie %d (seen before: %v)", got, h.cookie, seen[h.cookie])
+		}
+		seen[h.cookie] = true
+		if got == 0 {
+			// The server is inside this reply's payload: close now.
+			go func() { closed <- srv.Close() }()
+			deadline := time.Now().Add(10 * time.Second)
+			for !srv.isClosed() {
+				if time.Now().After(deadline) {
+					t.Fatal("Close did not begin within 10 s")
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}
 		if _, err := io.ReadFull(rc.r, make([]byte, h.length)); err != nil {
-			t.Fatalf("after %d replies: partial payload: %v", got, err)
+			t.Fatalf("after %d replies: partial payload of the reply to %d: %v", got, h.cookie, err)
 		}
 		got++
 	}
-	t.Logf("%d of 32 replies before the close", got)
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	case <-time.After(2 * drainTimeout):
+		t.Fatal("Close did not return after the drain")
+	}
+	t.Logf("%d of 32 replies, the first of them cut by the close, arrived whole", got)
 }
 
 // TestPanicDropsOneClient: a panic while serving one client (here an

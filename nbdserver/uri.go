@@ -22,6 +22,26 @@ type URI struct {
 	TLSCertificates  string // tls-certificates=DIR (libnbd's extension)
 }
 
+// uriSchemes are the schemes ParseURI accepts.
+var uriSchemes = []string{"nbd", "nbds", "nbd+unix", "nbds+unix"}
+
+// IsURI tells an NBD URI from an image path: s starts with one of the
+// schemes ParseURI accepts (compared as url.Parse does, ignoring case)
+// followed by "://". Every command taking IMAGE|NBD-URI decides with it,
+// so that "dir:/x://y" is a path everywhere and "nbd://host" a server.
+func IsURI(s string) bool {
+	scheme, rest, ok := strings.Cut(s, ":")
+	if !ok || !strings.HasPrefix(rest, "//") {
+		return false
+	}
+	for _, k := range uriSchemes {
+		if strings.EqualFold(scheme, k) {
+			return true
+		}
+	}
+	return false
+}
+
 // ErrBadURI wraps every URI parsing failure.
 var ErrBadURI = errors.New("nbd: bad NBD URI")
 

@@ -13,6 +13,7 @@ type CreateOptions struct {
 	ClusterBits   uint32 // 0: 16 (64 KiB)
 	BackingFile   string // name stored in the header, "" for none
 	BackingFormat string // "qcow2" or "raw" when BackingFile is set
+	ExtendedL2    bool   // extended L2 entries (32 subclusters a cluster; clusters of 16 KiB at least)
 }
 
 // Create writes a new, empty qcow2 v3 image at path (which must not
@@ -26,11 +27,18 @@ func Create(path string, o CreateOptions) error {
 	if cbits < minClusterBits || cbits > maxClusterBits {
 		return fmt.Errorf("qcow2: cluster size 2^%d out of range", cbits)
 	}
+	if o.ExtendedL2 && cbits < 14 {
+		return fmt.Errorf("qcow2: extended L2 entries need clusters of 16 KiB at least, not %d bytes", int64(1)<<cbits)
+	}
 	cs := int64(1) << cbits
 	size := (o.Size + 511) &^ 511
-	l2Cover := cs * (cs / 8)
+	l2Entry := int64(8)
+	if o.ExtendedL2 {
+		l2Entry = 16
+	}
+	l2Cover := cs * (cs / l2Entry)
 	l1Entries := (size + l2Cover - 1) / l2Cover
-	l1Clusters := max(1, (l1Entries*8+cs-1)/cs)
+	l1Clusters := (l1Entries*8 + cs - 1) / cs // none for an empty image, as qemu-img makes it
 	if l1Entries*8 > maxL1Bytes {
 		return fmt.Errorf("qcow2: virtual size %d too large for cluster size %d", size, cs)
 	}
@@ -47,9 +55,14 @@ func Create(path string, o CreateOptions) error {
 	be.PutUint32(h[20:], cbits)
 	be.PutUint64(h[24:], uint64(size))
 	be.PutUint32(h[36:], uint32(l1Entries))
-	be.PutUint64(h[40:], uint64(3*cs))
+	if l1Entries > 0 {
+		be.PutUint64(h[40:], uint64(3*cs))
+	}
 	be.PutUint64(h[48:], uint64(cs))
 	be.PutUint32(h[56:], 1)
+	if o.ExtendedL2 {
+		be.PutUint64(h[72:], IncompatExtendedL2)
+	}
 	be.PutUint32(h[96:], 4) // 16-bit refcounts
 	be.PutUint32(h[100:], headerLen)
 	ext := headerLen

@@ -23,6 +23,8 @@ func TestCreate(t *testing.T) {
 		{"unaligned", CreateOptions{Size: 1000, ClusterBits: 9}},
 		{"backing", CreateOptions{Size: 3 << 20, BackingFile: "b.raw", BackingFormat: "raw"}},
 		{"big", CreateOptions{Size: 4 << 40, ClusterBits: 16}},
+		{"empty", CreateOptions{Size: 0}},
+		{"extended-l2", CreateOptions{Size: 100 << 20, ClusterBits: 15, ExtendedL2: true}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f := filepath.Join(d, c.name+".qcow2")
@@ -31,6 +33,9 @@ func TestCreate(t *testing.T) {
 			}
 			mustRun(t, d, "qemu-img", "check", f)
 			out, _ := exec.Command("qemu-img", "info", f).CombinedOutput()
+			if c.o.ExtendedL2 != strings.Contains(string(out), "extended l2: true") {
+				t.Errorf("extended L2 %v, qemu-img info:\n%s", c.o.ExtendedL2, out)
+			}
 			if c.o.BackingFile != "" && !strings.Contains(string(out), "backing file: b.raw") {
 				t.Errorf("qemu-img info:\n%s", out)
 			}

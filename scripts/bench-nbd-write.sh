@@ -8,8 +8,9 @@
 #      allocation), then again (overwrites of allocated clusters);
 #      each job ends with a flush (end_fsync);
 #   2. sequential 1 MiB writes: nbdcopy --flush of a 1 GiB random raw file
-#      into the export (1 connection: qemu-nbd does not offer multi-conn
-#      on writable exports), then the same with 4 connections to nbdgw;
+#      into the export, with 1 connection, then with 4 to each server
+#      (qemu-nbd -e 16 offers multi-conn on writable exports too: nbdinfo
+#      shows can_multi_conn: true; the script checks it for both);
 #   3. read-back cost of no sendfile on writable exports: nbdcopy of the
 #      written image to null through nbdgw --writable vs read-only (and
 #      qemu-nbd -r for scale).
@@ -26,7 +27,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-for tool in qemu-img qemu-io qemu-nbd nbdcopy fio python3; do
+for tool in qemu-img qemu-io qemu-nbd nbdcopy nbdinfo fio python3; do
 	command -v $tool >/dev/null || { echo "bench-nbd-write: $tool not installed (fio: apt-get install fio)" >&2; exit 1; }
 done
 fio --enghelp 2>/dev/null | grep -qw nbd || { echo "bench-nbd-write: fio lacks the nbd engine" >&2; exit 1; }
@@ -90,10 +91,14 @@ qnbd "$qimg"; q=$(secs nbdcopy --flush --connections=1 --request-size=1048576 "$
 echo "1 connection:  nbdgw ${g}s  qemu-nbd ${q}s  ratio qemu-nbd/nbdgw $(ratio "$q" "$g")x  ($(awk -v t="$g" 'BEGIN{printf "%.0f", 1024/t}') vs $(awk -v t="$q" 'BEGIN{printf "%.0f", 1024/t}') MiB/s)"
 same "$gimg"; same "$qimg"; echo "qemu-img compare: both equal the source"
 check "$gimg"; check "$qimg"; echo "qemu-img check: both clean"
-fresh "$gimg"
-gnbd "$gimg"; g4=$(secs nbdcopy --flush --connections=4 --request-size=1048576 "$src" "$(uri "$work/g.sock")"); stop
-echo "4 connections: nbdgw ${g4}s (vs its 1 connection: $(ratio "$g" "$g4")x; vs qemu-nbd's 1: $(ratio "$q" "$g4")x)"
-same "$gimg"; check "$gimg"; echo "qemu-img compare + check: ok"
+# multiconn URI: fail unless the server offers multi-conn (else nbdcopy
+# would quietly fall back to 1 connection and the comparison would lie).
+multiconn() { nbdinfo "$1" | grep -q 'can_multi_conn: true' || { echo "bench-nbd-write: $1 offers no multi-conn" >&2; exit 1; }; }
+fresh "$gimg"; fresh "$qimg"
+gnbd "$gimg"; multiconn "$(uri "$work/g.sock")"; g4=$(secs nbdcopy --flush --connections=4 --request-size=1048576 "$src" "$(uri "$work/g.sock")"); stop
+qnbd "$qimg"; multiconn "$(uri "$work/q.sock")"; q4=$(secs nbdcopy --flush --connections=4 --request-size=1048576 "$src" "$(uri "$work/q.sock")"); stop
+echo "4 connections: nbdgw ${g4}s  qemu-nbd ${q4}s  ratio qemu-nbd/nbdgw $(ratio "$q4" "$g4")x  (nbdgw vs its 1 connection: $(ratio "$g" "$g4")x; qemu-nbd vs its 1: $(ratio "$q" "$q4")x)"
+same "$gimg"; same "$qimg"; check "$gimg"; check "$qimg"; echo "qemu-img compare + check: both ok"
 
 echo "== 3: reading back through nbdgw, writable (no sendfile) vs read-only (sendfile), best of 3"
 best() { local b=; for _ in 1 2 3; do local t=$(secs "$@"); b=$(awk -v t="$t" -v b="${b:-}" 'BEGIN{print (b=="" || t<b) ? t : b}'); done; echo "$b"; }

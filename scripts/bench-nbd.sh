@@ -96,7 +96,9 @@ done
 
 for ni in nbdinfo "$lnb/nbdinfo"; do
 	echo "== 2: $("$ni" --version | head -1) --map of a 1 TiB sparse qcow2, 16384 scattered 64 KiB writes (best of 3)"
-	cmp <("$ni" --map "$(uri "$work/gs.sock")") <("$ni" --map "$(uri "$work/qs.sock")") && echo "maps identical"
+	# A timing of a wrong answer means nothing: differing maps fail the run.
+	cmp <("$ni" --map "$(uri "$work/gs.sock")") <("$ni" --map "$(uri "$work/qs.sock")") || { echo "bench-nbd: $ni --map of nbdgw differs from qemu-nbd's" >&2; exit 1; }
+	echo "maps identical"
 	g=$(best 3 "$ni" --map "$(uri "$work/gs.sock")")
 	q=$(best 3 "$ni" --map "$(uri "$work/qs.sock")")
 	line="nbdgw ${g}s  qemu-nbd-10 ${q}s  ratio qemu-nbd-10/nbdgw: $(ratio "$q" "$g")x"
@@ -113,8 +115,10 @@ c4=$(best 3 nbdcopy --connections=4 "$(uri "$work/g.sock")" null:)
 echo "1 conn ${c1}s  4 conns ${c4}s  speedup: $(ratio "$c1" "$c4")x"
 
 echo "== 4: the same 1 TiB map by nbdgw's client and by qemu-img map 10 over NBD, against nbdgw and qemu-nbd 10 (best of 3)"
-cmp <("$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/gs.sock")") && echo "maps identical"
-cmp <("$work/nbdgw" map --output=json "$(uri "$work/gs.sock")") <(qemu-img map --output=json "$(uri "$work/gs.sock")") && echo "nbdgw map --output=json = qemu-img map --output=json over NBD"
+cmp <("$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")") <(nbdinfo --map "$(uri "$work/gs.sock")") || { echo "bench-nbd: nbdgw map differs from nbdinfo --map" >&2; exit 1; }
+echo "maps identical"
+cmp <("$work/nbdgw" map --output=json "$(uri "$work/gs.sock")") <(qemu-img map --output=json "$(uri "$work/gs.sock")") || { echo "bench-nbd: nbdgw map --output=json differs from qemu-img map over NBD" >&2; exit 1; }
+echo "nbdgw map --output=json = qemu-img map --output=json over NBD"
 eg=$(best 3 "$work/nbdgw" map --context base:allocation "$(uri "$work/gs.sock")")
 eq=$(best 3 "$work/nbdgw" map --context base:allocation "$(uri "$work/qs.sock")")
 ig=$(best 3 qemu-img map --output=json "$(uri "$work/gs.sock")")

@@ -7,8 +7,11 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-go build -o "$work/nbdgw" "$top/cmd/nbdgw"
+# The binary stays in the checkout (./nbdgw, ignored by git) for what
+# comes next; the example images go with the temporary directory.
+(cd "$top" && go build -buildvcs=true -o "$top/nbdgw" ./cmd/nbdgw)
 cd "$work"
+ln -s "$top/nbdgw" nbdgw
 
 qemu-img create -q base.raw $((4 * 64 * 1024))
 qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2
@@ -24,3 +27,5 @@ step ./nbdgw map --context base:allocation top.qcow2
 echo
 echo "# qemu:joint-allocation of the overlay alone (seed 000 expects 3 / 4 / 7 / 3):"
 step ./nbdgw map --no-backing --context qemu:joint-allocation top.qcow2
+echo
+echo "# nbdgw is built at $top/nbdgw ($("$top/nbdgw" --version)); nbdgw help lists the commands."

@@ -8,23 +8,13 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"text/tabwriter"
 
 	"github.com/nbdgw/nbdgw/kernel"
+	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
-
-// isNBDURI tells an NBD URI from an image path.
-func isNBDURI(s string) bool {
-	for _, p := range []string{"nbd://", "nbds://", "nbd+unix://", "nbds+unix://"} {
-		if strings.HasPrefix(s, p) {
-			return true
-		}
-	}
-	return false
-}
 
 func cmdAttach(args []string) (err error) {
 	var (
@@ -63,7 +53,7 @@ func cmdAttach(args []string) (err error) {
 	// final flush short.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if isNBDURI(target) {
+	if nbdserver.IsURI(target) {
 		cfg.URI, cfg.Name = target, target
 	} else {
 		// Without --writable no file of the chain is opened for writing.

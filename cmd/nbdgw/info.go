@@ -30,7 +30,7 @@ func cmdInfo(args []string) error {
 	}
 	target := pos[0]
 	var ci qcow2.ChainInfo
-	if isNBDURI(target) {
+	if nbdserver.IsURI(target) {
 		if f := imgFlags; f.forceShare || f.confine.set || f.noBacking || (f.format != "" && f.format != qcow2.FormatRaw) {
 			return usagef("%s: an NBD export is read as raw; -f qcow2, -U, --confine and --no-backing apply to image files", target)
 		}

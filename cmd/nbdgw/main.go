@@ -34,6 +34,8 @@ var commands = map[string]command{
 		"attach to the kernel's nbd driver as /dev/nbdN, until SIGINT/SIGTERM or nbdgw detach", cmdAttach},
 	"detach": {"detach /dev/nbdN", "disconnect an nbd device", cmdDetach},
 	"list":   {"list", "list connected nbd devices", cmdList},
+	"backup": {"backup [options] SOURCE OUT.qcow2",
+		"copy an NBD export or image into a new qcow2: in full, one layer (--layer), or a bitmap's dirty ranges (--bitmap)", cmdBackup},
 	"serve": {"serve [options] IMAGE",
 		"serve the image over NBD (TCP, unix socket, TLS) until SIGINT/SIGTERM", cmdServe},
 }

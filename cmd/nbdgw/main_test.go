@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"flag"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -84,6 +85,7 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"info"}, 2, "missing IMAGE"},
 		{[]string{"info", "a", "b"}, 2, `unexpected argument "b" after IMAGE`},
 		{[]string{"map", "--output=xml", "x"}, 2, "--output=xml: want json or human"},
+		{[]string{"map", "--totals", "x"}, 2, "--totals needs --context"},
 		{[]string{"mount", "x"}, 2, "missing MOUNTPOINT"},
 		{[]string{"serve", "--socket", "/tmp/s", "--listen", "127.0.0.1:1", "x"}, 2, "--socket excludes --listen"},
 		{[]string{"serve", "-k", "/tmp/s", "-p", "1", "x"}, 2, "--socket excludes"},
@@ -103,6 +105,40 @@ func TestExitCodes(t *testing.T) {
 			strings.Count(errOut, "\n") != 1 {
 			t.Errorf("nbdgw %s: exit %d, stdout %q, stderr %q; want exit %d and one line with %q",
 				strings.Join(tc.args, " "), code, out, errOut, tc.code, tc.want)
+		}
+	}
+}
+
+// TestManPages: man/*.1 are what the flag definitions generate.
+func TestManPages(t *testing.T) {
+	dir := filepath.Join("..", "..", "man")
+	for _, name := range append([]string{""}, commandNames()...) {
+		file := "nbdgw.1"
+		if name != "" {
+			file = "nbdgw-" + name + ".1"
+		}
+		var b bytes.Buffer
+		writeManPage(&b, name)
+		path := filepath.Join(dir, file)
+		if os.Getenv("NBDGW_UPDATE_MAN") != "" {
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		got, err := os.ReadFile(path)
+		if err != nil || !bytes.Equal(got, b.Bytes()) {
+			t.Errorf("%s is not what the flag definitions generate (%v): run NBDGW_UPDATE_MAN=1 go test ./cmd/nbdgw", path, err)
+		}
+		if name != "" {
+			for _, e := range commandFlags(name) {
+				if !bytes.Contains(got, []byte(roff(e.names))) {
+					t.Errorf("%s lacks %s", path, e.names)
+				}
+			}
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 	"github.com/nbdgw/nbdgw/qemumap"
 )
@@ -15,6 +16,7 @@ func cmdMap(args []string) error {
 	fs := newFlags("map")
 	output := fs.String("output", "human", "`FORMAT`: json or human")
 	context := fs.String("context", "", "print the metadata context `NAME` (base:allocation, qemu:allocation-depth, qemu:joint-allocation, qemu:dirty-bitmap:BITMAP) in nbdinfo --map form")
+	totals := fs.Bool("totals", false, "with --context: print the bytes of each type, as nbdinfo --map --totals")
 	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -26,13 +28,20 @@ func cmdMap(args []string) error {
 	if *output != "json" && *output != "human" {
 		return usagef("--output=%s: want json or human", *output)
 	}
+	if *totals && *context == "" {
+		return usagef("--totals needs --context")
+	}
+	format := metactx.Format{JSON: *output == "json", Totals: *totals}
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer w.Flush()
-	if isURI(pos[0]) {
+	if nbdserver.IsURI(pos[0]) {
 		if imgFlags.noBacking {
 			return usagef("--no-backing applies to image files, not NBD URIs")
 		}
-		return mapURI(w, pos[0], *context, *output)
+		if err := mapURI(w, pos[0], *context, format); err != nil {
+			return err
+		}
+		return w.Flush()
 	}
 	img, err := qcow2.Open(pos[0], imgFlags.options())
 	if err != nil {
@@ -43,7 +52,8 @@ func cmdMap(args []string) error {
 		if !metactx.Offered(img, *context) {
 			return fmt.Errorf("%w %q (offered: %s)", metactx.ErrUnknownContext, *context, quotedNames(metactx.Names(img)))
 		}
-		if err := metactx.WriteMap(w, img, *context, *output == "json"); err != nil {
+		m := metactx.NewMap(*context, format, img.Size(), metactx.ImageSource(img, *context))
+		if _, err := m.WriteTo(w); err != nil {
 			return err
 		}
 		return w.Flush()
@@ -53,8 +63,6 @@ func cmdMap(args []string) error {
 	}
 	return w.Flush()
 }
-
-func isURI(s string) bool { return strings.Contains(s, "://") }
 
 // quotedNames lists context names for a message, each quoted: bitmap
 // names come from the image.

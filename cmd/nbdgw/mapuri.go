@@ -12,10 +12,10 @@ import (
 )
 
 // mapURI prints the map of the NBD server at uri: with a context, what
-// nbdinfo --map=CONTEXT prints (text, or JSON with output "json");
+// nbdinfo --map=CONTEXT prints in form f;
 // without one, what qemu-img map prints for the URI (QEMU's NBD client,
 // 7.2 as 10.0, asks base:allocation only).
-func mapURI(w io.Writer, uri, ctxName, output string) error {
+func mapURI(w io.Writer, uri, ctxName string, f metactx.Format) error {
 	ctx := context.Background()
 	name := ctxName
 	if name == "" {
@@ -35,65 +35,18 @@ func mapURI(w io.Writer, uri, ctxName, output string) error {
 		if err != nil {
 			return err
 		}
-		return qemuMap(ctx, w, c, qemuFilename(u), output == "json")
+		return qemuMap(ctx, w, c, qemuFilename(u), f.JSON)
 	}
-	return contextMap(ctx, w, c, ctxName, output == "json")
+	return contextMap(ctx, w, c, ctxName, f)
 }
 
-// contextMap prints nbdinfo's --map lines, coalescing adjacent extents of
-// equal flags as nbdinfo does.
-func contextMap(ctx context.Context, w io.Writer, c *nbdserver.Client, name string, asJSON bool) error {
-	var buf []byte
-	first := true
-	emit := func(off, n int64, flags uint32) error {
-		if asJSON {
-			if !first {
-				buf = append(buf, metactx.JSONSep...)
-			}
-			buf = metactx.AppendJSON(buf, name, off, n, flags)
-		} else {
-			buf = metactx.AppendText(buf, name, off, n, flags)
-		}
-		first = false
-		if len(buf) < 64<<10 {
-			return nil
-		}
-		_, err := w.Write(buf)
-		buf = buf[:0]
-		return err
+// contextMap prints what nbdinfo --map=NAME prints for the server c is
+// connected to, through the one writer of nbdinfo maps, metactx.Map.
+func contextMap(ctx context.Context, w io.Writer, c *nbdserver.Client, name string, f metactx.Format) error {
+	src := func(off int64, fn func(off, length int64, flags uint32) error) error {
+		return c.BlockStatus(ctx, name, off, c.Size()-off, fn)
 	}
-	if asJSON {
-		buf = append(buf, metactx.JSONOpen...)
-	}
-	var cur struct {
-		off, n int64
-		flags  uint32
-	}
-	err := c.BlockStatus(ctx, name, 0, c.Size(), func(off, n int64, flags uint32) error {
-		if cur.n > 0 && cur.flags == flags && cur.off+cur.n == off {
-			cur.n += n
-			return nil
-		}
-		if cur.n > 0 {
-			if err := emit(cur.off, cur.n, cur.flags); err != nil {
-				return err
-			}
-		}
-		cur.off, cur.n, cur.flags = off, n, flags
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	if cur.n > 0 {
-		if err := emit(cur.off, cur.n, cur.flags); err != nil {
-			return err
-		}
-	}
-	if asJSON {
-		buf = append(buf, metactx.JSONClose...)
-	}
-	_, err = w.Write(buf)
+	_, err := metactx.NewMap(name, f, c.Size(), src).WriteTo(w)
 	return err
 }
 

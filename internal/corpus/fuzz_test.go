@@ -77,14 +77,22 @@ func FuzzMetadata(f *testing.F) {
 		if err := os.WriteFile(im.path, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		if err := exercise(im.path, qcow2.Options{Format: "qcow2", NoBacking: true}); err != nil {
-			var fe *qcow2.FormatError
-			var pe *os.PathError
-			if !errors.As(err, &fe) && !errors.As(err, &pe) && !errors.Is(err, qcow2.ErrNoBitmap) {
-				t.Logf("error without a FormatError: %v", err)
-			}
+		if err := exercise(im.path, qcow2.Options{Format: "qcow2", NoBacking: true}); err != nil && !wrapsSentinel(err) {
+			t.Errorf("error wraps none of the engine's sentinels (nor an OS error): %v", err)
 		}
 	})
+}
+
+// wrapsSentinel reports whether err can be classified as the engine
+// promises: it wraps one of qcow2's sentinel errors, or an OS error.
+func wrapsSentinel(err error) bool {
+	for _, s := range []error{qcow2.ErrNotQcow2, qcow2.ErrUnsupported, qcow2.ErrCorrupt, qcow2.ErrBackingChain, qcow2.ErrNoBitmap, qcow2.ErrFailed} {
+		if errors.Is(err, s) {
+			return true
+		}
+	}
+	var pe *os.PathError
+	return errors.As(err, &pe)
 }
 
 // target is the file offset of word index of structure r, if the image
