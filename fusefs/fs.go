@@ -270,7 +270,11 @@ func (r *rootNode) OnAdd(ctx context.Context) {
 	top := newDiskNode(t, img, 0, img.Size())
 	top.writable = w
 	add(root, "disk", top, syscall.S_IFREG)
-	add(root, "info.json", &bytesNode{data: img.InfoJSON(), tree: t}, syscall.S_IFREG)
+	if info, err := img.InfoJSON(); err != nil {
+		t.logf("info.json: %v", err)
+	} else {
+		add(root, "info.json", &bytesNode{data: info, tree: t}, syscall.S_IFREG)
+	}
 	t.addMaps(ctx, dir(root, "maps"), img, add)
 
 	layers := dir(root, "layers")

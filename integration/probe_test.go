@@ -68,14 +68,27 @@ func probeQemuInfo(t *testing.T, args ...string) map[string]any {
 }
 
 // probeNbdgwInfo is nbdgw info --output=json, decoded.
-func probeNbdgwInfo(t *testing.T, bin string, args ...string) qcow2.ChainInfo {
+func probeNbdgwInfo(t *testing.T, bin string, args ...string) probeInfo {
 	t.Helper()
-	var ci qcow2.ChainInfo
+	var ci probeInfo
 	out := runOutput(t, bin, append([]string{"info", "--output=json"}, args...)...)
 	if err := json.Unmarshal(out, &ci); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	return ci
+}
+
+// probeInfo is what the probe tests read of nbdgw info --output=json
+// (qemu-img info's keys).
+type probeInfo struct {
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+	Nbdgw       struct {
+		DataFileOpened string `json:"data-file-opened"`
+		Layers         []struct {
+			Filename string `json:"filename"`
+		} `json:"layers"`
+	} `json:"nbdgw"`
 }
 
 // probeSums hashes every regular file under dir.
@@ -228,7 +241,7 @@ func TestProbeFormats(t *testing.T) {
 			}
 			switch want {
 			case "raw", "qcow2":
-				if got := probeNbdgwInfo(t, bin, p).Layers[0].Format; got != want {
+				if got := probeNbdgwInfo(t, bin, p).Format; got != want {
 					t.Errorf("nbdgw probes %s, qemu-img %s", got, want)
 				}
 			default:
@@ -238,8 +251,8 @@ func TestProbeFormats(t *testing.T) {
 			// -f raw reads any of them as raw, as qemu-img -f raw.
 			ci := probeNbdgwInfo(t, bin, "-f", "raw", p)
 			q := probeQemuInfo(t, "-f", "raw", p)
-			if ci.Layers[0].Format != "raw" || float64(ci.VirtualSize) != q["virtual-size"].(float64) {
-				t.Errorf("-f raw: nbdgw %s %d bytes, qemu-img -f raw %v bytes", ci.Layers[0].Format, ci.VirtualSize, q["virtual-size"])
+			if ci.Format != "raw" || float64(ci.VirtualSize) != q["virtual-size"].(float64) {
+				t.Errorf("-f raw: nbdgw %s %d bytes, qemu-img -f raw %v bytes", ci.Format, ci.VirtualSize, q["virtual-size"])
 			}
 		})
 	}
@@ -255,7 +268,7 @@ func TestProbeFormats(t *testing.T) {
 		p := filepath.Join(dir, "a.qcow2")
 		probeRefused(t, bin, []string{p + ": image format vmdk is not supported (nbdgw reads qcow2 and raw)"}, "info", "-f", "vmdk", p)
 		probeRefused(t, bin, []string{`unknown image format "foo" (nbdgw reads qcow2 and raw)`}, "info", "--format", "foo", p)
-		if got := probeNbdgwInfo(t, bin, "-f", "raw", p).Layers[0].Format; got != "raw" {
+		if got := probeNbdgwInfo(t, bin, "-f", "raw", p).Format; got != "raw" {
 			t.Errorf("-f raw on a qcow2: %s", got)
 		}
 	})
@@ -294,9 +307,13 @@ func TestProbeBacking(t *testing.T) {
 			t.Errorf("%s: the -f raw hint is for the opened image only: %s", n, msg)
 		}
 	}
-	ci := probeNbdgwInfo(t, bin, p("probed-raw.qcow2"))
-	if len(ci.Layers) != 2 || ci.Layers[1].Format != backingFormat(p("probed-raw.qcow2")) {
-		t.Errorf("probed raw backing: %+v", ci.Layers)
+	var layers []probeInfo
+	out := runOutput(t, bin, "info", "--backing-chain", "--output=json", p("probed-raw.qcow2"))
+	if err := json.Unmarshal(out, &layers); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if len(layers) != 2 || layers[1].Format != backingFormat(p("probed-raw.qcow2")) {
+		t.Errorf("probed raw backing: %+v", layers)
 	}
 	probeSame(t, before, probeSums(t, dir))
 }
@@ -405,14 +422,14 @@ func TestConfine(t *testing.T) {
 	probeRefused(t, bin, []string{": image " + p("toplink.qcow2") + " resolves to " + filepath.Join(realOut, "base.qcow2"), outside}, "map", "--confine", p("toplink.qcow2"))
 	probeRefused(t, bin, []string{outside}, "serve", "--socket", filepath.Join(root, "s"), "--confine", p("up.qcow2"))
 	// Inside: accepted, and --confine=DIR widens it.
-	if ci := probeNbdgwInfo(t, bin, "--confine", p("abs.qcow2")); len(ci.Layers) != 2 {
-		t.Errorf("abs.qcow2 --confine: %d layers", len(ci.Layers))
+	if ci := probeNbdgwInfo(t, bin, "--confine", p("abs.qcow2")); len(ci.Nbdgw.Layers) != 2 {
+		t.Errorf("abs.qcow2 --confine: %d layers", len(ci.Nbdgw.Layers))
 	}
-	if ci := probeNbdgwInfo(t, bin, "--confine="+root, p("vialink.qcow2")); len(ci.Layers) != 2 {
-		t.Errorf("--confine=root vialink.qcow2: %d layers", len(ci.Layers))
+	if ci := probeNbdgwInfo(t, bin, "--confine="+root, p("vialink.qcow2")); len(ci.Nbdgw.Layers) != 2 {
+		t.Errorf("--confine=root vialink.qcow2: %d layers", len(ci.Nbdgw.Layers))
 	}
-	if ci := probeNbdgwInfo(t, bin, "--confine="+root, p("df.qcow2")); ci.Layers[0].DataFile != data {
-		t.Errorf("--confine=root df.qcow2: data file %q", ci.Layers[0].DataFile)
+	if ci := probeNbdgwInfo(t, bin, "--confine="+root, p("df.qcow2")); ci.Nbdgw.DataFileOpened != data {
+		t.Errorf("--confine=root df.qcow2: data file %q", ci.Nbdgw.DataFileOpened)
 	}
 	probeSame(t, before, probeSums(t, root))
 }
@@ -470,7 +487,7 @@ func TestQuotedNames(t *testing.T) {
 	}
 	out, errOut, code := probeRun(t, bin, "info", top)
 	clean("info", out+errOut)
-	for _, w := range []string{"backing file:  " + strconv.Quote(bname), "bitmap:        " + strconv.Quote(bm), "layer 2: " + strconv.Quote(filepath.Join(dir, bname))} {
+	for _, w := range []string{"backing file: " + strconv.Quote(bname), "name: " + strconv.Quote(bm)} {
 		if code != 0 || !strings.Contains(out, w) {
 			t.Errorf("info: exit %d, want %q in:\n%s", code, w, out)
 		}
@@ -505,9 +522,20 @@ func TestQuotedNames(t *testing.T) {
 	}
 	m.cmd.Process.Signal(unix.SIGINT)
 	m.wait(t)
-	// The backing file gone: the one-line error quotes its name.
+	out, errOut, code = probeRun(t, bin, "info", "--backing-chain", top)
+	clean("info --backing-chain", out+errOut)
+	if w := "image: " + strconv.Quote(filepath.Join(dir, bname)); code != 0 || !strings.Contains(out, w) {
+		t.Errorf("info --backing-chain: exit %d, want %q in:\n%s", code, w, out)
+	}
+	// The backing file gone: the warning, and --backing-chain's one-line
+	// error, quote its name.
 	os.Remove(filepath.Join(dir, bname))
-	msg := probeRefused(t, bin, []string{"opening backing file " + strconv.Quote(filepath.Join(dir, bname))}, "info", top)
+	out, errOut, code = probeRun(t, bin, "info", top)
+	clean("info, backing file gone", out+errOut)
+	if w := "backing file " + strconv.Quote(filepath.Join(dir, bname)) + " of " + top + " does not exist"; code != 0 || !strings.Contains(errOut, w) {
+		t.Errorf("info, backing file gone: exit %d, want %q in stderr %q", code, w, errOut)
+	}
+	msg := probeRefused(t, bin, []string{"opening backing file " + strconv.Quote(filepath.Join(dir, bname))}, "info", "--backing-chain", top)
 	clean("error", msg)
 }
 

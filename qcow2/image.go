@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -43,6 +42,12 @@ type Options struct {
 	// (default: the opened image's directory) and to be a regular file.
 	Confine    bool
 	ConfineDir string
+	// TolerateMissingBacking stops the chain at a backing file that does
+	// not exist instead of failing, and records it (ChainInfo's
+	// MissingBacking), as qemu-img info shows an image whose backing file
+	// is gone. Refused with Writable and Snapshot: reads of such an image
+	// would be wrong where the backing file should answer.
+	TolerateMissingBacking bool
 
 	// snapshotBase: the chain is opened under a snapshot overlay, so
 	// its top file is locked as a backing file (create.go).
@@ -58,6 +63,9 @@ type Image struct {
 	layers []layer
 	w      writer // nil unless opened writable
 	warn   func(string)
+	// missingBacking: the backing file of the last layer, which does not
+	// exist (Options.TolerateMissingBacking).
+	missingBacking string
 }
 
 // Extent is the engine's answer for one guest range. See the package
@@ -81,52 +89,6 @@ type Extent struct {
 	HasOffset  bool   // "offset" is printed
 	Offset     int64  // "offset": host offset of Start in File
 	File       string // the file Offset refers to
-}
-
-// LayerInfo describes one layer of the chain, for nbdgw info.
-type LayerInfo struct {
-	Depth         int          `json:"depth"` // 1 = the opened image
-	Filename      string       `json:"filename"`
-	Format        string       `json:"format"` // "qcow2" or "raw"
-	VirtualSize   int64        `json:"virtual-size"`
-	ActualSize    int64        `json:"actual-size"` // bytes allocated on the host (st_blocks * 512)
-	ClusterSize   int64        `json:"cluster-size,omitempty"`
-	Version       int          `json:"version,omitempty"` // qcow2 version
-	BackingFile   string       `json:"backing-filename,omitempty"`
-	BackingFormat string       `json:"backing-format,omitempty"`
-	DataFile      string       `json:"data-file,omitempty"` // resolved external data file
-	DataFileRaw   bool         `json:"data-file-raw,omitempty"`
-	Compression   string       `json:"compression-type,omitempty"`
-	ExtendedL2    bool         `json:"extended-l2,omitempty"`
-	RefcountBits  int          `json:"refcount-bits,omitempty"`
-	Snapshots     int          `json:"snapshots,omitempty"`
-	Features      []string     `json:"features,omitempty"`
-	Dirty         bool         `json:"dirty,omitempty"`
-	Corrupt       bool         `json:"corrupt,omitempty"`
-	Bitmaps       []BitmapInfo `json:"bitmaps,omitempty"`
-}
-
-// ChainInfo is what nbdgw info prints: the chain, top layer first.
-type ChainInfo struct {
-	Filename    string      `json:"filename"`
-	VirtualSize int64       `json:"virtual-size"`
-	Layers      []LayerInfo `json:"layers"`
-}
-
-// Info describes the chain.
-func (img *Image) Info() ChainInfo {
-	l := img.Layers()
-	return ChainInfo{Filename: l[0].Filename, VirtualSize: img.Size(), Layers: l}
-}
-
-// InfoJSON is Info as indented JSON with a final newline: what
-// nbdgw info --output=json prints and the FUSE tree's info.json holds.
-func (img *Image) InfoJSON() []byte {
-	b, err := json.MarshalIndent(img.Info(), "", "  ")
-	if err != nil {
-		panic(err) // plain structs of strings and numbers always marshal
-	}
-	return append(b, '\n')
 }
 
 // layer is one file of the chain: a qcow2 image or a raw file.
@@ -185,6 +147,9 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, err
 		}
 	}
+	if opts.TolerateMissingBacking && (opts.Writable || opts.Snapshot) {
+		return nil, fmt.Errorf("qcow2: internal error: TolerateMissingBacking with a writable or snapshot open of %s", SafeName(path))
+	}
 	if opts.Snapshot {
 		return openSnapshot(path, opts)
 	}
@@ -208,6 +173,12 @@ func Open(path string, opts Options) (*Image, error) {
 			return nil, &FormatError{File: name, Offset: -1, Index: -1, Msg: "backing chain loops back to this file", Err: ErrBackingChain}
 		}
 		seen[key] = true
+		if depth > 1 && opts.TolerateMissingBacking {
+			if _, err := os.Lstat(name); errors.Is(err, os.ErrNotExist) {
+				img.missingBacking = name
+				break
+			}
+		}
 		l, backing, backingFmt, err := openChainFile(o, name, what, format, depth, opts.Writable && depth == 1, chainRole(opts, depth))
 		if err != nil {
 			if depth > 1 && !errors.Is(err, ErrConfined) {

@@ -748,26 +748,3 @@ func refcountAt(b []byte, i int64, order uint32) uint64 {
 	}
 	return binary.BigEndian.Uint64(b[i*8:])
 }
-
-func (q *qcow2Layer) info() LayerInfo {
-	li := LayerInfo{
-		Depth: q.depth, Filename: q.h.name, Format: "qcow2",
-		VirtualSize: q.size_, ActualSize: q.h.allocated(), ClusterSize: q.csize,
-		Version: int(q.hdr.Version), BackingFile: q.hdr.BackingFile, BackingFormat: q.hdr.BackingFormat,
-		DataFileRaw:  q.hdr.AutoclearFeatures&AutoclearDataFileRaw != 0,
-		Compression:  q.hdr.Compression.String(),
-		ExtendedL2:   q.extL2,
-		RefcountBits: 1 << q.hdr.RefcountOrder,
-		Snapshots:    int(q.hdr.NbSnapshots),
-		Features:     q.hdr.Features(),
-		Dirty:        q.hdr.IncompatibleFeatures&IncompatDirty != 0,
-		Corrupt:      q.hdr.IncompatibleFeatures&IncompatCorrupt != 0,
-	}
-	if q.hasDataFile {
-		li.DataFile = q.data.name
-	}
-	for _, b := range q.bms {
-		li.Bitmaps = append(li.Bitmaps, b.info)
-	}
-	return li
-}

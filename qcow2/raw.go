@@ -45,10 +45,6 @@ func (r *rawLayer) read(p []byte, off int64) (int, bool, error) {
 	return len(p), false, nil
 }
 
-func (r *rawLayer) info() LayerInfo {
-	return LayerInfo{Depth: r.depth, Filename: r.h.name, Format: "raw", VirtualSize: r.len, ActualSize: r.h.allocated()}
-}
-
 func (r *rawLayer) bitmaps() []BitmapInfo { return nil }
 
 func (r *rawLayer) bitmapStatus(name string, off, length int64, fn func(int64, int64, bool) error) error {

@@ -1,87 +1,78 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
-	"strings"
 
+	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
+// cmdInfo is qemu-img info: the top layer (or with --backing-chain every
+// layer) in qemu-img's human or JSON form. Like qemu-img info, it shows
+// an image whose backing file is missing; it also warns.
 func cmdInfo(args []string) error {
 	fs := newFlags("info")
-	output := fs.String("output", "human", "`FORMAT`: json or human")
+	output := fs.String("output", "human", "output `FORMAT`: human (qemu-img info's) or json (qemu-img info --output=json's, with an \"nbdgw\" key per image file)")
+	chain := fs.Bool("backing-chain", false, "describe every layer of the backing chain, top first (JSON: a list), as qemu-img info --backing-chain")
 	imgFlags := addImageFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
-	if err := wantArgs(pos, "IMAGE"); err != nil {
+	if err := wantArgs(pos, "IMAGE|NBD-URI"); err != nil {
 		return err
 	}
 	if *output != "json" && *output != "human" {
 		return usagef("--output=%s: want json or human", *output)
 	}
-	img, err := qcow2.Open(pos[0], imgFlags.options())
-	if err != nil {
-		return err
+	target := pos[0]
+	var ci qcow2.ChainInfo
+	if nbdserver.IsURI(target) {
+		if f := imgFlags; f.forceShare || f.confine.set || f.noBacking || (f.format != "" && f.format != qcow2.FormatRaw) {
+			return usagef("%s: an NBD export is read as raw; -f qcow2, -U, --confine and --no-backing apply to image files", target)
+		}
+		if ci, err = nbdInfo(target); err != nil {
+			return err
+		}
+	} else {
+		opts := imgFlags.options()
+		// qemu-img info opens the image without its backing file; only
+		// --backing-chain needs every layer.
+		opts.TolerateMissingBacking = !*chain
+		img, err := qcow2.Open(target, opts)
+		if err != nil {
+			return err
+		}
+		defer img.Close()
+		if ci, err = img.Info(); err != nil {
+			return err
+		}
+		if ci.MissingBacking != "" {
+			owner := ci.Layers[len(ci.Layers)-1].Filename
+			fmt.Fprintf(os.Stderr, "nbdgw: warning: backing file %s of %s does not exist\n", qcow2.SafeName(ci.MissingBacking), qcow2.SafeName(owner))
+		}
 	}
-	defer img.Close()
 	if *output == "json" {
-		_, err = os.Stdout.Write(img.InfoJSON())
+		_, err = os.Stdout.Write(ci.JSON(*chain))
 		return err
 	}
-	return writeInfoHuman(os.Stdout, img.Info())
-}
-
-func writeInfoHuman(w io.Writer, ci qcow2.ChainInfo) error {
-	var b strings.Builder
-	for i, l := range ci.Layers {
-		if i > 0 {
-			b.WriteString("\n")
-		}
-		fmt.Fprintf(&b, "layer %d: %s\n", l.Depth, qcow2.SafeName(l.Filename))
-		fmt.Fprintf(&b, "  format:        %s\n", l.Format)
-		fmt.Fprintf(&b, "  virtual size:  %d bytes\n", l.VirtualSize)
-		fmt.Fprintf(&b, "  actual size:   %d bytes\n", l.ActualSize)
-		if l.Format != "qcow2" {
-			continue
-		}
-		fmt.Fprintf(&b, "  version:       %d\n", l.Version)
-		fmt.Fprintf(&b, "  cluster size:  %d\n", l.ClusterSize)
-		fmt.Fprintf(&b, "  refcount bits: %d\n", l.RefcountBits)
-		fmt.Fprintf(&b, "  compression:   %s\n", l.Compression)
-		if l.BackingFile != "" {
-			fmt.Fprintf(&b, "  backing file:  %q", l.BackingFile)
-			if l.BackingFormat != "" {
-				fmt.Fprintf(&b, " (format %q)", l.BackingFormat)
-			}
-			b.WriteString("\n")
-		}
-		if l.DataFile != "" {
-			fmt.Fprintf(&b, "  data file:     %s (raw: %t)\n", qcow2.SafeName(l.DataFile), l.DataFileRaw)
-		}
-		if len(l.Features) > 0 {
-			fmt.Fprintf(&b, "  features:      %s\n", quoteAll(l.Features))
-		}
-		if l.Snapshots > 0 {
-			fmt.Fprintf(&b, "  snapshots:     %d\n", l.Snapshots)
-		}
-		for _, bm := range l.Bitmaps {
-			fmt.Fprintf(&b, "  bitmap:        %q (granularity %d, auto %t, in use %t)\n", bm.Name, bm.Granularity, bm.Auto, bm.InUse)
-		}
-	}
-	_, err := io.WriteString(w, b.String())
+	_, err = io.WriteString(os.Stdout, ci.Human(*chain))
 	return err
 }
 
-// quoteAll joins feature names, quoting any that the image's feature name
-// table made unprintable.
-func quoteAll(names []string) string {
-	out := make([]string, len(names))
-	for i, n := range names {
-		out[i] = qcow2.SafeName(n)
+// nbdInfo asks the NBD server at uri for its export's size.
+func nbdInfo(uri string) (qcow2.ChainInfo, error) {
+	u, err := nbdserver.ParseURI(uri)
+	if err != nil {
+		return qcow2.ChainInfo{}, err
 	}
-	return strings.Join(out, ", ")
+	c, err := nbdserver.Dial(context.Background(), uri, nbdserver.ClientOptions{StructuredReplies: true})
+	if err != nil {
+		return qcow2.ChainInfo{}, err
+	}
+	defer c.Close()
+	return qcow2.NBDExportInfo(qemuFilename(u), c.Size()), nil
 }

@@ -26,8 +26,8 @@ type command struct {
 var commands = map[string]command{
 	"map": {"map [options] IMAGE|NBD-URI",
 		"print the allocation map: qemu-img map's, or one metadata context as nbdinfo --map", cmdMap},
-	"info": {"info [options] IMAGE",
-		"describe the image and its backing chain", cmdInfo},
+	"info": {"info [options] IMAGE|NBD-URI",
+		"describe the image as qemu-img info does (--backing-chain: every layer)", cmdInfo},
 	"mount": {"mount [options] IMAGE MOUNTPOINT",
 		"mount the disk, its maps and layers with FUSE, until SIGINT/SIGTERM or fusermount3 -u", cmdMount},
 	"attach": {"attach [options] IMAGE|NBD-URI",
