@@ -103,7 +103,7 @@ func TestStreamedReadError(t *testing.T) {
 		switch {
 		case err == nil:
 			t.Errorf("%s: a read over garbled compressed clusters succeeded", m.name)
-		case m.want == modeSimple:
+		case m.want == ModeSimple:
 			if errors.As(err, &se) {
 				t.Errorf("%s: got an error reply %v; a simple reply cannot carry a late error", m.name, err)
 			}

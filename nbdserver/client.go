@@ -60,7 +60,7 @@ type Client struct {
 
 	size     int64
 	flags    uint16
-	mode     replyMode
+	mode     ReplyMode
 	contexts map[string]uint32 // negotiated meta contexts by name
 	maxBlock uint32
 }
@@ -113,17 +113,17 @@ func (c *Client) handshake(opts ClientOptions) error {
 	if _, err := io.ReadFull(c.r, hello[:]); err != nil {
 		return fmt.Errorf("nbd: reading server greeting: %w", err)
 	}
-	if be.Uint64(hello[:]) != nbdMagic || be.Uint64(hello[8:]) != optsMagic {
-		return fmt.Errorf("%w: not a newstyle NBD server", errBadMagic)
+	if be.Uint64(hello[:]) != NBDMagic || be.Uint64(hello[8:]) != OptsMagic {
+		return fmt.Errorf("%w: not a newstyle NBD server", ErrBadMagic)
 	}
 	sflags := be.Uint16(hello[16:])
-	if sflags&flagFixedNewstyle == 0 {
+	if sflags&HandshakeFixedNewstyle == 0 {
 		return errors.New("nbd: server does not support fixed newstyle negotiation")
 	}
-	cflags := uint32(clientFlagFixedNewstyle)
-	noZeroes := sflags&flagNoZeroes != 0
+	cflags := uint32(ClientFixedNewstyle)
+	noZeroes := sflags&HandshakeNoZeroes != 0
 	if noZeroes {
-		cflags |= clientFlagNoZeroes
+		cflags |= ClientNoZeroes
 	}
 	if _, err := c.conn.Write(be.AppendUint32(nil, cflags)); err != nil {
 		return err
@@ -137,7 +137,7 @@ func (c *Client) handshake(opts ClientOptions) error {
 		return err
 	}
 	if len(opts.MetaContexts) > 0 {
-		if c.mode == modeSimple {
+		if c.mode == ModeSimple {
 			return errors.New("nbd: meta contexts need structured replies")
 		}
 		if err := c.setMetaContexts(opts.ExportName, opts.MetaContexts); err != nil {
@@ -149,33 +149,33 @@ func (c *Client) handshake(opts ClientOptions) error {
 
 // sendOption sends one option with data.
 func (c *Client) sendOption(opt Option, data []byte) error {
-	b := optHeader{opt: opt, length: uint32(len(data))}.append(nil)
+	b := OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil)
 	_, err := c.conn.Write(append(b, data...))
 	return err
 }
 
 // readOptReply reads one option reply to opt, bounding its length.
-func (c *Client) readOptReply(opt Option) (optReply, []byte, error) {
-	var hb [optReplyHeaderLen]byte
+func (c *Client) readOptReply(opt Option) (OptReply, []byte, error) {
+	var hb [OptReplyHeaderLen]byte
 	if _, err := io.ReadFull(c.r, hb[:]); err != nil {
-		return optReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
+		return OptReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
 	}
-	h, err := decodeOptReply(hb[:])
+	h, err := DecodeOptReply(hb[:])
 	if err != nil {
 		return h, nil, err
 	}
-	if h.opt != opt {
-		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", errBadReply, h.opt, opt)
+	if h.Opt != opt {
+		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", ErrBadReply, h.Opt, opt)
 	}
-	if h.length > maxOptReplyLen {
-		return h, nil, fmt.Errorf("%w: option reply of %d bytes", errTooLong, h.length)
+	if h.Length > maxOptReplyLen {
+		return h, nil, fmt.Errorf("%w: option reply of %d bytes", ErrTooLong, h.Length)
 	}
-	data := make([]byte, h.length)
+	data := make([]byte, h.Length)
 	if _, err := io.ReadFull(c.r, data); err != nil {
 		return h, nil, err
 	}
-	if h.typ.IsError() {
-		return h, data, &ServerError{Op: opt.String(), Reply: h.typ, Msg: string(data)}
+	if h.Type.IsError() {
+		return h, data, &ServerError{Op: opt.String(), Reply: h.Type, Msg: string(data)}
 	}
 	return h, data, nil
 }
@@ -189,8 +189,8 @@ func (c *Client) simpleOption(opt Option) error {
 	if err != nil {
 		return err
 	}
-	if h.typ != RepAck {
-		return fmt.Errorf("%w: %v answered %v", errBadReply, opt, h.typ)
+	if h.Type != RepAck {
+		return fmt.Errorf("%w: %v answered %v", ErrBadReply, opt, h.Type)
 	}
 	return nil
 }
@@ -214,7 +214,7 @@ func (c *Client) negotiateMode(opts ClientOptions) error {
 		var se *ServerError
 		switch {
 		case err == nil:
-			c.mode = modeExtended
+			c.mode = ModeExtended
 			return nil
 		case !errors.As(err, &se):
 			return err
@@ -225,13 +225,13 @@ func (c *Client) negotiateMode(opts ClientOptions) error {
 		if err := c.simpleOption(OptStructuredReply); err != nil {
 			return err
 		}
-		c.mode = modeStructured
+		c.mode = ModeStructured
 	}
 	return nil
 }
 
 func (c *Client) setMetaContexts(export string, names []string) error {
-	data := metaContextRequest{export: export, queries: names}.append(nil)
+	data := MetaContextRequest{Export: export, Queries: names}.Append(nil)
 	if err := c.sendOption(OptSetMetaContext, data); err != nil {
 		return err
 	}
@@ -240,7 +240,7 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 		if err != nil {
 			return err
 		}
-		switch h.typ {
+		switch h.Type {
 		case RepAck:
 			for _, n := range names {
 				if _, ok := c.contexts[n]; !ok {
@@ -250,7 +250,7 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 			return nil
 		case RepMetaContext:
 			if len(data) < 4 {
-				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", errBadReply)
+				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", ErrBadReply)
 			}
 			c.contexts[string(data[4:])] = be.Uint32(data)
 		}
@@ -260,7 +260,7 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 // optGo enters transmission with NBD_OPT_GO, or NBD_OPT_EXPORT_NAME when
 // the server does not know NBD_OPT_GO.
 func (c *Client) optGo(export string, noZeroes bool) error {
-	data := infoRequest{export: export, infos: []uint16{infoBlockSize}}.append(nil)
+	data := InfoRequest{Export: export, Infos: []uint16{InfoBlockSize}}.Append(nil)
 	if err := c.sendOption(OptGo, data); err != nil {
 		return err
 	}
@@ -274,10 +274,10 @@ func (c *Client) optGo(export string, noZeroes bool) error {
 		if err != nil {
 			return err
 		}
-		switch h.typ {
+		switch h.Type {
 		case RepAck:
 			if !gotExport {
-				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", errBadReply)
+				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", ErrBadReply)
 			}
 			return nil
 		case RepInfo:
@@ -293,12 +293,12 @@ func (c *Client) parseInfo(b []byte) bool {
 		return false
 	}
 	switch be.Uint16(b) {
-	case infoExport:
+	case InfoExport:
 		if len(b) >= 12 {
 			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), be.Uint16(b[10:])
 			return true
 		}
-	case infoBlockSize:
+	case InfoBlockSize:
 		if len(b) >= 14 {
 			c.maxBlock = be.Uint32(b[10:])
 		}
@@ -336,17 +336,17 @@ func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cookie++
-	c.conn.Write(request{typ: CmdDisc, cookie: c.cookie}.append(nil, c.mode == modeExtended))
+	c.conn.Write(Request{Type: CmdDisc, Cookie: c.cookie}.Append(nil, c.mode == ModeExtended))
 	return c.conn.Close()
 }
 
 // request sends one request and calls chunk for each reply chunk (or once
 // with the simple reply's header) until the reply is done. Caller holds mu.
-func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader) error) error {
+func (c *Client) roundTrip(req Request, payload []byte, chunk func(h ReplyHeader) error) error {
 	c.cookie++
-	req.cookie = c.cookie
-	ext := c.mode == modeExtended
-	bufs := net.Buffers{req.append(nil, ext)}
+	req.Cookie = c.cookie
+	ext := c.mode == ModeExtended
+	bufs := net.Buffers{req.Append(nil, ext)}
 	if len(payload) > 0 {
 		bufs = append(bufs, payload)
 	}
@@ -359,11 +359,11 @@ func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader
 		if err != nil {
 			return err
 		}
-		if h.cookie != req.cookie {
-			return fmt.Errorf("%w: cookie %d, want %d", errBadReply, h.cookie, req.cookie)
+		if h.Cookie != req.Cookie {
+			return fmt.Errorf("%w: cookie %d, want %d", ErrBadReply, h.Cookie, req.Cookie)
 		}
-		if h.magic != simpleReplyMagic && h.length > maxClientChunk {
-			return fmt.Errorf("%w: chunk of %d bytes", errTooLong, h.length)
+		if h.Magic != SimpleReplyMagic && h.Length > maxClientChunk {
+			return fmt.Errorf("%w: chunk of %d bytes", ErrTooLong, h.Length)
 		}
 		if err := chunk(h); err != nil {
 			var se *ServerError
@@ -372,41 +372,41 @@ func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader
 			}
 			failure = err
 		}
-		if h.magic == simpleReplyMagic || h.flags&replyFlagDone != 0 {
+		if h.Magic == SimpleReplyMagic || h.Flags&ReplyFlagDone != 0 {
 			return failure
 		}
 	}
 }
 
-func (c *Client) readReplyHeader() (replyHeader, error) {
-	var b [extendedReplyLen]byte
+func (c *Client) readReplyHeader() (ReplyHeader, error) {
+	var b [ExtendedReplyLen]byte
 	if _, err := io.ReadFull(c.r, b[:4]); err != nil {
-		return replyHeader{}, err
+		return ReplyHeader{}, err
 	}
-	n := replyHeaderLen(be.Uint32(b[:]))
+	n := ReplyHeaderLen(be.Uint32(b[:]))
 	if n == 0 {
-		return replyHeader{}, fmt.Errorf("%w: reply magic %#x", errBadMagic, be.Uint32(b[:]))
+		return ReplyHeader{}, fmt.Errorf("%w: reply magic %#x", ErrBadMagic, be.Uint32(b[:]))
 	}
 	if _, err := io.ReadFull(c.r, b[4:n]); err != nil {
-		return replyHeader{}, err
+		return ReplyHeader{}, err
 	}
-	return decodeReplyHeader(b[:n])
+	return DecodeReplyHeader(b[:n])
 }
 
 // readPayload reads a chunk's payload (bounded by roundTrip).
-func (c *Client) readPayload(h replyHeader) ([]byte, error) {
-	b := make([]byte, h.length)
+func (c *Client) readPayload(h ReplyHeader) ([]byte, error) {
+	b := make([]byte, h.Length)
 	_, err := io.ReadFull(c.r, b)
 	return b, err
 }
 
 // errorChunk turns an error chunk into a ServerError.
-func (c *Client) errorChunk(op string, h replyHeader) error {
+func (c *Client) errorChunk(op string, h ReplyHeader) error {
 	b, err := c.readPayload(h)
 	if err != nil {
 		return err
 	}
-	errno, msg, err := decodeErrorPayload(b)
+	errno, msg, err := DecodeErrorPayload(b)
 	if err != nil {
 		return err
 	}
@@ -455,12 +455,12 @@ func (c *Client) inChunks(length int, fn func(at, n int) error) (int, error) {
 
 // read issues one NBD_CMD_READ.
 func (c *Client) read(p []byte, off int64) error {
-	req := request{typ: CmdRead, offset: uint64(off), length: uint64(len(p))}
+	req := Request{Type: CmdRead, Offset: uint64(off), Length: uint64(len(p))}
 	var got int64
-	err := c.roundTrip(req, nil, func(h replyHeader) error {
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				return &ServerError{Op: "NBD_CMD_READ", Errno: h.errno}
+	err := c.roundTrip(req, nil, func(h ReplyHeader) error {
+		if h.Magic == SimpleReplyMagic {
+			if h.Errno != 0 {
+				return &ServerError{Op: "NBD_CMD_READ", Errno: h.Errno}
 			}
 			got = int64(len(p))
 			_, err := io.ReadFull(c.r, p)
@@ -469,44 +469,44 @@ func (c *Client) read(p []byte, off int64) error {
 		return c.readChunk(h, p, off, &got)
 	})
 	if err == nil && got != int64(len(p)) {
-		err = fmt.Errorf("%w: read reply covered %d of %d bytes", errBadReply, got, len(p))
+		err = fmt.Errorf("%w: read reply covered %d of %d bytes", ErrBadReply, got, len(p))
 	}
 	return err
 }
 
 // readChunk handles one structured chunk of a read reply.
-func (c *Client) readChunk(h replyHeader, p []byte, off int64, got *int64) error {
-	switch h.typ {
-	case replyTypeNone:
+func (c *Client) readChunk(h ReplyHeader, p []byte, off int64, got *int64) error {
+	switch h.Type {
+	case ReplyTypeNone:
 		return nil
-	case replyTypeError, replyTypeErrorOffset:
+	case ReplyTypeError, ReplyTypeErrorOffset:
 		return c.errorChunk("NBD_CMD_READ", h)
-	case replyTypeOffsetData:
-		if h.length < offsetDataHdrLen {
-			return fmt.Errorf("%w: short OFFSET_DATA", errBadReply)
+	case ReplyTypeOffsetData:
+		if h.Length < OffsetDataHdrLen {
+			return fmt.Errorf("%w: short OFFSET_DATA", ErrBadReply)
 		}
 		var ob [8]byte
 		if _, err := io.ReadFull(c.r, ob[:]); err != nil {
 			return err
 		}
-		start, n := int64(be.Uint64(ob[:]))-off, int64(h.length-offsetDataHdrLen)
+		start, n := int64(be.Uint64(ob[:]))-off, int64(h.Length-OffsetDataHdrLen)
 		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
-			return fmt.Errorf("%w: OFFSET_DATA outside the request", errBadReply)
+			return fmt.Errorf("%w: OFFSET_DATA outside the request", ErrBadReply)
 		}
 		*got += n
 		_, err := io.ReadFull(c.r, p[start:start+n])
 		return err
-	case replyTypeOffsetHole:
+	case ReplyTypeOffsetHole:
 		b, err := c.readPayload(h)
 		if err != nil {
 			return err
 		}
-		if len(b) != offsetHoleLen {
-			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", errBadReply, len(b))
+		if len(b) != OffsetHoleLen {
+			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", ErrBadReply, len(b))
 		}
 		start, n := int64(be.Uint64(b))-off, int64(be.Uint32(b[8:]))
 		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
-			return fmt.Errorf("%w: OFFSET_HOLE outside the request", errBadReply)
+			return fmt.Errorf("%w: OFFSET_HOLE outside the request", ErrBadReply)
 		}
 		clear(p[start : start+n])
 		*got += n
@@ -515,7 +515,7 @@ func (c *Client) readChunk(h replyHeader, p []byte, off int64, got *int64) error
 	if _, err := c.readPayload(h); err != nil {
 		return err
 	}
-	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", errBadReply, h.typ)
+	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", ErrBadReply, h.Type)
 }
 
 // HasContext reports whether the meta context name was negotiated.
@@ -544,7 +544,7 @@ func (c *Client) BlockStatus(ctx context.Context, context string, off, length in
 			return err
 		}
 		if n <= 0 {
-			return fmt.Errorf("%w: block status made no progress at %d", errBadReply, off)
+			return fmt.Errorf("%w: block status made no progress at %d", ErrBadReply, off)
 		}
 		off += n
 	}
@@ -554,31 +554,31 @@ func (c *Client) BlockStatus(ctx context.Context, context string, off, length in
 // blockStatus issues one NBD_CMD_BLOCK_STATUS and returns how far its
 // extents reached.
 func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
-	ext := c.mode == modeExtended
-	req := request{typ: CmdBlockStatus, offset: uint64(off), length: uint64(length)}
+	ext := c.mode == ModeExtended
+	req := Request{Type: CmdBlockStatus, Offset: uint64(off), Length: uint64(length)}
 	if !ext {
-		req.length = uint64(min(length, 1<<31))
+		req.Length = uint64(min(length, 1<<31))
 	}
 	var payload []byte
 	if ext && len(c.contexts) > 1 && c.flags&FlagBlockStatusPayload != 0 {
-		payload = blockStatusPayload{length: req.length, ids: []uint32{id}}.append(nil)
-		req.flags |= CmdFlagPayloadLen
-		req.length = uint64(len(payload))
+		payload = BlockStatusPayload{Length: req.Length, IDs: []uint32{id}}.Append(nil)
+		req.Flags |= CmdFlagPayloadLen
+		req.Length = uint64(len(payload))
 	}
 	var done int64
 	var userErr error // fn's error: the rest of the reply is still read
 	seen := false
-	err := c.roundTrip(req, payload, func(h replyHeader) error {
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				return &ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.errno}
+	err := c.roundTrip(req, payload, func(h ReplyHeader) error {
+		if h.Magic == SimpleReplyMagic {
+			if h.Errno != 0 {
+				return &ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.Errno}
 			}
 			return nil
 		}
-		switch h.typ {
-		case replyTypeError, replyTypeErrorOffset:
+		switch h.Type {
+		case ReplyTypeError, ReplyTypeErrorOffset:
 			return c.errorChunk("NBD_CMD_BLOCK_STATUS", h)
-		case replyTypeNone:
+		case ReplyTypeNone:
 			return nil
 		}
 		b, err := c.readPayload(h)
@@ -586,15 +586,15 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 			return err
 		}
 		// With extended headers the server may use either chunk type.
-		if (h.typ == replyTypeBlockStatusExt && !ext) || (h.typ != replyTypeBlockStatus && h.typ != replyTypeBlockStatusExt) {
-			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", errBadReply, h.typ)
+		if (h.Type == ReplyTypeBlockStatusExt && !ext) || (h.Type != ReplyTypeBlockStatus && h.Type != ReplyTypeBlockStatusExt) {
+			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", ErrBadReply, h.Type)
 		}
-		cid, es, err := decodeBlockStatus(b, h.typ == replyTypeBlockStatusExt)
+		cid, es, err := DecodeBlockStatus(b, h.Type == ReplyTypeBlockStatusExt)
 		if err != nil || cid != id {
 			return err
 		}
 		if seen {
-			return fmt.Errorf("%w: two block status chunks for context %d", errBadReply, id)
+			return fmt.Errorf("%w: two block status chunks for context %d", ErrBadReply, id)
 		}
 		seen = true
 		done, userErr = deliverExtents(es, off, length, fn)
@@ -604,20 +604,20 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 		err = userErr
 	}
 	if err == nil && !seen {
-		err = fmt.Errorf("%w: no block status chunk for context %d", errBadReply, id)
+		err = fmt.Errorf("%w: no block status chunk for context %d", ErrBadReply, id)
 	}
 	return done, err
 }
 
 // deliverExtents passes extents to fn, clipping the last to the request.
-func deliverExtents(es []extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
+func deliverExtents(es []Extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
 	var done int64
 	for _, e := range es {
-		if e.length == 0 {
-			return done, fmt.Errorf("%w: zero-length extent", errBadReply)
+		if e.Length == 0 {
+			return done, fmt.Errorf("%w: zero-length extent", ErrBadReply)
 		}
-		n := int64(min(e.length, uint64(length-done)))
-		if err := fn(off+done, n, uint32(e.flags)); err != nil {
+		n := int64(min(e.Length, uint64(length-done)))
+		if err := fn(off+done, n, uint32(e.Flags)); err != nil {
 			return done, err
 		}
 		if done += n; done >= length {
@@ -645,7 +645,7 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 		return 0, fmt.Errorf("nbd: write of %d bytes at %d outside the export", len(p), off)
 	}
 	return c.inChunks(len(p), func(at, n int) error {
-		req := request{typ: CmdWrite, flags: flags, offset: uint64(off + int64(at)), length: uint64(n)}
+		req := Request{Type: CmdWrite, Flags: flags, Offset: uint64(off + int64(at)), Length: uint64(n)}
 		return c.command(req, p[at:at+n])
 	})
 }
@@ -667,7 +667,7 @@ func (c *Client) Trim(off, length int64, flags uint16) error {
 func (c *Client) Flush() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.command(request{typ: CmdFlush}, nil)
+	return c.command(Request{Type: CmdFlush}, nil)
 }
 
 // rangeCommand issues a command without payload over a range, split into
@@ -677,14 +677,14 @@ func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) erro
 		return fmt.Errorf("nbd: %v of %d bytes at %d", typ, length, off)
 	}
 	step := int64(math.MaxUint32 &^ 0xfff)
-	if c.mode == modeExtended {
+	if c.mode == ModeExtended {
 		step = math.MaxInt64
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
 		n := min(step, length)
-		req := request{typ: typ, flags: flags, offset: uint64(off), length: uint64(n)}
+		req := Request{Type: typ, Flags: flags, Offset: uint64(off), Length: uint64(n)}
 		if err := c.command(req, nil); err != nil {
 			return err
 		}
@@ -696,24 +696,24 @@ func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) erro
 }
 
 // command issues one request whose reply carries no data. Caller holds mu.
-func (c *Client) command(req request, payload []byte) error {
-	op := req.typ.String()
-	return c.roundTrip(req, payload, func(h replyHeader) error {
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				return &ServerError{Op: op, Errno: h.errno}
+func (c *Client) command(req Request, payload []byte) error {
+	op := req.Type.String()
+	return c.roundTrip(req, payload, func(h ReplyHeader) error {
+		if h.Magic == SimpleReplyMagic {
+			if h.Errno != 0 {
+				return &ServerError{Op: op, Errno: h.Errno}
 			}
 			return nil
 		}
-		switch h.typ {
-		case replyTypeNone:
+		switch h.Type {
+		case ReplyTypeNone:
 			return nil
-		case replyTypeError, replyTypeErrorOffset:
+		case ReplyTypeError, ReplyTypeErrorOffset:
 			return c.errorChunk(op, h)
 		}
 		if _, err := c.readPayload(h); err != nil {
 			return err
 		}
-		return fmt.Errorf("%w: unexpected chunk type %d to %s", errBadReply, h.typ, op)
+		return fmt.Errorf("%w: unexpected chunk type %d to %s", ErrBadReply, h.Type, op)
 	})
 }

@@ -14,28 +14,28 @@ import (
 // validSession is a client byte stream: handshake with the given mode
 // option, contexts, GO, then some requests and DISC.
 func validSession(modeOpt Option, ext bool) []byte {
-	b := be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
-	b = optHeader{opt: modeOpt}.append(b)
-	set := metaContextRequest{queries: []string{metactx.BaseAllocation, metactx.AllocationDepth}}.append(nil)
-	b = optHeader{opt: OptSetMetaContext, length: uint32(len(set))}.append(b)
+	b := be.AppendUint32(nil, ClientFixedNewstyle|ClientNoZeroes)
+	b = OptHeader{Opt: modeOpt}.Append(b)
+	set := MetaContextRequest{Queries: []string{metactx.BaseAllocation, metactx.AllocationDepth}}.Append(nil)
+	b = OptHeader{Opt: OptSetMetaContext, Length: uint32(len(set))}.Append(b)
 	b = append(b, set...)
-	list := metaContextRequest{queries: []string{"qemu:"}}.append(nil)
-	b = optHeader{opt: OptListMetaContext, length: uint32(len(list))}.append(b)
+	list := MetaContextRequest{Queries: []string{"qemu:"}}.Append(nil)
+	b = OptHeader{Opt: OptListMetaContext, Length: uint32(len(list))}.Append(b)
 	b = append(b, list...)
-	b = optHeader{opt: OptList}.append(b)
-	gr := infoRequest{infos: []uint16{infoName, infoBlockSize}}.append(nil)
-	b = optHeader{opt: OptGo, length: uint32(len(gr))}.append(b)
+	b = OptHeader{Opt: OptList}.Append(b)
+	gr := InfoRequest{Infos: []uint16{InfoName, InfoBlockSize}}.Append(nil)
+	b = OptHeader{Opt: OptGo, Length: uint32(len(gr))}.Append(b)
 	b = append(b, gr...)
-	b = request{typ: CmdRead, cookie: 1, length: 4096}.append(b, ext)
-	b = request{typ: CmdBlockStatus, cookie: 2, length: 65536}.append(b, ext)
+	b = Request{Type: CmdRead, Cookie: 1, Length: 4096}.Append(b, ext)
+	b = Request{Type: CmdBlockStatus, Cookie: 2, Length: 65536}.Append(b, ext)
 	if ext {
-		p := blockStatusPayload{length: 65536, ids: []uint32{1}}.append(nil)
-		b = request{typ: CmdBlockStatus, flags: CmdFlagPayloadLen, cookie: 3, length: uint64(len(p))}.append(b, ext)
+		p := BlockStatusPayload{Length: 65536, IDs: []uint32{1}}.Append(nil)
+		b = Request{Type: CmdBlockStatus, Flags: CmdFlagPayloadLen, Cookie: 3, Length: uint64(len(p))}.Append(b, ext)
 		b = append(b, p...)
 	}
-	b = request{typ: CmdWrite, cookie: 4, length: 8}.append(b, ext)
+	b = Request{Type: CmdWrite, Cookie: 4, Length: 8}.Append(b, ext)
 	b = append(b, make([]byte, 8)...)
-	return request{typ: CmdDisc}.append(b, ext)
+	return Request{Type: CmdDisc}.Append(b, ext)
 }
 
 // FuzzServer feeds arbitrary client bytes to a server connection: option
@@ -56,24 +56,24 @@ func FuzzServer(f *testing.F) {
 // FuzzClient feeds arbitrary server bytes to the client: handshake, then a
 // read and a block status.
 func FuzzClient(f *testing.F) {
-	hello := be.AppendUint64(nil, nbdMagic)
-	hello = be.AppendUint64(hello, optsMagic)
-	hello = be.AppendUint16(hello, flagFixedNewstyle|flagNoZeroes)
+	hello := be.AppendUint64(nil, NBDMagic)
+	hello = be.AppendUint64(hello, OptsMagic)
+	hello = be.AppendUint16(hello, HandshakeFixedNewstyle|HandshakeNoZeroes)
 	ack := func(opt Option, typ Reply, data []byte) []byte {
-		return append(optReply{opt: opt, typ: typ, length: uint32(len(data))}.append(nil), data...)
+		return append(OptReply{Opt: opt, Type: typ, Length: uint32(len(data))}.Append(nil), data...)
 	}
 	ok := append([]byte{}, hello...)
 	ok = append(ok, ack(OptStructuredReply, RepAck, nil)...)
 	ok = append(ok, ack(OptSetMetaContext, RepMetaContext, append(be.AppendUint32(nil, 5), metactx.BaseAllocation...))...)
 	ok = append(ok, ack(OptSetMetaContext, RepAck, nil)...)
-	info := be.AppendUint16(nil, infoExport)
+	info := be.AppendUint16(nil, InfoExport)
 	info = be.AppendUint64(info, 1<<20)
 	info = be.AppendUint16(info, FlagHasFlags)
 	ok = append(ok, ack(OptGo, RepInfo, info)...)
 	ok = append(ok, ack(OptGo, RepAck, nil)...)
-	data := appendChunkHeader(nil, modeStructured, replyFlagDone, replyTypeOffsetData, 1, 0, 8+512)
+	data := AppendChunkHeader(nil, ModeStructured, ReplyFlagDone, ReplyTypeOffsetData, 1, 0, 8+512)
 	data = append(be.AppendUint64(data, 0), make([]byte, 512)...)
-	bs := appendChunkHeader(nil, modeStructured, replyFlagDone, replyTypeBlockStatus, 2, 0, 12)
+	bs := AppendChunkHeader(nil, ModeStructured, ReplyFlagDone, ReplyTypeBlockStatus, 2, 0, 12)
 	bs = be.AppendUint32(bs, 5)
 	bs = be.AppendUint32(bs, 1<<20)
 	bs = be.AppendUint32(bs, 3)
@@ -99,47 +99,47 @@ func FuzzClient(f *testing.F) {
 // FuzzDecode runs every decoder on arbitrary bytes and checks that what
 // decodes re-encodes to the same bytes.
 func FuzzDecode(f *testing.F) {
-	f.Add(byte(0), request{typ: CmdRead, cookie: 1, offset: 2, length: 3}.append(nil, false))
-	f.Add(byte(1), request{typ: CmdBlockStatus, flags: CmdFlagPayloadLen, length: 12}.append(nil, true))
-	f.Add(byte(2), metaContextRequest{export: "x", queries: []string{"qemu:"}}.append(nil))
-	f.Add(byte(3), infoRequest{export: "x", infos: []uint16{1, 3}}.append(nil))
-	f.Add(byte(4), blockStatusPayload{length: 9, ids: []uint32{1, 2}}.append(nil))
-	f.Add(byte(5), appendChunkHeader(nil, modeExtended, 1, 6, 7, 8, 9))
+	f.Add(byte(0), Request{Type: CmdRead, Cookie: 1, Offset: 2, Length: 3}.Append(nil, false))
+	f.Add(byte(1), Request{Type: CmdBlockStatus, Flags: CmdFlagPayloadLen, Length: 12}.Append(nil, true))
+	f.Add(byte(2), MetaContextRequest{Export: "x", Queries: []string{"qemu:"}}.Append(nil))
+	f.Add(byte(3), InfoRequest{Export: "x", Infos: []uint16{1, 3}}.Append(nil))
+	f.Add(byte(4), BlockStatusPayload{Length: 9, IDs: []uint32{1, 2}}.Append(nil))
+	f.Add(byte(5), AppendChunkHeader(nil, ModeExtended, 1, 6, 7, 8, 9))
 	f.Add(byte(6), []byte{0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0})
 	f.Add(byte(7), []byte{0, 0, 0, 22, 0, 2, 'h', 'i'})
 	f.Fuzz(func(t *testing.T, kind byte, b []byte) {
 		switch kind % 9 {
 		case 0, 1:
 			ext := kind%9 == 1
-			if r, err := decodeRequest(b, ext); err == nil {
-				n := requestLen
+			if r, err := DecodeRequest(b, ext); err == nil {
+				n := RequestLen
 				if ext {
-					n = extendedRequestLen
+					n = ExtendedRequestLen
 				}
-				if got := r.append(nil, ext); !bytes.Equal(got, b[:n]) {
+				if got := r.Append(nil, ext); !bytes.Equal(got, b[:n]) {
 					t.Fatalf("request re-encodes to %x, want %x", got, b[:n])
 				}
 			}
 		case 2:
-			if m, err := decodeMetaContextRequest(b); err == nil && !bytes.Equal(m.append(nil), b) {
+			if m, err := DecodeMetaContextRequest(b); err == nil && !bytes.Equal(m.Append(nil), b) {
 				t.Fatal("meta context request does not round-trip")
 			}
 		case 3:
-			if r, err := decodeInfoRequest(b); err == nil && !bytes.Equal(r.append(nil), b) {
+			if r, err := DecodeInfoRequest(b); err == nil && !bytes.Equal(r.Append(nil), b) {
 				t.Fatal("info request does not round-trip")
 			}
 		case 4:
-			if p, err := decodeBlockStatusPayload(b); err == nil && !bytes.Equal(p.append(nil), b) {
+			if p, err := DecodeBlockStatusPayload(b); err == nil && !bytes.Equal(p.Append(nil), b) {
 				t.Fatal("block status payload does not round-trip")
 			}
 		case 5:
-			decodeReplyHeader(b)
+			DecodeReplyHeader(b)
 		case 6, 7:
-			decodeBlockStatus(b, kind%9 == 7)
+			DecodeBlockStatus(b, kind%9 == 7)
 		case 8:
-			decodeErrorPayload(b)
-			decodeOptHeader(b)
-			decodeOptReply(b)
+			DecodeErrorPayload(b)
+			DecodeOptHeader(b)
+			DecodeOptReply(b)
 		}
 	})
 }

@@ -12,13 +12,13 @@ import (
 // writeSession is validSession followed by every write command.
 func writeSession(modeOpt Option, ext bool) []byte {
 	b := validSession(modeOpt, ext)
-	b = b[:len(b)-len(request{typ: CmdDisc}.append(nil, ext))]
-	b = request{typ: CmdWrite, flags: CmdFlagFUA, cookie: 5, offset: 4095, length: 3}.append(b, ext)
+	b = b[:len(b)-len(Request{Type: CmdDisc}.Append(nil, ext))]
+	b = Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 5, Offset: 4095, Length: 3}.Append(b, ext)
 	b = append(b, 1, 2, 3)
-	b = request{typ: CmdWriteZeroes, flags: CmdFlagNoHole | CmdFlagFastZero, cookie: 6, offset: 512, length: 8192}.append(b, ext)
-	b = request{typ: CmdTrim, cookie: 7, offset: 0, length: 1 << 20}.append(b, ext)
-	b = request{typ: CmdFlush, cookie: 8}.append(b, ext)
-	return request{typ: CmdDisc}.append(b, ext)
+	b = Request{Type: CmdWriteZeroes, Flags: CmdFlagNoHole | CmdFlagFastZero, Cookie: 6, Offset: 512, Length: 8192}.Append(b, ext)
+	b = Request{Type: CmdTrim, Cookie: 7, Offset: 0, Length: 1 << 20}.Append(b, ext)
+	b = Request{Type: CmdFlush, Cookie: 8}.Append(b, ext)
+	return Request{Type: CmdDisc}.Append(b, ext)
 }
 
 // FuzzWritableServer is FuzzServer on a writable export (a raw file).

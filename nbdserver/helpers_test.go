@@ -153,7 +153,7 @@ func dialRaw(t testing.TB, uri string) *rawConn {
 	rc := &rawConn{t: t, c: c, r: bufio.NewReader(c)}
 	var hello [18]byte
 	rc.read(hello[:])
-	rc.write(be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes))
+	rc.write(be.AppendUint32(nil, ClientFixedNewstyle|ClientNoZeroes))
 	return rc
 }
 
@@ -173,20 +173,20 @@ func (rc *rawConn) read(b []byte) {
 
 // option sends an option and collects the replies up to the final one
 // (ACK or an error).
-func (rc *rawConn) option(opt Option, data []byte) (replies []optReply, payloads [][]byte) {
+func (rc *rawConn) option(opt Option, data []byte) (replies []OptReply, payloads [][]byte) {
 	rc.t.Helper()
-	rc.write(append(optHeader{opt: opt, length: uint32(len(data))}.append(nil), data...))
+	rc.write(append(OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil), data...))
 	for {
-		var hb [optReplyHeaderLen]byte
+		var hb [OptReplyHeaderLen]byte
 		rc.read(hb[:])
-		h, err := decodeOptReply(hb[:])
+		h, err := DecodeOptReply(hb[:])
 		if err != nil {
 			rc.t.Fatal(err)
 		}
-		p := make([]byte, h.length)
+		p := make([]byte, h.Length)
 		rc.read(p)
 		replies, payloads = append(replies, h), append(payloads, p)
-		if h.typ == RepAck || h.typ.IsError() {
+		if h.Type == RepAck || h.Type.IsError() {
 			return replies, payloads
 		}
 	}
@@ -196,52 +196,52 @@ func (rc *rawConn) option(opt Option, data []byte) (replies []optReply, payloads
 func (rc *rawConn) final(opt Option, data []byte) Reply {
 	rc.t.Helper()
 	r, _ := rc.option(opt, data)
-	return r[len(r)-1].typ
+	return r[len(r)-1].Type
 }
 
 // goExport sends NBD_OPT_GO for the default export.
 func (rc *rawConn) goExport() {
 	rc.t.Helper()
-	if got := rc.final(OptGo, infoRequest{}.append(nil)); got != RepAck {
+	if got := rc.final(OptGo, InfoRequest{}.Append(nil)); got != RepAck {
 		rc.t.Fatalf("NBD_OPT_GO: %v", got)
 	}
 }
 
 // reply reads one reply header and its payload (not for simple READ
 // replies, whose payload length the header does not carry).
-func (rc *rawConn) reply() (replyHeader, []byte) {
+func (rc *rawConn) reply() (ReplyHeader, []byte) {
 	rc.t.Helper()
-	var b [extendedReplyLen]byte
+	var b [ExtendedReplyLen]byte
 	rc.read(b[:4])
-	n := replyHeaderLen(be.Uint32(b[:]))
+	n := ReplyHeaderLen(be.Uint32(b[:]))
 	if n == 0 {
 		rc.t.Fatalf("bad reply magic %#x", be.Uint32(b[:]))
 	}
 	rc.read(b[4:n])
-	h, err := decodeReplyHeader(b[:n])
+	h, err := DecodeReplyHeader(b[:n])
 	if err != nil {
 		rc.t.Fatal(err)
 	}
-	if h.length > 64<<20 {
-		rc.t.Fatalf("reply chunk of %d bytes", h.length)
+	if h.Length > 64<<20 {
+		rc.t.Fatalf("reply chunk of %d bytes", h.Length)
 	}
-	p := make([]byte, h.length)
+	p := make([]byte, h.Length)
 	rc.read(p)
 	return h, p
 }
 
 // replyErrno is the error a reply without data carries: a simple reply's
 // errno, an NBD_REPLY_TYPE_ERROR chunk's, or 0 for NBD_REPLY_TYPE_NONE.
-func replyErrno(t *testing.T, typ Command, h replyHeader, p []byte) Errno {
+func replyErrno(t *testing.T, typ Command, h ReplyHeader, p []byte) Errno {
 	t.Helper()
 	switch {
-	case h.magic == simpleReplyMagic:
-		return h.errno
-	case h.typ == replyTypeError:
-		errno, _, _ := decodeErrorPayload(p)
+	case h.Magic == SimpleReplyMagic:
+		return h.Errno
+	case h.Type == ReplyTypeError:
+		errno, _, _ := DecodeErrorPayload(p)
 		return errno
-	case h.typ != replyTypeNone:
-		t.Fatalf("%v: chunk type %d", typ, h.typ)
+	case h.Type != ReplyTypeNone:
+		t.Fatalf("%v: chunk type %d", typ, h.Type)
 	}
 	return 0
 }

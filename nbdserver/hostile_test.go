@@ -55,8 +55,8 @@ func TestHostileClients(t *testing.T) {
 		}
 	}()
 
-	greeting := be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
-	goExt := append(optHeader{opt: OptExtendedHeaders}.append(nil), optHeader{opt: OptGo, length: 6}.append(nil)...)
+	greeting := be.AppendUint32(nil, ClientFixedNewstyle|ClientNoZeroes)
+	goExt := append(OptHeader{Opt: OptExtendedHeaders}.Append(nil), OptHeader{Opt: OptGo, Length: 6}.Append(nil)...)
 	goExt = append(goExt, 0, 0, 0, 0, 0, 0)
 	transmit := func(b ...[]byte) []byte {
 		out := append(append([]byte{}, greeting...), goExt...)
@@ -73,18 +73,18 @@ func TestHostileClients(t *testing.T) {
 	hostile := map[string][]byte{
 		"garbage":                  garbage,
 		"bad option magic":         append(append([]byte{}, greeting...), garbage[:64]...),
-		"huge option":              append(append([]byte{}, greeting...), optHeader{opt: OptInfo, length: 0xffffffff}.append(nil)...),
-		"huge export name":         append(append([]byte{}, greeting...), optHeader{opt: OptExportName, length: 1 << 30}.append(nil)...),
+		"huge option":              append(append([]byte{}, greeting...), OptHeader{Opt: OptInfo, Length: 0xffffffff}.Append(nil)...),
+		"huge export name":         append(append([]byte{}, greeting...), OptHeader{Opt: OptExportName, Length: 1 << 30}.Append(nil)...),
 		"unknown client flags":     be.AppendUint32(nil, 0xff),
 		"bad request magic":        transmit(garbage[:32]),
-		"huge write":               transmit(request{typ: CmdWrite, length: 1 << 40}.append(nil, true)),
-		"huge read":                transmit(request{typ: CmdRead, length: 1 << 40}.append(nil, true)),
-		"huge status payload":      transmit(request{typ: CmdBlockStatus, flags: CmdFlagPayloadLen, length: 1 << 30}.append(nil, true)),
-		"huge payload on flush":    transmit(request{typ: CmdFlush, flags: CmdFlagPayloadLen, length: 1 << 40}.append(nil, true)),
-		"unknown commands":         transmit(request{typ: 99}.append(nil, true), request{typ: 0xffff, flags: 0xffff}.append(nil, true)),
-		"half a header":            transmit(request{typ: CmdRead, length: 512}.append(nil, true)[:20]),
-		"half a write":             transmit(request{typ: CmdWrite, length: 1 << 20}.append(nil, true), garbage),
-		"disconnect with reads":    transmit(bytes.Repeat(request{typ: CmdRead, length: 1 << 20}.append(nil, true), 64)),
+		"huge write":               transmit(Request{Type: CmdWrite, Length: 1 << 40}.Append(nil, true)),
+		"huge read":                transmit(Request{Type: CmdRead, Length: 1 << 40}.Append(nil, true)),
+		"huge status payload":      transmit(Request{Type: CmdBlockStatus, Flags: CmdFlagPayloadLen, Length: 1 << 30}.Append(nil, true)),
+		"huge payload on flush":    transmit(Request{Type: CmdFlush, Flags: CmdFlagPayloadLen, Length: 1 << 40}.Append(nil, true)),
+		"unknown commands":         transmit(Request{Type: 99}.Append(nil, true), Request{Type: 0xffff, Flags: 0xffff}.Append(nil, true)),
+		"half a header":            transmit(Request{Type: CmdRead, Length: 512}.Append(nil, true)[:20]),
+		"half a write":             transmit(Request{Type: CmdWrite, Length: 1 << 20}.Append(nil, true), garbage),
+		"disconnect with reads":    transmit(bytes.Repeat(Request{Type: CmdRead, Length: 1 << 20}.Append(nil, true), 64)),
 		"disconnect mid-handshake": greeting[:2],
 	}
 	for round := 0; round < 3; round++ {

@@ -31,7 +31,7 @@ type negotiation struct {
 
 	noZeroes bool
 	tls      bool
-	mode     replyMode
+	mode     ReplyMode
 	contexts []string // negotiated meta contexts; the id is the index
 	ctxFor   *Export  // export the contexts were negotiated for
 
@@ -43,9 +43,9 @@ type negotiation struct {
 func (n *negotiation) run() (*session, error) {
 	n.conn.SetDeadline(time.Now().Add(n.srv.cfg.HandshakeTimeout))
 	n.r = bufio.NewReaderSize(n.conn, 4096)
-	hello := be.AppendUint64(nil, nbdMagic)
-	hello = be.AppendUint64(hello, optsMagic)
-	hello = be.AppendUint16(hello, flagFixedNewstyle|flagNoZeroes)
+	hello := be.AppendUint64(nil, NBDMagic)
+	hello = be.AppendUint64(hello, OptsMagic)
+	hello = be.AppendUint16(hello, HandshakeFixedNewstyle|HandshakeNoZeroes)
 	if _, err := n.conn.Write(hello); err != nil {
 		return nil, err
 	}
@@ -54,10 +54,10 @@ func (n *negotiation) run() (*session, error) {
 		return nil, err
 	}
 	flags := be.Uint32(cf[:])
-	if flags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
+	if flags&^(ClientFixedNewstyle|ClientNoZeroes) != 0 {
 		return nil, fmt.Errorf("unknown client flags %#x", flags)
 	}
-	n.noZeroes = flags&clientFlagNoZeroes != 0
+	n.noZeroes = flags&ClientNoZeroes != 0
 	for {
 		sess, err := n.option()
 		if err != nil || sess != nil {
@@ -72,30 +72,30 @@ func (n *negotiation) run() (*session, error) {
 // option reads and answers one option. It returns a session when the
 // option entered the transmission phase.
 func (n *negotiation) option() (*session, error) {
-	var hb [optHeaderLen]byte
+	var hb [OptHeaderLen]byte
 	if _, err := io.ReadFull(n.r, hb[:]); err != nil {
 		return nil, err
 	}
-	h, err := decodeOptHeader(hb[:])
+	h, err := DecodeOptHeader(hb[:])
 	if err != nil {
 		return nil, err
 	}
-	n.opt, n.data = h.opt, nil
-	if h.length > maxOptionLen {
-		if h.length > maxOptionDiscard || h.opt == OptExportName {
-			return nil, fmt.Errorf("%v: %d bytes of option data", h.opt, h.length)
+	n.opt, n.data = h.Opt, nil
+	if h.Length > maxOptionLen {
+		if h.Length > maxOptionDiscard || h.Opt == OptExportName {
+			return nil, fmt.Errorf("%v: %d bytes of option data", h.Opt, h.Length)
 		}
-		if _, err := io.CopyN(io.Discard, n.r, int64(h.length)); err != nil {
+		if _, err := io.CopyN(io.Discard, n.r, int64(h.Length)); err != nil {
 			return nil, err
 		}
 		return nil, n.replyErr(RepErrTooBig, "option data too long")
 	}
-	n.data = make([]byte, h.length)
+	n.data = make([]byte, h.Length)
 	if _, err := io.ReadFull(n.r, n.data); err != nil {
 		return nil, err
 	}
 	if n.srv.cfg.TLSRequired && !n.tls {
-		switch h.opt {
+		switch h.Opt {
 		case OptStartTLS, OptAbort:
 		case OptExportName:
 			return nil, errors.New("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")
@@ -103,7 +103,7 @@ func (n *negotiation) option() (*session, error) {
 			return nil, n.replyErr(RepErrTLSReqd, "TLS is required")
 		}
 	}
-	switch h.opt {
+	switch h.Opt {
 	case OptExportName:
 		return n.optExportName()
 	case OptAbort:
@@ -122,12 +122,12 @@ func (n *negotiation) option() (*session, error) {
 	case OptListMetaContext, OptSetMetaContext:
 		return nil, n.optMetaContext()
 	}
-	return nil, n.replyErr(RepErrUnsup, "unsupported option "+h.opt.String())
+	return nil, n.replyErr(RepErrUnsup, "unsupported option "+h.Opt.String())
 }
 
 // reply sends one option reply.
 func (n *negotiation) reply(typ Reply, data []byte) error {
-	b := optReply{opt: n.opt, typ: typ, length: uint32(len(data))}.append(make([]byte, 0, optReplyHeaderLen+len(data)))
+	b := OptReply{Opt: n.opt, Type: typ, Length: uint32(len(data))}.Append(make([]byte, 0, OptReplyHeaderLen+len(data)))
 	_, err := n.conn.Write(append(b, data...))
 	return err
 }
@@ -164,7 +164,7 @@ func (n *negotiation) optList() error {
 		return n.replyErr(RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, e := range n.srv.cfg.Exports {
-		b := appendString(nil, e.Name)
+		b := AppendString(nil, e.Name)
 		b = append(b, e.Description...)
 		if err := n.reply(RepServer, b); err != nil {
 			return err
@@ -196,19 +196,19 @@ func (n *negotiation) optStartTLS() error {
 	}
 	n.conn, n.tls = tc, true
 	n.r = bufio.NewReaderSize(tc, 4096)
-	n.mode, n.contexts, n.ctxFor = modeSimple, nil, nil
+	n.mode, n.contexts, n.ctxFor = ModeSimple, nil, nil
 	return nil
 }
 
 // optInfo answers NBD_OPT_INFO and NBD_OPT_GO.
 func (n *negotiation) optInfo() (*session, error) {
-	req, err := decodeInfoRequest(n.data)
+	req, err := DecodeInfoRequest(n.data)
 	if err != nil {
 		return nil, n.replyErr(RepErrInvalid, err.Error())
 	}
-	exp := n.srv.export(req.export)
+	exp := n.srv.export(req.Export)
 	if exp == nil {
-		return nil, n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.export))
+		return nil, n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.Export))
 	}
 	payload := len(n.contexts) > 0 && n.ctxFor == exp
 	if n.opt == OptInfo {
@@ -230,23 +230,23 @@ func (n *negotiation) optInfo() (*session, error) {
 
 // sendInfos sends NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE and the requested
 // name and description.
-func (n *negotiation) sendInfos(exp *Export, req infoRequest, flags uint16) error {
-	b := be.AppendUint16(nil, infoExport)
+func (n *negotiation) sendInfos(exp *Export, req InfoRequest, flags uint16) error {
+	b := be.AppendUint16(nil, InfoExport)
 	b = be.AppendUint64(b, uint64(exp.Image.Size()))
 	b = be.AppendUint16(b, flags)
 	if err := n.reply(RepInfo, b); err != nil {
 		return err
 	}
-	for _, t := range req.infos {
+	for _, t := range req.Infos {
 		var b []byte
 		switch t {
-		case infoName:
-			b = append(be.AppendUint16(nil, infoName), exp.Name...)
-		case infoDescription:
+		case InfoName:
+			b = append(be.AppendUint16(nil, InfoName), exp.Name...)
+		case InfoDescription:
 			if exp.Description == "" {
 				continue
 			}
-			b = append(be.AppendUint16(nil, infoDescription), exp.Description...)
+			b = append(be.AppendUint16(nil, InfoDescription), exp.Description...)
 		default:
 			continue
 		}
@@ -254,7 +254,7 @@ func (n *negotiation) sendInfos(exp *Export, req infoRequest, flags uint16) erro
 			return err
 		}
 	}
-	b = be.AppendUint16(nil, infoBlockSize)
+	b = be.AppendUint16(nil, InfoBlockSize)
 	b = be.AppendUint32(b, 1)
 	b = be.AppendUint32(b, 4096)
 	b = be.AppendUint32(b, uint32(n.srv.cfg.MaxRequest))
@@ -266,12 +266,12 @@ func (n *negotiation) optStructuredReply() error {
 	switch {
 	case len(n.data) != 0:
 		return n.replyErr(RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
-	case n.mode == modeExtended:
+	case n.mode == ModeExtended:
 		return n.replyErr(RepErrExtHeaderReqd, "extended headers already negotiated")
-	case n.mode == modeStructured:
+	case n.mode == ModeStructured:
 		return n.replyErr(RepErrInvalid, "structured replies already negotiated")
 	}
-	n.mode = modeStructured
+	n.mode = ModeStructured
 	return n.reply(RepAck, nil)
 }
 
@@ -281,10 +281,10 @@ func (n *negotiation) optExtendedHeaders() error {
 	switch {
 	case len(n.data) != 0:
 		return n.replyErr(RepErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
-	case n.mode == modeExtended:
+	case n.mode == ModeExtended:
 		return n.replyErr(RepErrInvalid, "extended headers already negotiated")
 	}
-	n.mode = modeExtended
+	n.mode = ModeExtended
 	return n.reply(RepAck, nil)
 }
 
@@ -294,26 +294,26 @@ func (n *negotiation) optMetaContext() error {
 	if n.opt == OptSetMetaContext {
 		n.contexts, n.ctxFor = nil, nil
 	}
-	if n.mode < modeStructured {
+	if n.mode < ModeStructured {
 		return n.replyErr(RepErrInvalid, "structured replies must be negotiated first")
 	}
-	req, err := decodeMetaContextRequest(n.data)
+	req, err := DecodeMetaContextRequest(n.data)
 	if err != nil {
-		if errors.Is(err, errTooLong) {
+		if errors.Is(err, ErrTooLong) {
 			return n.replyErr(RepErrTooBig, err.Error())
 		}
 		return n.replyErr(RepErrInvalid, err.Error())
 	}
-	exp := n.srv.export(req.export)
+	exp := n.srv.export(req.Export)
 	if exp == nil {
-		return n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.export))
+		return n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.Export))
 	}
 	names := metactx.Names(exp.Image)
 	var chosen []string
 	if n.opt == OptListMetaContext {
-		chosen = listContexts(names, req.queries)
+		chosen = listContexts(names, req.Queries)
 	} else {
-		chosen = setContexts(names, req.queries)
+		chosen = setContexts(names, req.Queries)
 	}
 	for i, name := range chosen {
 		id := uint32(0) // ids of LIST replies mean nothing

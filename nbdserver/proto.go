@@ -4,23 +4,23 @@ import "fmt"
 
 // Magic numbers of the handshake and transmission phases.
 const (
-	nbdMagic             = 0x4e42444d41474943 // "NBDMAGIC"
-	optsMagic            = 0x49484156454f5054 // "IHAVEOPT"
-	repMagic             = 0x0003e889045565a9 // option reply magic
-	requestMagic         = 0x25609513
-	extendedRequestMagic = 0x21e41c71
-	simpleReplyMagic     = 0x67446698
-	structuredReplyMagic = 0x668e33ef
-	extendedReplyMagic   = 0x6e8a278c
+	NBDMagic             = 0x4e42444d41474943 // "NBDMAGIC"
+	OptsMagic            = 0x49484156454f5054 // "IHAVEOPT"
+	RepMagic             = 0x0003e889045565a9 // option reply magic
+	RequestMagic         = 0x25609513
+	ExtendedRequestMagic = 0x21e41c71
+	SimpleReplyMagic     = 0x67446698
+	StructuredReplyMagic = 0x668e33ef
+	ExtendedReplyMagic   = 0x6e8a278c
 )
 
 // Handshake flags (server) and client flags.
 const (
-	flagFixedNewstyle = 1 << 0
-	flagNoZeroes      = 1 << 1
+	HandshakeFixedNewstyle = 1 << 0
+	HandshakeNoZeroes      = 1 << 1
 
-	clientFlagFixedNewstyle = 1 << 0
-	clientFlagNoZeroes      = 1 << 1
+	ClientFixedNewstyle = 1 << 0
+	ClientNoZeroes      = 1 << 1
 )
 
 // Transmission flags.
@@ -117,10 +117,10 @@ func (r Reply) IsError() bool { return r&repErr != 0 }
 
 // Info types of NBD_REP_INFO.
 const (
-	infoExport      = 0
-	infoName        = 1
-	infoDescription = 2
-	infoBlockSize   = 3
+	InfoExport      = 0
+	InfoName        = 1
+	InfoDescription = 2
+	InfoBlockSize   = 3
 )
 
 // Command is an NBD_CMD_* request type.
@@ -161,15 +161,15 @@ const (
 
 // Structured reply flags and types.
 const (
-	replyFlagDone = 1 << 0
+	ReplyFlagDone = 1 << 0
 
-	replyTypeNone           = 0
-	replyTypeOffsetData     = 1
-	replyTypeOffsetHole     = 2
-	replyTypeBlockStatus    = 5
-	replyTypeBlockStatusExt = 6
-	replyTypeError          = 1<<15 + 1
-	replyTypeErrorOffset    = 1<<15 + 2
+	ReplyTypeNone           = 0
+	ReplyTypeOffsetData     = 1
+	ReplyTypeOffsetHole     = 2
+	ReplyTypeBlockStatus    = 5
+	ReplyTypeBlockStatusExt = 6
+	ReplyTypeError          = 1<<15 + 1
+	ReplyTypeErrorOffset    = 1<<15 + 2
 )
 
 // Errno is an NBD error value.

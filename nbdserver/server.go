@@ -363,17 +363,17 @@ func (s *Server) export(name string) *Export {
 
 // transmissionFlags returns the flags advertised for exp in mode. payload
 // says whether NBD_FLAG_BLOCK_STATUS_PAYLOAD may be set.
-func transmissionFlags(exp *Export, mode replyMode, payload bool) uint16 {
+func transmissionFlags(exp *Export, mode ReplyMode, payload bool) uint16 {
 	f := uint16(FlagHasFlags | FlagSendFlush | FlagCanMultiConn | FlagSendCache)
 	if exp.Writable {
 		f |= FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
 	} else {
 		f |= FlagReadOnly
 	}
-	if mode >= modeStructured {
+	if mode >= ModeStructured {
 		f |= FlagSendDF
 	}
-	if mode == modeExtended && payload {
+	if mode == ModeExtended && payload {
 		f |= FlagBlockStatusPayload
 	}
 	return f

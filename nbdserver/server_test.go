@@ -20,11 +20,11 @@ import (
 var modes = []struct {
 	name string
 	opts ClientOptions
-	want replyMode
+	want ReplyMode
 }{
-	{"simple", ClientOptions{}, modeSimple},
-	{"structured", ClientOptions{StructuredReplies: true}, modeStructured},
-	{"extended", ClientOptions{ExtendedHeaders: true}, modeExtended},
+	{"simple", ClientOptions{}, ModeSimple},
+	{"structured", ClientOptions{StructuredReplies: true}, ModeStructured},
+	{"extended", ClientOptions{ExtendedHeaders: true}, ModeExtended},
 }
 
 // TestClientServer reads the whole export and maps every context through
@@ -40,7 +40,7 @@ func TestClientServer(t *testing.T) {
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
 			opts := m.opts
-			if m.want != modeSimple {
+			if m.want != ModeSimple {
 				opts.MetaContexts = names
 			}
 			c, err := Dial(context.Background(), uri, opts)
@@ -64,7 +64,7 @@ func TestClientServer(t *testing.T) {
 			if !bytes.Equal(got, want) {
 				t.Fatal("export content differs from the engine's")
 			}
-			if m.want == modeSimple {
+			if m.want == ModeSimple {
 				return
 			}
 			for _, name := range names {
@@ -96,20 +96,20 @@ func TestReadHoles(t *testing.T) {
 		flags     uint16
 		wantHoles bool
 	}{{0, true}, {CmdFlagDF, false}} {
-		rc.write(request{typ: CmdRead, flags: tc.flags, cookie: 7, offset: 0, length: 4 << 20}.append(nil, false))
+		rc.write(Request{Type: CmdRead, Flags: tc.flags, Cookie: 7, Offset: 0, Length: 4 << 20}.Append(nil, false))
 		got := make([]byte, 4<<20)
 		holes := 0
 		for {
 			h, p := rc.reply()
-			switch h.typ {
-			case replyTypeOffsetData:
+			switch h.Type {
+			case ReplyTypeOffsetData:
 				copy(got[be.Uint64(p):], p[8:])
-			case replyTypeOffsetHole:
+			case ReplyTypeOffsetHole:
 				holes++
 			default:
-				t.Fatalf("chunk type %d", h.typ)
+				t.Fatalf("chunk type %d", h.Type)
 			}
-			if h.flags&replyFlagDone != 0 {
+			if h.Flags&ReplyFlagDone != 0 {
 				break
 			}
 		}
@@ -180,14 +180,14 @@ func TestBlockStatusPayload(t *testing.T) {
 	if got := rc.final(OptExtendedHeaders, nil); got != RepAck {
 		t.Fatalf("EXTENDED_HEADERS: %v", got)
 	}
-	set := metaContextRequest{queries: []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation}}.append(nil)
+	set := MetaContextRequest{Queries: []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation}}.Append(nil)
 	if got := rc.final(OptSetMetaContext, set); got != RepAck {
 		t.Fatalf("SET_META_CONTEXT: %v", got)
 	}
-	r, p := rc.option(OptGo, infoRequest{}.append(nil))
+	r, p := rc.option(OptGo, InfoRequest{}.Append(nil))
 	var flags uint16
 	for i, h := range r {
-		if h.typ == RepInfo && be.Uint16(p[i]) == infoExport {
+		if h.Type == RepInfo && be.Uint16(p[i]) == InfoExport {
 			flags = be.Uint16(p[i][10:])
 		}
 	}
@@ -204,37 +204,37 @@ func TestBlockStatusPayload(t *testing.T) {
 		errno   Errno
 	}{
 		{"all", 0, nil, []uint32{0, 1, 2}, false, 0},
-		{"one id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{1}}.append(nil), []uint32{1}, false, 0},
-		{"two ids", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 0}}.append(nil), []uint32{2, 0}, false, 0},
-		{"dup id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 2}}.append(nil), nil, false, EINVAL},
-		{"too many ids", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 1, 2, 0}}.append(nil), nil, false, EINVAL},
+		{"one id", CmdFlagPayloadLen, BlockStatusPayload{size, []uint32{1}}.Append(nil), []uint32{1}, false, 0},
+		{"two ids", CmdFlagPayloadLen, BlockStatusPayload{size, []uint32{2, 0}}.Append(nil), []uint32{2, 0}, false, 0},
+		{"dup id", CmdFlagPayloadLen, BlockStatusPayload{size, []uint32{2, 2}}.Append(nil), nil, false, EINVAL},
+		{"too many ids", CmdFlagPayloadLen, BlockStatusPayload{size, []uint32{0, 1, 2, 0}}.Append(nil), nil, false, EINVAL},
 		{"short payload", CmdFlagPayloadLen, []byte{0, 0, 0, 1}, nil, false, EINVAL},
-		{"req one", CmdFlagPayloadLen | CmdFlagReqOne, blockStatusPayload{size, []uint32{0}}.append(nil), []uint32{0}, true, 0},
-		{"unknown id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 9}}.append(nil), nil, false, EINVAL},
-		{"no ids", CmdFlagPayloadLen, blockStatusPayload{size, nil}.append(nil), nil, false, EINVAL},
+		{"req one", CmdFlagPayloadLen | CmdFlagReqOne, BlockStatusPayload{size, []uint32{0}}.Append(nil), []uint32{0}, true, 0},
+		{"unknown id", CmdFlagPayloadLen, BlockStatusPayload{size, []uint32{0, 9}}.Append(nil), nil, false, EINVAL},
+		{"no ids", CmdFlagPayloadLen, BlockStatusPayload{size, nil}.Append(nil), nil, false, EINVAL},
 		{"odd payload", CmdFlagPayloadLen, []byte{0, 0, 0, 0, 0, 0, 1, 0, 0}, nil, false, EINVAL},
-		{"beyond end", CmdFlagPayloadLen, blockStatusPayload{size + 1, []uint32{0}}.append(nil), nil, false, EINVAL},
+		{"beyond end", CmdFlagPayloadLen, BlockStatusPayload{size + 1, []uint32{0}}.Append(nil), nil, false, EINVAL},
 	}
 	for i, tc := range tests {
-		req := request{typ: CmdBlockStatus, flags: tc.flags, cookie: uint64(i), length: size}
+		req := Request{Type: CmdBlockStatus, Flags: tc.flags, Cookie: uint64(i), Length: size}
 		if tc.payload != nil {
-			req.length = uint64(len(tc.payload))
+			req.Length = uint64(len(tc.payload))
 		}
-		rc.write(append(req.append(nil, true), tc.payload...))
+		rc.write(append(req.Append(nil, true), tc.payload...))
 		var ids []uint32
 		for {
 			h, p := rc.reply()
-			if h.cookie != uint64(i) {
-				t.Fatalf("%s: cookie %d", tc.name, h.cookie)
+			if h.Cookie != uint64(i) {
+				t.Fatalf("%s: cookie %d", tc.name, h.Cookie)
 			}
-			switch h.typ {
-			case replyTypeError:
-				errno, _, _ := decodeErrorPayload(p)
+			switch h.Type {
+			case ReplyTypeError:
+				errno, _, _ := DecodeErrorPayload(p)
 				if errno != tc.errno {
 					t.Errorf("%s: error %v, want %v", tc.name, errno, tc.errno)
 				}
-			case replyTypeBlockStatusExt:
-				id, es, err := decodeBlockStatus(p, true)
+			case ReplyTypeBlockStatusExt:
+				id, es, err := DecodeBlockStatus(p, true)
 				if err != nil {
 					t.Fatalf("%s: %v", tc.name, err)
 				}
@@ -243,9 +243,9 @@ func TestBlockStatusPayload(t *testing.T) {
 					t.Errorf("%s: %d extents with REQ_ONE", tc.name, len(es))
 				}
 			default:
-				t.Fatalf("%s: chunk type %d", tc.name, h.typ)
+				t.Fatalf("%s: chunk type %d", tc.name, h.Type)
 			}
-			if h.flags&replyFlagDone != 0 {
+			if h.Flags&ReplyFlagDone != 0 {
 				break
 			}
 		}
@@ -264,37 +264,37 @@ func TestCommandErrors(t *testing.T) {
 		t.Run(m.name, func(t *testing.T) {
 			rc := dialRaw(t, uri)
 			switch m.want {
-			case modeStructured:
+			case ModeStructured:
 				rc.final(OptStructuredReply, nil)
-			case modeExtended:
+			case ModeExtended:
 				rc.final(OptExtendedHeaders, nil)
 			}
 			rc.goExport()
-			ext := m.want == modeExtended
+			ext := m.want == ModeExtended
 			tests := []struct {
-				req     request
+				req     Request
 				payload []byte
 				errno   Errno
 			}{
-				{request{typ: CmdWrite, length: 512}, make([]byte, 512), EPERM},
-				{request{typ: CmdTrim, length: 512}, nil, EPERM},
-				{request{typ: CmdWriteZeroes, length: 512}, nil, EPERM},
-				{request{typ: CmdRead, offset: 1 << 20, length: 1}, nil, EINVAL},
-				{request{typ: CmdRead, length: 64 << 20}, nil, EINVAL},
-				{request{typ: CmdRead, flags: CmdFlagFUA, length: 1}, nil, EINVAL},
-				{request{typ: CmdCache, offset: 1<<20 - 1, length: 2}, nil, EINVAL},
-				{request{typ: CmdBlockStatus, length: 512}, nil, EINVAL}, // no contexts
-				{request{typ: 42}, nil, EINVAL},
-				{request{typ: CmdFlush}, nil, 0},
-				{request{typ: CmdCache, length: 4096}, nil, 0},
+				{Request{Type: CmdWrite, Length: 512}, make([]byte, 512), EPERM},
+				{Request{Type: CmdTrim, Length: 512}, nil, EPERM},
+				{Request{Type: CmdWriteZeroes, Length: 512}, nil, EPERM},
+				{Request{Type: CmdRead, Offset: 1 << 20, Length: 1}, nil, EINVAL},
+				{Request{Type: CmdRead, Length: 64 << 20}, nil, EINVAL},
+				{Request{Type: CmdRead, Flags: CmdFlagFUA, Length: 1}, nil, EINVAL},
+				{Request{Type: CmdCache, Offset: 1<<20 - 1, Length: 2}, nil, EINVAL},
+				{Request{Type: CmdBlockStatus, Length: 512}, nil, EINVAL}, // no contexts
+				{Request{Type: 42}, nil, EINVAL},
+				{Request{Type: CmdFlush}, nil, 0},
+				{Request{Type: CmdCache, Length: 4096}, nil, 0},
 			}
 			for i, tc := range tests {
-				tc.req.cookie = uint64(100 + i)
-				rc.write(append(tc.req.append(nil, ext), tc.payload...))
+				tc.req.Cookie = uint64(100 + i)
+				rc.write(append(tc.req.Append(nil, ext), tc.payload...))
 				h, p := rc.reply()
-				errno := replyErrno(t, tc.req.typ, h, p)
-				if h.cookie != tc.req.cookie || errno != tc.errno {
-					t.Errorf("%v: cookie %d errno %v, want %d %v", tc.req.typ, h.cookie, errno, tc.req.cookie, tc.errno)
+				errno := replyErrno(t, tc.req.Type, h, p)
+				if h.Cookie != tc.req.Cookie || errno != tc.errno {
+					t.Errorf("%v: cookie %d errno %v, want %d %v", tc.req.Type, h.Cookie, errno, tc.req.Cookie, tc.errno)
 				}
 			}
 		})
@@ -305,7 +305,7 @@ func TestCommandErrors(t *testing.T) {
 func TestNegotiation(t *testing.T) {
 	img, _ := chainImage(t)
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Description: "first", Image: img}, {Name: "b", Image: img}}})
-	list := func(q ...string) []byte { return metaContextRequest{export: "a", queries: q}.append(nil) }
+	list := func(q ...string) []byte { return MetaContextRequest{Export: "a", Queries: q}.Append(nil) }
 	type step struct {
 		opt  Option
 		data []byte
@@ -330,26 +330,26 @@ func TestNegotiation(t *testing.T) {
 		{"list base:", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("base:"), RepAck, []string{metactx.BaseAllocation}}}},
 		{"list unknown", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("x:y"), RepAck, nil}}},
 		{"set exact", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptSetMetaContext, list(metactx.JointAllocation, "qemu:", metactx.JointAllocation, "qemu:dirty-bitmap:b0"), RepAck, []string{metactx.JointAllocation, "qemu:dirty-bitmap:b0"}}}},
-		{"set unknown export", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, metaContextRequest{export: "zz"}.append(nil), RepErrUnknown, nil}}},
+		{"set unknown export", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, MetaContextRequest{Export: "zz"}.Append(nil), RepErrUnknown, nil}}},
 		{"meta context garbage", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, []byte{0, 0, 0, 9, 1}, RepErrInvalid, nil}}},
-		{"info unknown export", []step{{OptInfo, infoRequest{export: "zz"}.append(nil), RepErrUnknown, nil}}},
+		{"info unknown export", []step{{OptInfo, InfoRequest{Export: "zz"}.Append(nil), RepErrUnknown, nil}}},
 		{"info garbage", []step{{OptInfo, []byte{0, 0, 0, 1, 'a', 0, 3}, RepErrInvalid, nil}}},
-		{"info ok", []step{{OptInfo, infoRequest{export: "b", infos: []uint16{infoName, infoDescription}}.append(nil), RepAck, nil}}},
+		{"info ok", []step{{OptInfo, InfoRequest{Export: "b", Infos: []uint16{InfoName, InfoDescription}}.Append(nil), RepAck, nil}}},
 		{"list with data", []step{{OptList, []byte{1}, RepErrInvalid, nil}}},
 		{"starttls without creds", []step{{OptStartTLS, nil, RepErrPolicy, nil}}},
-		{"too big", []step{{OptInfo, make([]byte, 100<<10), RepErrTooBig, nil}, {OptInfo, infoRequest{}.append(nil), RepAck, nil}}},
+		{"too big", []step{{OptInfo, make([]byte, 100<<10), RepErrTooBig, nil}, {OptInfo, InfoRequest{}.Append(nil), RepAck, nil}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			rc := dialRaw(t, uri)
 			for _, s := range tc.steps {
 				r, p := rc.option(s.opt, s.data)
-				if got := r[len(r)-1].typ; got != s.want {
+				if got := r[len(r)-1].Type; got != s.want {
 					t.Fatalf("%v: %v, want %v", s.opt, got, s.want)
 				}
 				var ctxs []string
 				for i, h := range r {
-					if h.typ == RepMetaContext {
+					if h.Type == RepMetaContext {
 						ctxs = append(ctxs, string(p[i][4:]))
 					}
 				}
@@ -371,8 +371,8 @@ func TestListAndInfo(t *testing.T) {
 	r, p := rc.option(OptList, nil)
 	var names []string
 	for i, h := range r {
-		if h.typ == RepServer {
-			n, _, err := cutString(p[i], 4096)
+		if h.Type == RepServer {
+			n, _, err := CutString(p[i], 4096)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -382,14 +382,14 @@ func TestListAndInfo(t *testing.T) {
 	if !slices.Equal(names, []string{"a", "b"}) {
 		t.Errorf("LIST: %q", names)
 	}
-	r, p = rc.option(OptInfo, infoRequest{export: "", infos: []uint16{infoName, infoDescription}}.append(nil))
+	r, p = rc.option(OptInfo, InfoRequest{Export: "", Infos: []uint16{InfoName, InfoDescription}}.Append(nil))
 	got := map[uint16]string{}
 	for i, h := range r {
-		if h.typ == RepInfo {
+		if h.Type == RepInfo {
 			got[be.Uint16(p[i])] = string(p[i][2:])
 		}
 	}
-	if got[infoName] != "a" || got[infoDescription] != "first" || len(got[infoExport]) != 10 || len(got[infoBlockSize]) != 12 {
+	if got[InfoName] != "a" || got[InfoDescription] != "first" || len(got[InfoExport]) != 10 || len(got[InfoBlockSize]) != 12 {
 		t.Errorf("INFO replies %v", got)
 	}
 }
@@ -399,20 +399,20 @@ func TestExportName(t *testing.T) {
 	img := rawImage(t, 1<<20)
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Image: img}}})
 	rc := dialRaw(t, uri)
-	rc.write(append(optHeader{opt: OptExportName, length: 1}.append(nil), 'a'))
+	rc.write(append(OptHeader{Opt: OptExportName, Length: 1}.Append(nil), 'a'))
 	var b [10]byte
 	rc.read(b[:])
 	if be.Uint64(b[:]) != 1<<20 || be.Uint16(b[8:])&FlagHasFlags == 0 {
 		t.Fatalf("EXPORT_NAME reply %x", b)
 	}
-	rc.write(request{typ: CmdRead, cookie: 1, length: 16}.append(nil, false))
+	rc.write(Request{Type: CmdRead, Cookie: 1, Length: 16}.Append(nil, false))
 	h, _ := rc.reply()
-	if h.magic != simpleReplyMagic || h.errno != 0 {
+	if h.Magic != SimpleReplyMagic || h.Errno != 0 {
 		t.Fatalf("read reply %+v", h)
 	}
 	// An unknown name closes the connection without a reply.
 	rc = dialRaw(t, uri)
-	rc.write(append(optHeader{opt: OptExportName, length: 1}.append(nil), 'z'))
+	rc.write(append(OptHeader{Opt: OptExportName, Length: 1}.Append(nil), 'z'))
 	if _, err := rc.r.ReadByte(); !errors.Is(err, io.EOF) {
 		t.Fatalf("after unknown EXPORT_NAME: %v", err)
 	}
@@ -430,21 +430,21 @@ func TestPipelined(t *testing.T) {
 	go func() {
 		var b []byte
 		for i := range n {
-			b = request{typ: CmdRead, cookie: uint64(i), offset: uint64(i) * 64 << 10, length: 64 << 10, flags: CmdFlagDF}.append(b, false)
+			b = Request{Type: CmdRead, Cookie: uint64(i), Offset: uint64(i) * 64 << 10, Length: 64 << 10, Flags: CmdFlagDF}.Append(b, false)
 		}
 		rc.c.Write(b)
 	}()
 	seen := map[uint64]bool{}
 	for range n {
 		h, p := rc.reply()
-		if seen[h.cookie] || h.typ != replyTypeOffsetData {
-			t.Fatalf("reply %+v (seen %v)", h, seen[h.cookie])
+		if seen[h.Cookie] || h.Type != ReplyTypeOffsetData {
+			t.Fatalf("reply %+v (seen %v)", h, seen[h.Cookie])
 		}
-		seen[h.cookie] = true
+		seen[h.Cookie] = true
 		want := make([]byte, 64<<10)
-		img.ReadAt(want, int64(h.cookie)*64<<10)
+		img.ReadAt(want, int64(h.Cookie)*64<<10)
 		if !bytes.Equal(p[8:], want) {
-			t.Fatalf("cookie %d: wrong data", h.cookie)
+			t.Fatalf("cookie %d: wrong data", h.Cookie)
 		}
 	}
 }
@@ -518,14 +518,14 @@ func TestCloseDrains(t *testing.T) {
 	rc.goExport()
 	var b []byte
 	for i := range 32 {
-		b = request{typ: CmdRead, flags: CmdFlagDF, cookie: uint64(i), offset: uint64(i) << 20, length: 1 << 20}.append(b, false)
+		b = Request{Type: CmdRead, Flags: CmdFlagDF, Cookie: uint64(i), Offset: uint64(i) << 20, Length: 1 << 20}.Append(b, false)
 	}
 	rc.write(b)
 	closed := make(chan error, 1)
 	got := 0
 	seen := map[uint64]bool{}
 	for {
-		var hb [structuredReplyLen]byte
+		var hb [StructuredReplyLen]byte
 		n, err := io.ReadFull(rc.r, hb[:])
 		// Unread requests make the close a reset rather than an EOF.
 		if n == 0 && got > 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
@@ -534,14 +534,14 @@ func TestCloseDrains(t *testing.T) {
 		if err != nil {
 			t.Fatalf("after %d replies: partial or missing header: %v", got, err)
 		}
-		h, err := decodeReplyHeader(hb[:])
+		h, err := DecodeReplyHeader(hb[:])
 		if err != nil {
 			t.Fatal(err)
 		}
-		if h.cookie >= 32 || seen[h.cookie] {
-			t.Fatalf("reply %d: cookie %d (seen before: %v)", got, h.cookie, seen[h.cookie])
+		if h.Cookie >= 32 || seen[h.Cookie] {
+			t.Fatalf("reply %d: cookie %d (seen before: %v)", got, h.Cookie, seen[h.Cookie])
 		}
-		seen[h.cookie] = true
+		seen[h.Cookie] = true
 		if got == 0 {
 			// The server is inside this reply's payload: close now.
 			go func() { closed <- srv.Close() }()
@@ -553,8 +553,8 @@ func TestCloseDrains(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 		}
-		if _, err := io.ReadFull(rc.r, make([]byte, h.length)); err != nil {
-			t.Fatalf("after %d replies: partial payload of the reply to %d: %v", got, h.cookie, err)
+		if _, err := io.ReadFull(rc.r, make([]byte, h.Length)); err != nil {
+			t.Fatalf("after %d replies: partial payload of the reply to %d: %v", got, h.Cookie, err)
 		}
 		got++
 	}

@@ -30,7 +30,7 @@ type session struct {
 	conn     net.Conn
 	r        *bufio.Reader
 	exp      *Export
-	mode     replyMode
+	mode     ReplyMode
 	contexts []string // negotiated meta contexts; the id is the index
 	flags    uint16   // transmission flags advertised
 	zeroCopy bool     // data may be sent from host files with sendfile
@@ -45,11 +45,20 @@ type session struct {
 
 // serve reads requests until NBD_CMD_DISC, EOF or a protocol violation,
 // then waits for the requests in flight.
+// request is a transmission request being served.
+type request struct {
+	Request
+
+	payload []byte // block status payload, read after the header
+	discard bool   // a payload was consumed that the command cannot take
+	mem     int64  // bytes of the server-wide buffer budget held
+}
+
 func (s *session) serve() error {
 	defer s.wg.Wait()
-	hdr := make([]byte, requestLen)
-	if s.mode == modeExtended {
-		hdr = make([]byte, extendedRequestLen)
+	hdr := make([]byte, RequestLen)
+	if s.mode == ModeExtended {
+		hdr = make([]byte, ExtendedRequestLen)
 	}
 	for {
 		if _, err := io.ReadFull(s.r, hdr); err != nil {
@@ -58,11 +67,12 @@ func (s *session) serve() error {
 			}
 			return err
 		}
-		req, err := decodeRequest(hdr, s.mode == modeExtended)
+		h, err := DecodeRequest(hdr, s.mode == ModeExtended)
 		if err != nil {
 			return err
 		}
-		if req.typ == CmdDisc {
+		req := request{Request: h}
+		if req.Type == CmdDisc {
 			return nil
 		}
 		// The slot is taken before a write's payload is read, so at most
@@ -74,8 +84,8 @@ func (s *session) serve() error {
 		// that stalls only throttles itself. Reads and block status take
 		// their buffers' budget in the handler, once they know what they
 		// hold (sendfile and zero runs hold none).
-		if req.typ == CmdWrite && s.exp.Writable {
-			req.mem = s.mem.acquire(int64(min(req.length, uint64(s.srv.cfg.MaxRequest))))
+		if req.Type == CmdWrite && s.exp.Writable {
+			req.mem = s.mem.acquire(int64(min(req.Length, uint64(s.srv.cfg.MaxRequest))))
 		}
 		if err := s.readPayload(&req); err != nil {
 			s.release(&req)
@@ -92,29 +102,29 @@ func (s *session) serve() error {
 // lengths within the limits are read; anything larger drops the
 // connection.
 func (s *session) readPayload(req *request) error {
-	hasPayload := req.typ == CmdWrite ||
-		(s.mode == modeExtended && req.flags&CmdFlagPayloadLen != 0)
+	hasPayload := req.Type == CmdWrite ||
+		(s.mode == ModeExtended && req.Flags&CmdFlagPayloadLen != 0)
 	if !hasPayload {
 		return nil
 	}
 	limit := uint64(s.srv.cfg.MaxRequest)
-	if req.length > limit {
-		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.typ, req.length, limit)
+	if req.Length > limit {
+		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.Type, req.Length, limit)
 	}
-	if req.typ == CmdWrite && s.exp.Writable {
-		req.payload = getBuf(int(req.length))
+	if req.Type == CmdWrite && s.exp.Writable {
+		req.payload = getBuf(int(req.Length))
 		_, err := io.ReadFull(s.r, req.payload)
 		return err
 	}
 	// A block status payload is an effect length and at most one id per
 	// negotiated context, like QEMU; anything else is thrown away and
 	// answered NBD_EINVAL.
-	if req.typ != CmdBlockStatus || req.length > bsPayloadHdrLen+4*uint64(len(s.contexts)) {
+	if req.Type != CmdBlockStatus || req.Length > BlockStatusPayloadHdrLen+4*uint64(len(s.contexts)) {
 		req.discard = true
-		_, err := io.CopyN(io.Discard, s.r, int64(req.length))
+		_, err := io.CopyN(io.Discard, s.r, int64(req.Length))
 		return err
 	}
-	req.payload = make([]byte, req.length)
+	req.payload = make([]byte, req.Length)
 	_, err := io.ReadFull(s.r, req.payload)
 	return err
 }
@@ -143,7 +153,7 @@ func (s *session) handle(req request) {
 func (s *session) safeDispatch(req *request) (r reply) {
 	defer func() {
 		if p := recover(); p != nil {
-			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.typ, p, debug.Stack())
+			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.Type, p, debug.Stack())
 			r = s.errReply(req, EIO, "internal server error")
 		}
 	}()
@@ -154,14 +164,14 @@ func (s *session) safeDispatch(req *request) (r reply) {
 // the command's handler. The reply it returns is complete.
 func (s *session) dispatch(req *request) reply {
 	allowed := uint16(0)
-	switch req.typ {
+	switch req.Type {
 	case CmdRead:
-		if s.mode >= modeStructured {
+		if s.mode >= ModeStructured {
 			allowed = CmdFlagDF
 		}
 	case CmdBlockStatus:
 		allowed = CmdFlagReqOne
-		if s.mode == modeExtended {
+		if s.mode == ModeExtended {
 			allowed |= CmdFlagPayloadLen
 		}
 	case CmdWrite, CmdWriteZeroes, CmdTrim:
@@ -170,19 +180,19 @@ func (s *session) dispatch(req *request) reply {
 		}
 		allowed = CmdFlagFUA
 		switch {
-		case req.typ == CmdWriteZeroes:
+		case req.Type == CmdWriteZeroes:
 			allowed |= CmdFlagNoHole | CmdFlagFastZero
-		case req.typ == CmdWrite && s.mode == modeExtended:
+		case req.Type == CmdWrite && s.mode == ModeExtended:
 			allowed |= CmdFlagPayloadLen
 		}
 	}
 	if req.discard {
-		return s.errReply(req, EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.length, req.typ))
+		return s.errReply(req, EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.Length, req.Type))
 	}
-	if req.flags&^allowed != 0 {
-		return s.errReply(req, EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.flags, req.typ))
+	if req.Flags&^allowed != 0 {
+		return s.errReply(req, EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.Flags, req.Type))
 	}
-	switch req.typ {
+	switch req.Type {
 	case CmdRead:
 		return s.cmdRead(req)
 	case CmdFlush:
@@ -198,7 +208,7 @@ func (s *session) dispatch(req *request) reply {
 	case CmdBlockStatus:
 		return s.cmdBlockStatus(req)
 	}
-	return s.errReply(req, EINVAL, "unsupported command "+req.typ.String())
+	return s.errReply(req, EINVAL, "unsupported command "+req.Type.String())
 }
 
 // inBounds checks [off, off+length) against the export size.
@@ -210,7 +220,7 @@ func (s *session) inBounds(off, length uint64) bool {
 // cmdCache answers NBD_CMD_CACHE: nothing to prefetch that the host page
 // cache would not, so it only validates the range.
 func (s *session) cmdCache(req *request) reply {
-	if !s.inBounds(req.offset, req.length) {
+	if !s.inBounds(req.Offset, req.Length) {
 		return s.errReply(req, EINVAL, "cache request beyond the end of the export")
 	}
 	return s.okReply(req)
@@ -288,7 +298,7 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 			if len(msg) > 4096 {
 				msg = msg[:4096]
 			}
-			h := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(errorPayloadHdrLen+len(msg)+8))
+			h := AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(ErrorPayloadHdrLen+len(msg)+8))
 			h = be.AppendUint32(h, uint32(EIO))
 			h = be.AppendUint16(h, uint16(len(msg)))
 			h = append(h, msg...)
@@ -301,9 +311,9 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 		if p.chunk != nil {
 			var flags uint16
 			if p.chunk.last && pos == p.n {
-				flags = replyFlagDone
+				flags = ReplyFlagDone
 			}
-			h := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(offsetDataHdrLen+k))
+			h := AppendChunkHeader(nil, s.mode, flags, ReplyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(OffsetDataHdrLen+k))
 			bufs = net.Buffers{be.AppendUint64(h, uint64(off)), b}
 		}
 		if _, err := bufs.WriteTo(s.conn); err != nil {
@@ -330,22 +340,22 @@ func (s *session) fail(err error) {
 
 // okReply is a success without payload.
 func (s *session) okReply(req *request) reply {
-	if s.mode == modeExtended {
-		return bytesReply(appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0))
+	if s.mode == ModeExtended {
+		return bytesReply(AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeNone, req.Cookie, req.Offset, 0))
 	}
-	return bytesReply(appendSimpleReply(nil, 0, req.cookie))
+	return bytesReply(AppendSimpleReply(nil, 0, req.Cookie))
 }
 
 // errReply is an error reply: a simple reply without structured replies,
 // else an NBD_REPLY_TYPE_ERROR chunk carrying msg.
 func (s *session) errReply(req *request, errno Errno, msg string) reply {
-	if s.mode == modeSimple {
-		return bytesReply(appendSimpleReply(nil, errno, req.cookie))
+	if s.mode == ModeSimple {
+		return bytesReply(AppendSimpleReply(nil, errno, req.Cookie))
 	}
 	if len(msg) > 4096 {
 		msg = msg[:4096]
 	}
-	b := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeError, req.cookie, req.offset, uint64(errorPayloadHdrLen+len(msg)))
+	b := AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeError, req.Cookie, req.Offset, uint64(ErrorPayloadHdrLen+len(msg)))
 	b = be.AppendUint32(b, uint32(errno))
 	b = be.AppendUint16(b, uint16(len(msg)))
 	return bytesReply(append(b, msg...))
@@ -364,7 +374,7 @@ func (s *session) cmdBlockStatus(req *request) reply {
 	if err != nil {
 		return s.errReply(req, EINVAL, err.Error())
 	}
-	if length == 0 || !s.inBounds(req.offset, length) {
+	if length == 0 || !s.inBounds(req.Offset, length) {
 		return s.errReply(req, EINVAL, "block status range empty or beyond the end of the export")
 	}
 	// Each chunk holds up to maxExtentBytes of descriptors until sent.
@@ -373,7 +383,7 @@ func (s *session) cmdBlockStatus(req *request) reply {
 	for i, id := range ids {
 		var flags uint16
 		if i == len(ids)-1 {
-			flags = replyFlagDone
+			flags = ReplyFlagDone
 		}
 		chunk, err := s.statusChunk(req, id, length, flags)
 		if err != nil {
@@ -388,23 +398,23 @@ func (s *session) cmdBlockStatus(req *request) reply {
 // every negotiated context and the request length, or those the block
 // status payload names and its effect length.
 func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
-	if req.flags&CmdFlagPayloadLen == 0 {
+	if req.Flags&CmdFlagPayloadLen == 0 {
 		ids := make([]uint32, len(s.contexts))
 		for i := range ids {
 			ids[i] = uint32(i)
 		}
-		return ids, req.length, nil
+		return ids, req.Length, nil
 	}
-	p, err := decodeBlockStatusPayload(req.payload)
+	p, err := DecodeBlockStatusPayload(req.payload)
 	if err != nil {
 		return nil, 0, err
 	}
-	if len(p.ids) == 0 {
+	if len(p.IDs) == 0 {
 		return nil, 0, errors.New("block status payload names no context")
 	}
 	var ids []uint32
 	seen := map[uint32]bool{}
-	for _, id := range p.ids {
+	for _, id := range p.IDs {
 		if int64(id) >= int64(len(s.contexts)) {
 			return nil, 0, fmt.Errorf("metadata context id %d was not negotiated", id)
 		}
@@ -414,7 +424,7 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 		seen[id] = true
 		ids = append(ids, id)
 	}
-	return ids, p.length, nil
+	return ids, p.Length, nil
 }
 
 // statusChunk builds the BLOCK_STATUS (32-bit) or BLOCK_STATUS_EXT
@@ -422,15 +432,15 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 // stopping after one extent with NBD_CMD_FLAG_REQ_ONE or when the
 // descriptors reach maxExtentBytes.
 func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint16) ([]byte, error) {
-	ext := s.mode == modeExtended
-	hdr, desc, typ := blockStatusHdrLen, descriptorLen, uint16(replyTypeBlockStatus)
+	ext := s.mode == ModeExtended
+	hdr, desc, typ := BlockStatusHdrLen, DescriptorLen, uint16(ReplyTypeBlockStatus)
 	maxLen := uint64(math.MaxUint32)
 	if ext {
-		hdr, desc, typ = blockStatusExtHdr, extDescriptorLen, replyTypeBlockStatusExt
+		hdr, desc, typ = BlockStatusExtHdrLen, ExtDescriptorLen, ReplyTypeBlockStatusExt
 		maxLen = math.MaxInt64
 	}
 	limit := maxExtentBytes / desc
-	if req.flags&CmdFlagReqOne != 0 {
+	if req.Flags&CmdFlagReqOne != 0 {
 		limit = 1
 	}
 	var body []byte
@@ -438,7 +448,7 @@ func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint
 	// The walk is bounded in work, not only in extents: a crafted image
 	// can make millions of lookups coalesce into one extent. What was
 	// walked is answered; the client asks again from there.
-	_, err := metactx.WalkLimit(s.exp.Image, s.contexts[id], int64(req.offset), int64(length), statusBudget, func(off, n int64, f uint32) error {
+	_, err := metactx.WalkLimit(s.exp.Image, s.contexts[id], int64(req.Offset), int64(length), statusBudget, func(off, n int64, f uint32) error {
 		if uint64(n) > maxLen {
 			n = int64(maxLen &^ 0xfff)
 			count = limit - 1 // a clipped extent ends the chunk
@@ -461,7 +471,7 @@ func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint
 	if len(body) == 0 {
 		return nil, fmt.Errorf("block status of %s: no extents", s.contexts[id])
 	}
-	b := appendChunkHeader(make([]byte, 0, extendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.cookie, req.offset, uint64(hdr+len(body)))
+	b := AppendChunkHeader(make([]byte, 0, ExtendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.Cookie, req.Offset, uint64(hdr+len(body)))
 	b = be.AppendUint32(b, id)
 	if ext {
 		b = be.AppendUint32(b, uint32(len(body)/desc))

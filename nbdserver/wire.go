@@ -10,400 +10,396 @@ var be = binary.BigEndian
 
 // Decoding errors. They are wrapped with the offending values.
 var (
-	errBadMagic   = errors.New("nbd: bad magic")
-	errShort      = errors.New("nbd: message too short")
-	errTooLong    = errors.New("nbd: length exceeds limit")
-	errBadReply   = errors.New("nbd: malformed reply")
-	errBadOption  = errors.New("nbd: malformed option")
-	errBadPayload = errors.New("nbd: malformed block status payload")
+	ErrBadMagic   = errors.New("nbd: bad magic")
+	ErrShort      = errors.New("nbd: message too short")
+	ErrTooLong    = errors.New("nbd: length exceeds limit")
+	ErrBadReply   = errors.New("nbd: malformed reply")
+	ErrBadOption  = errors.New("nbd: malformed option")
+	ErrBadPayload = errors.New("nbd: malformed block status payload")
 )
 
 // Header sizes.
 const (
-	optHeaderLen        = 16 // magic, option, length
-	optReplyHeaderLen   = 20 // magic, option, type, length
-	requestLen          = 28
-	extendedRequestLen  = 32
-	simpleReplyLen      = 16
-	structuredReplyLen  = 20
-	extendedReplyLen    = 32
-	blockStatusHdrLen   = 4 // context id (32-bit mode)
-	blockStatusExtHdr   = 8 // context id, descriptor count
-	descriptorLen       = 8
-	extDescriptorLen    = 16
-	errorPayloadHdrLen  = 6 // error, message length
-	offsetDataHdrLen    = 8
-	offsetHoleLen       = 12
-	bsPayloadHdrLen     = 8 // effect length
-	optionHeaderMaxName = 4096
+	OptHeaderLen             = 16 // magic, option, length
+	OptReplyHeaderLen        = 20 // magic, option, type, length
+	RequestLen               = 28
+	ExtendedRequestLen       = 32
+	SimpleReplyLen           = 16
+	StructuredReplyLen       = 20
+	ExtendedReplyLen         = 32
+	BlockStatusHdrLen        = 4 // context id (32-bit mode)
+	BlockStatusExtHdrLen     = 8 // context id, descriptor count
+	DescriptorLen            = 8
+	ExtDescriptorLen         = 16
+	ErrorPayloadHdrLen       = 6 // error, message length
+	OffsetDataHdrLen         = 8
+	OffsetHoleLen            = 12
+	BlockStatusPayloadHdrLen = 8 // effect length
+	MaxNameLen               = 4096
 )
 
-// optHeader is a client option header: IHAVEOPT, option, length.
-type optHeader struct {
-	opt    Option
-	length uint32
+// OptHeader is a client option header: IHAVEOPT, option, length.
+type OptHeader struct {
+	Opt    Option
+	Length uint32
 }
 
-func decodeOptHeader(b []byte) (optHeader, error) {
-	if len(b) < optHeaderLen {
-		return optHeader{}, errShort
+func DecodeOptHeader(b []byte) (OptHeader, error) {
+	if len(b) < OptHeaderLen {
+		return OptHeader{}, ErrShort
 	}
-	if m := be.Uint64(b); m != optsMagic {
-		return optHeader{}, fmt.Errorf("%w: option magic %#x", errBadMagic, m)
+	if m := be.Uint64(b); m != OptsMagic {
+		return OptHeader{}, fmt.Errorf("%w: option magic %#x", ErrBadMagic, m)
 	}
-	return optHeader{opt: Option(be.Uint32(b[8:])), length: be.Uint32(b[12:])}, nil
+	return OptHeader{Opt: Option(be.Uint32(b[8:])), Length: be.Uint32(b[12:])}, nil
 }
 
-func (h optHeader) append(b []byte) []byte {
-	b = be.AppendUint64(b, optsMagic)
-	b = be.AppendUint32(b, uint32(h.opt))
-	return be.AppendUint32(b, h.length)
+func (h OptHeader) Append(b []byte) []byte {
+	b = be.AppendUint64(b, OptsMagic)
+	b = be.AppendUint32(b, uint32(h.Opt))
+	return be.AppendUint32(b, h.Length)
 }
 
-// optReply is a server option reply header.
-type optReply struct {
-	opt    Option
-	typ    Reply
-	length uint32
+// OptReply is a server option reply header.
+type OptReply struct {
+	Opt    Option
+	Type   Reply
+	Length uint32
 }
 
-func (r optReply) append(b []byte) []byte {
-	b = be.AppendUint64(b, repMagic)
-	b = be.AppendUint32(b, uint32(r.opt))
-	b = be.AppendUint32(b, uint32(r.typ))
-	return be.AppendUint32(b, r.length)
+func (r OptReply) Append(b []byte) []byte {
+	b = be.AppendUint64(b, RepMagic)
+	b = be.AppendUint32(b, uint32(r.Opt))
+	b = be.AppendUint32(b, uint32(r.Type))
+	return be.AppendUint32(b, r.Length)
 }
 
-func decodeOptReply(b []byte) (optReply, error) {
-	if len(b) < optReplyHeaderLen {
-		return optReply{}, errShort
+func DecodeOptReply(b []byte) (OptReply, error) {
+	if len(b) < OptReplyHeaderLen {
+		return OptReply{}, ErrShort
 	}
-	if m := be.Uint64(b); m != repMagic {
-		return optReply{}, fmt.Errorf("%w: option reply magic %#x", errBadMagic, m)
+	if m := be.Uint64(b); m != RepMagic {
+		return OptReply{}, fmt.Errorf("%w: option reply magic %#x", ErrBadMagic, m)
 	}
-	return optReply{opt: Option(be.Uint32(b[8:])), typ: Reply(be.Uint32(b[12:])), length: be.Uint32(b[16:])}, nil
+	return OptReply{Opt: Option(be.Uint32(b[8:])), Type: Reply(be.Uint32(b[12:])), Length: be.Uint32(b[16:])}, nil
 }
 
-// request is a transmission request, compact (28 bytes, 32-bit length)
-// or extended (32 bytes, 64-bit length).
-type request struct {
-	flags  uint16
-	typ    Command
-	cookie uint64
-	offset uint64
-	length uint64
-
-	payload []byte // block status payload, read after the header
-	discard bool   // a payload was consumed that the command cannot take
-	mem     int64  // bytes of the server-wide buffer budget held
+// Request is a transmission request header, compact (28 bytes, 32-bit
+// length) or extended (32 bytes, 64-bit length).
+type Request struct {
+	Flags  uint16
+	Type   Command
+	Cookie uint64
+	Offset uint64
+	Length uint64
 }
 
-// decodeRequest decodes a request header. b holds at least requestLen
+// DecodeRequest decodes a request header. b holds at least requestLen
 // bytes (compact) or extendedRequestLen bytes (extended).
-func decodeRequest(b []byte, extended bool) (request, error) {
-	want, magic := uint32(requestMagic), requestLen
+func DecodeRequest(b []byte, extended bool) (Request, error) {
+	want, magic := uint32(RequestMagic), RequestLen
 	if extended {
-		want, magic = extendedRequestMagic, extendedRequestLen
+		want, magic = ExtendedRequestMagic, ExtendedRequestLen
 	}
 	if len(b) < magic {
-		return request{}, errShort
+		return Request{}, ErrShort
 	}
 	if m := be.Uint32(b); m != want {
-		return request{}, fmt.Errorf("%w: request magic %#x", errBadMagic, m)
+		return Request{}, fmt.Errorf("%w: request magic %#x", ErrBadMagic, m)
 	}
-	r := request{
-		flags:  be.Uint16(b[4:]),
-		typ:    Command(be.Uint16(b[6:])),
-		cookie: be.Uint64(b[8:]),
-		offset: be.Uint64(b[16:]),
+	r := Request{
+		Flags:  be.Uint16(b[4:]),
+		Type:   Command(be.Uint16(b[6:])),
+		Cookie: be.Uint64(b[8:]),
+		Offset: be.Uint64(b[16:]),
 	}
 	if extended {
-		r.length = be.Uint64(b[24:])
+		r.Length = be.Uint64(b[24:])
 	} else {
-		r.length = uint64(be.Uint32(b[24:]))
+		r.Length = uint64(be.Uint32(b[24:]))
 	}
 	return r, nil
 }
 
-func (r request) append(b []byte, extended bool) []byte {
+func (r Request) Append(b []byte, extended bool) []byte {
 	if extended {
-		b = be.AppendUint32(b, extendedRequestMagic)
+		b = be.AppendUint32(b, ExtendedRequestMagic)
 	} else {
-		b = be.AppendUint32(b, requestMagic)
+		b = be.AppendUint32(b, RequestMagic)
 	}
-	b = be.AppendUint16(b, r.flags)
-	b = be.AppendUint16(b, uint16(r.typ))
-	b = be.AppendUint64(b, r.cookie)
-	b = be.AppendUint64(b, r.offset)
+	b = be.AppendUint16(b, r.Flags)
+	b = be.AppendUint16(b, uint16(r.Type))
+	b = be.AppendUint64(b, r.Cookie)
+	b = be.AppendUint64(b, r.Offset)
 	if extended {
-		return be.AppendUint64(b, r.length)
+		return be.AppendUint64(b, r.Length)
 	}
-	return be.AppendUint32(b, uint32(r.length))
+	return be.AppendUint32(b, uint32(r.Length))
 }
 
-// replyMode is how replies are framed on a connection.
-type replyMode int
+// ReplyMode is how replies are framed on a connection.
+type ReplyMode int
 
 const (
-	modeSimple     replyMode = iota // simple replies only
-	modeStructured                  // structured replies negotiated
-	modeExtended                    // extended headers negotiated
+	ModeSimple     ReplyMode = iota // simple replies only
+	ModeStructured                  // structured replies negotiated
+	ModeExtended                    // extended headers negotiated
 )
 
-func (m replyMode) String() string {
+func (m ReplyMode) String() string {
 	return [...]string{"simple", "structured", "extended"}[m]
 }
 
-// appendSimpleReply appends a simple reply header.
-func appendSimpleReply(b []byte, errno Errno, cookie uint64) []byte {
-	b = be.AppendUint32(b, simpleReplyMagic)
+// AppendSimpleReply appends a simple reply header.
+func AppendSimpleReply(b []byte, errno Errno, cookie uint64) []byte {
+	b = be.AppendUint32(b, SimpleReplyMagic)
 	b = be.AppendUint32(b, uint32(errno))
 	return be.AppendUint64(b, cookie)
 }
 
-// appendChunkHeader appends a structured (or, in extended mode, an
+// AppendChunkHeader appends a structured (or, in extended mode, an
 // extended) reply chunk header for a payload of length bytes. offset is
 // the request's offset, echoed in extended headers.
-func appendChunkHeader(b []byte, mode replyMode, flags, typ uint16, cookie, offset, length uint64) []byte {
-	if mode == modeExtended {
-		b = be.AppendUint32(b, extendedReplyMagic)
+func AppendChunkHeader(b []byte, mode ReplyMode, flags, typ uint16, cookie, offset, length uint64) []byte {
+	if mode == ModeExtended {
+		b = be.AppendUint32(b, ExtendedReplyMagic)
 	} else {
-		b = be.AppendUint32(b, structuredReplyMagic)
+		b = be.AppendUint32(b, StructuredReplyMagic)
 	}
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, typ)
 	b = be.AppendUint64(b, cookie)
-	if mode == modeExtended {
+	if mode == ModeExtended {
 		b = be.AppendUint64(b, offset)
 		return be.AppendUint64(b, length)
 	}
 	return be.AppendUint32(b, uint32(length))
 }
 
-// replyHeader is a decoded reply header of any of the three kinds.
-type replyHeader struct {
-	magic  uint32
-	flags  uint16
-	typ    uint16
-	cookie uint64
-	offset uint64 // extended only
-	length uint64 // structured/extended: payload length
-	errno  Errno  // simple only
+// ReplyHeader is a decoded reply header of any of the three kinds.
+type ReplyHeader struct {
+	Magic  uint32
+	Flags  uint16
+	Type   uint16
+	Cookie uint64
+	Offset uint64 // extended only
+	Length uint64 // structured/extended: payload length
+	Errno  Errno  // simple only
 }
 
-// replyHeaderLen returns the header length for a reply magic, or 0.
-func replyHeaderLen(magic uint32) int {
+// ReplyHeaderLen returns the header length for a reply magic, or 0.
+func ReplyHeaderLen(magic uint32) int {
 	switch magic {
-	case simpleReplyMagic:
-		return simpleReplyLen
-	case structuredReplyMagic:
-		return structuredReplyLen
-	case extendedReplyMagic:
-		return extendedReplyLen
+	case SimpleReplyMagic:
+		return SimpleReplyLen
+	case StructuredReplyMagic:
+		return StructuredReplyLen
+	case ExtendedReplyMagic:
+		return ExtendedReplyLen
 	}
 	return 0
 }
 
-// decodeReplyHeader decodes a reply header; b holds replyHeaderLen(magic)
+// DecodeReplyHeader decodes a reply header; b holds replyHeaderLen(magic)
 // bytes.
-func decodeReplyHeader(b []byte) (replyHeader, error) {
+func DecodeReplyHeader(b []byte) (ReplyHeader, error) {
 	if len(b) < 4 {
-		return replyHeader{}, errShort
+		return ReplyHeader{}, ErrShort
 	}
-	h := replyHeader{magic: be.Uint32(b)}
-	n := replyHeaderLen(h.magic)
+	h := ReplyHeader{Magic: be.Uint32(b)}
+	n := ReplyHeaderLen(h.Magic)
 	if n == 0 {
-		return h, fmt.Errorf("%w: reply magic %#x", errBadMagic, h.magic)
+		return h, fmt.Errorf("%w: reply magic %#x", ErrBadMagic, h.Magic)
 	}
 	if len(b) < n {
-		return h, errShort
+		return h, ErrShort
 	}
-	switch h.magic {
-	case simpleReplyMagic:
-		h.errno = Errno(be.Uint32(b[4:]))
-		h.cookie = be.Uint64(b[8:])
-	case structuredReplyMagic:
-		h.flags, h.typ = be.Uint16(b[4:]), be.Uint16(b[6:])
-		h.cookie = be.Uint64(b[8:])
-		h.length = uint64(be.Uint32(b[16:]))
-	case extendedReplyMagic:
-		h.flags, h.typ = be.Uint16(b[4:]), be.Uint16(b[6:])
-		h.cookie = be.Uint64(b[8:])
-		h.offset = be.Uint64(b[16:])
-		h.length = be.Uint64(b[24:])
+	switch h.Magic {
+	case SimpleReplyMagic:
+		h.Errno = Errno(be.Uint32(b[4:]))
+		h.Cookie = be.Uint64(b[8:])
+	case StructuredReplyMagic:
+		h.Flags, h.Type = be.Uint16(b[4:]), be.Uint16(b[6:])
+		h.Cookie = be.Uint64(b[8:])
+		h.Length = uint64(be.Uint32(b[16:]))
+	case ExtendedReplyMagic:
+		h.Flags, h.Type = be.Uint16(b[4:]), be.Uint16(b[6:])
+		h.Cookie = be.Uint64(b[8:])
+		h.Offset = be.Uint64(b[16:])
+		h.Length = be.Uint64(b[24:])
 	}
 	return h, nil
 }
 
-// blockStatusPayload is the client payload of NBD_CMD_BLOCK_STATUS with
+// BlockStatusPayload is the client payload of NBD_CMD_BLOCK_STATUS with
 // NBD_CMD_FLAG_PAYLOAD_LEN: an effect length and the context ids.
-type blockStatusPayload struct {
-	length uint64
-	ids    []uint32
+type BlockStatusPayload struct {
+	Length uint64
+	IDs    []uint32
 }
 
-func decodeBlockStatusPayload(b []byte) (blockStatusPayload, error) {
-	if len(b) < bsPayloadHdrLen || (len(b)-bsPayloadHdrLen)%4 != 0 {
-		return blockStatusPayload{}, fmt.Errorf("%w: length %d", errBadPayload, len(b))
+func DecodeBlockStatusPayload(b []byte) (BlockStatusPayload, error) {
+	if len(b) < BlockStatusPayloadHdrLen || (len(b)-BlockStatusPayloadHdrLen)%4 != 0 {
+		return BlockStatusPayload{}, fmt.Errorf("%w: length %d", ErrBadPayload, len(b))
 	}
-	p := blockStatusPayload{length: be.Uint64(b)}
-	for i := bsPayloadHdrLen; i < len(b); i += 4 {
-		p.ids = append(p.ids, be.Uint32(b[i:]))
+	p := BlockStatusPayload{Length: be.Uint64(b)}
+	for i := BlockStatusPayloadHdrLen; i < len(b); i += 4 {
+		p.IDs = append(p.IDs, be.Uint32(b[i:]))
 	}
 	return p, nil
 }
 
-func (p blockStatusPayload) append(b []byte) []byte {
-	b = be.AppendUint64(b, p.length)
-	for _, id := range p.ids {
+func (p BlockStatusPayload) Append(b []byte) []byte {
+	b = be.AppendUint64(b, p.Length)
+	for _, id := range p.IDs {
 		b = be.AppendUint32(b, id)
 	}
 	return b
 }
 
-// extent is one block status descriptor.
-type extent struct {
-	length uint64
-	flags  uint64
+// Extent is one block status descriptor.
+type Extent struct {
+	Length uint64
+	Flags  uint64
 }
 
-// decodeBlockStatus decodes a BLOCK_STATUS or BLOCK_STATUS_EXT chunk
+// DecodeBlockStatus decodes a BLOCK_STATUS or BLOCK_STATUS_EXT chunk
 // payload.
-func decodeBlockStatus(b []byte, ext bool) (id uint32, es []extent, err error) {
+func DecodeBlockStatus(b []byte, ext bool) (id uint32, es []Extent, err error) {
 	if !ext {
-		if len(b) < blockStatusHdrLen+descriptorLen || (len(b)-blockStatusHdrLen)%descriptorLen != 0 {
-			return 0, nil, fmt.Errorf("%w: block status length %d", errBadReply, len(b))
+		if len(b) < BlockStatusHdrLen+DescriptorLen || (len(b)-BlockStatusHdrLen)%DescriptorLen != 0 {
+			return 0, nil, fmt.Errorf("%w: block status length %d", ErrBadReply, len(b))
 		}
 		id = be.Uint32(b)
-		for i := blockStatusHdrLen; i < len(b); i += descriptorLen {
-			es = append(es, extent{uint64(be.Uint32(b[i:])), uint64(be.Uint32(b[i+4:]))})
+		for i := BlockStatusHdrLen; i < len(b); i += DescriptorLen {
+			es = append(es, Extent{uint64(be.Uint32(b[i:])), uint64(be.Uint32(b[i+4:]))})
 		}
 		return id, es, nil
 	}
-	if len(b) < blockStatusExtHdr+extDescriptorLen || (len(b)-blockStatusExtHdr)%extDescriptorLen != 0 {
-		return 0, nil, fmt.Errorf("%w: block status length %d", errBadReply, len(b))
+	if len(b) < BlockStatusExtHdrLen+ExtDescriptorLen || (len(b)-BlockStatusExtHdrLen)%ExtDescriptorLen != 0 {
+		return 0, nil, fmt.Errorf("%w: block status length %d", ErrBadReply, len(b))
 	}
 	id = be.Uint32(b)
 	n := be.Uint32(b[4:])
-	if n != 0 && uint64(n) != uint64(len(b)-blockStatusExtHdr)/extDescriptorLen { // 0: count by length
-		return 0, nil, fmt.Errorf("%w: %d descriptors announced, %d sent", errBadReply, n, (len(b)-blockStatusExtHdr)/extDescriptorLen)
+	if n != 0 && uint64(n) != uint64(len(b)-BlockStatusExtHdrLen)/ExtDescriptorLen { // 0: count by length
+		return 0, nil, fmt.Errorf("%w: %d descriptors announced, %d sent", ErrBadReply, n, (len(b)-BlockStatusExtHdrLen)/ExtDescriptorLen)
 	}
-	for i := blockStatusExtHdr; i < len(b); i += extDescriptorLen {
-		es = append(es, extent{be.Uint64(b[i:]), be.Uint64(b[i+8:])})
+	for i := BlockStatusExtHdrLen; i < len(b); i += ExtDescriptorLen {
+		es = append(es, Extent{be.Uint64(b[i:]), be.Uint64(b[i+8:])})
 	}
 	return id, es, nil
 }
 
-// decodeErrorPayload decodes an NBD_REPLY_TYPE_ERROR(_OFFSET) payload.
-func decodeErrorPayload(b []byte) (Errno, string, error) {
-	if len(b) < errorPayloadHdrLen {
-		return 0, "", fmt.Errorf("%w: error chunk of %d bytes", errBadReply, len(b))
+// DecodeErrorPayload decodes an NBD_REPLY_TYPE_ERROR(_OFFSET) payload.
+func DecodeErrorPayload(b []byte) (Errno, string, error) {
+	if len(b) < ErrorPayloadHdrLen {
+		return 0, "", fmt.Errorf("%w: error chunk of %d bytes", ErrBadReply, len(b))
 	}
 	n := int(be.Uint16(b[4:]))
-	if errorPayloadHdrLen+n > len(b) {
-		return 0, "", fmt.Errorf("%w: error message overruns chunk", errBadReply)
+	if ErrorPayloadHdrLen+n > len(b) {
+		return 0, "", fmt.Errorf("%w: error message overruns chunk", ErrBadReply)
 	}
-	return Errno(be.Uint32(b)), string(b[errorPayloadHdrLen : errorPayloadHdrLen+n]), nil
+	return Errno(be.Uint32(b)), string(b[ErrorPayloadHdrLen : ErrorPayloadHdrLen+n]), nil
 }
 
-// appendString appends a 32-bit length-prefixed string.
-func appendString(b []byte, s string) []byte {
+// AppendString appends a 32-bit length-prefixed string.
+func AppendString(b []byte, s string) []byte {
 	b = be.AppendUint32(b, uint32(len(s)))
 	return append(b, s...)
 }
 
-// cutString cuts a 32-bit length-prefixed string off b.
-func cutString(b []byte, max int) (s string, rest []byte, err error) {
+// CutString cuts a 32-bit length-prefixed string off b.
+func CutString(b []byte, max int) (s string, rest []byte, err error) {
 	if len(b) < 4 {
-		return "", nil, fmt.Errorf("%w: missing string length", errBadOption)
+		return "", nil, fmt.Errorf("%w: missing string length", ErrBadOption)
 	}
 	n := be.Uint32(b)
 	if uint64(n) > uint64(len(b)-4) {
-		return "", nil, fmt.Errorf("%w: string of %d bytes overruns option", errBadOption, n)
+		return "", nil, fmt.Errorf("%w: string of %d bytes overruns option", ErrBadOption, n)
 	}
 	if int(n) > max {
-		return "", nil, fmt.Errorf("%w: string of %d bytes", errTooLong, n)
+		return "", nil, fmt.Errorf("%w: string of %d bytes", ErrTooLong, n)
 	}
 	return string(b[4 : 4+n]), b[4+n:], nil
 }
 
-// metaContextRequest is the data of LIST/SET_META_CONTEXT: export name and
+// MetaContextRequest is the data of LIST/SET_META_CONTEXT: export name and
 // queries.
-type metaContextRequest struct {
-	export  string
-	queries []string
+type MetaContextRequest struct {
+	Export  string
+	Queries []string
 }
 
-// maxQueries bounds the queries of one meta context option.
-const maxQueries = 1024
+// MaxQueries bounds the queries of one meta context option.
+const MaxQueries = 1024
 
-func decodeMetaContextRequest(b []byte) (metaContextRequest, error) {
-	var m metaContextRequest
+func DecodeMetaContextRequest(b []byte) (MetaContextRequest, error) {
+	var m MetaContextRequest
 	var err error
-	if m.export, b, err = cutString(b, optionHeaderMaxName); err != nil {
+	if m.Export, b, err = CutString(b, MaxNameLen); err != nil {
 		return m, err
 	}
 	if len(b) < 4 {
-		return m, fmt.Errorf("%w: missing query count", errBadOption)
+		return m, fmt.Errorf("%w: missing query count", ErrBadOption)
 	}
 	n := be.Uint32(b)
 	b = b[4:]
-	if n > maxQueries {
-		return m, fmt.Errorf("%w: %d queries", errTooLong, n)
+	if n > MaxQueries {
+		return m, fmt.Errorf("%w: %d queries", ErrTooLong, n)
 	}
 	for i := uint32(0); i < n; i++ {
 		var q string
-		if q, b, err = cutString(b, optionHeaderMaxName); err != nil {
+		if q, b, err = CutString(b, MaxNameLen); err != nil {
 			return m, err
 		}
-		m.queries = append(m.queries, q)
+		m.Queries = append(m.Queries, q)
 	}
 	if len(b) != 0 {
-		return m, fmt.Errorf("%w: %d trailing bytes", errBadOption, len(b))
+		return m, fmt.Errorf("%w: %d trailing bytes", ErrBadOption, len(b))
 	}
 	return m, nil
 }
 
-func (m metaContextRequest) append(b []byte) []byte {
-	b = appendString(b, m.export)
-	b = be.AppendUint32(b, uint32(len(m.queries)))
-	for _, q := range m.queries {
-		b = appendString(b, q)
+func (m MetaContextRequest) Append(b []byte) []byte {
+	b = AppendString(b, m.Export)
+	b = be.AppendUint32(b, uint32(len(m.Queries)))
+	for _, q := range m.Queries {
+		b = AppendString(b, q)
 	}
 	return b
 }
 
-// infoRequest is the data of NBD_OPT_INFO/GO: export name and requested
+// InfoRequest is the data of NBD_OPT_INFO/GO: export name and requested
 // info types.
-type infoRequest struct {
-	export string
-	infos  []uint16
+type InfoRequest struct {
+	Export string
+	Infos  []uint16
 }
 
-func decodeInfoRequest(b []byte) (infoRequest, error) {
-	var r infoRequest
+func DecodeInfoRequest(b []byte) (InfoRequest, error) {
+	var r InfoRequest
 	var err error
-	if r.export, b, err = cutString(b, optionHeaderMaxName); err != nil {
+	if r.Export, b, err = CutString(b, MaxNameLen); err != nil {
 		return r, err
 	}
 	if len(b) < 2 {
-		return r, fmt.Errorf("%w: missing info count", errBadOption)
+		return r, fmt.Errorf("%w: missing info count", ErrBadOption)
 	}
 	n := int(be.Uint16(b))
 	b = b[2:]
 	if len(b) != 2*n {
-		return r, fmt.Errorf("%w: %d info requests in %d bytes", errBadOption, n, len(b))
+		return r, fmt.Errorf("%w: %d info requests in %d bytes", ErrBadOption, n, len(b))
 	}
 	for i := 0; i < n; i++ {
-		r.infos = append(r.infos, be.Uint16(b[2*i:]))
+		r.Infos = append(r.Infos, be.Uint16(b[2*i:]))
 	}
 	return r, nil
 }
 
-func (r infoRequest) append(b []byte) []byte {
-	b = appendString(b, r.export)
-	b = be.AppendUint16(b, uint16(len(r.infos)))
-	for _, i := range r.infos {
+func (r InfoRequest) Append(b []byte) []byte {
+	b = AppendString(b, r.Export)
+	b = be.AppendUint16(b, uint16(len(r.Infos)))
+	for _, i := range r.Infos {
 		b = be.AppendUint16(b, i)
 	}
 	return b

@@ -29,7 +29,7 @@ func writeErrno(err error) Errno {
 
 // fua makes the request's effect durable when it carries NBD_CMD_FLAG_FUA.
 func (s *session) fua(req *request) error {
-	if req.flags&CmdFlagFUA == 0 {
+	if req.Flags&CmdFlagFUA == 0 {
 		return nil
 	}
 	return s.exp.Image.Flush()
@@ -41,7 +41,7 @@ func (s *session) writeDone(req *request, err error) reply {
 		err = s.fua(req)
 	}
 	if err != nil {
-		s.srv.cfg.Logf("nbd: %v of %d bytes at %d: %v", req.typ, req.length, req.offset, err)
+		s.srv.cfg.Logf("nbd: %v of %d bytes at %d: %v", req.Type, req.Length, req.Offset, err)
 		return s.errReply(req, writeErrno(err), err.Error())
 	}
 	return s.okReply(req)
@@ -49,13 +49,13 @@ func (s *session) writeDone(req *request, err error) reply {
 
 // cmdWrite answers NBD_CMD_WRITE; readPayload has read the data.
 func (s *session) cmdWrite(req *request) reply {
-	if !s.inBounds(req.offset, req.length) {
+	if !s.inBounds(req.Offset, req.Length) {
 		return s.errReply(req, ENOSPC, "write beyond the end of the export")
 	}
-	if uint64(len(req.payload)) != req.length {
-		return s.errReply(req, EINVAL, fmt.Sprintf("write payload of %d bytes for a length of %d", len(req.payload), req.length))
+	if uint64(len(req.payload)) != req.Length {
+		return s.errReply(req, EINVAL, fmt.Sprintf("write payload of %d bytes for a length of %d", len(req.payload), req.Length))
 	}
-	_, err := s.exp.Image.WriteAt(req.payload, int64(req.offset))
+	_, err := s.exp.Image.WriteAt(req.payload, int64(req.Offset))
 	putBuf(req.payload) // the engine keeps no reference to it
 	req.payload = nil
 	return s.writeDone(req, err)
@@ -65,17 +65,17 @@ func (s *session) cmdWrite(req *request) reply {
 // may be deallocated; with FAST_ZERO the engine refuses (NBD_ENOTSUP)
 // before changing anything when it would have to write zero bytes.
 func (s *session) cmdWriteZeroes(req *request) reply {
-	if !s.inBounds(req.offset, req.length) {
+	if !s.inBounds(req.Offset, req.Length) {
 		return s.errReply(req, ENOSPC, "write zeroes beyond the end of the export")
 	}
 	var flags qcow2.ZeroFlags
-	if req.flags&CmdFlagNoHole == 0 {
+	if req.Flags&CmdFlagNoHole == 0 {
 		flags |= qcow2.ZeroMayUnmap
 	}
-	if req.flags&CmdFlagFastZero != 0 {
+	if req.Flags&CmdFlagFastZero != 0 {
 		flags |= qcow2.ZeroFast
 	}
-	err := s.exp.Image.WriteZeroes(int64(req.offset), int64(req.length), flags)
+	err := s.exp.Image.WriteZeroes(int64(req.Offset), int64(req.Length), flags)
 	if errors.Is(err, qcow2.ErrNotFast) {
 		return s.errReply(req, ENOTSUP, "zeroing this range is not fast")
 	}
@@ -85,10 +85,10 @@ func (s *session) cmdWriteZeroes(req *request) reply {
 // cmdTrim answers NBD_CMD_TRIM: the engine releases the whole clusters of
 // the range (which then read as zeroes) and leaves partial ones alone.
 func (s *session) cmdTrim(req *request) reply {
-	if !s.inBounds(req.offset, req.length) {
+	if !s.inBounds(req.Offset, req.Length) {
 		return s.errReply(req, EINVAL, "trim beyond the end of the export")
 	}
-	return s.writeDone(req, s.exp.Image.Discard(int64(req.offset), int64(req.length)))
+	return s.writeDone(req, s.exp.Image.Discard(int64(req.Offset), int64(req.Length)))
 }
 
 // cmdFlush answers NBD_CMD_FLUSH. The engine's Flush is image-wide: every

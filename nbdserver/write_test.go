@@ -36,7 +36,7 @@ func TestWritableFlags(t *testing.T) {
 		ro     bool
 	}{{"rw", false}, {"ro", true}} {
 		for _, m := range modes {
-			c, err := Dial(context.Background(), uri, ClientOptions{ExportName: tc.export, StructuredReplies: m.want >= modeStructured, ExtendedHeaders: m.want == modeExtended})
+			c, err := Dial(context.Background(), uri, ClientOptions{ExportName: tc.export, StructuredReplies: m.want >= ModeStructured, ExtendedHeaders: m.want == ModeExtended})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -66,53 +66,53 @@ func TestWriteCommands(t *testing.T) {
 			_, uri := startServer(t, Config{Exports: []*Export{{Image: img, Writable: true}}})
 			rc := dialRaw(t, uri)
 			switch m.want {
-			case modeStructured:
+			case ModeStructured:
 				rc.final(OptStructuredReply, nil)
-			case modeExtended:
+			case ModeExtended:
 				rc.final(OptExtendedHeaders, nil)
 			}
 			rc.goExport()
-			ext := m.want == modeExtended
+			ext := m.want == ModeExtended
 			shadow := make([]byte, size)
 			data := func(n int, v byte) []byte { return bytes.Repeat([]byte{v}, n) }
 			tests := []struct {
-				req     request
+				req     Request
 				payload []byte
 				errno   Errno
 				apply   func() // the change to the shadow on success
 			}{
-				{request{typ: CmdWrite, offset: 100, length: 3000}, data(3000, 0xa1), 0, func() { copy(shadow[100:], data(3000, 0xa1)) }},
-				{request{typ: CmdWrite, flags: CmdFlagFUA, offset: 65530, length: 70000}, data(70000, 0xa2), 0, func() { copy(shadow[65530:], data(70000, 0xa2)) }},
-				{request{typ: CmdWrite, offset: size - 10, length: 10}, data(10, 0xa3), 0, func() { copy(shadow[size-10:], data(10, 0xa3)) }},
-				{request{typ: CmdWrite, offset: size - 10, length: 11}, data(11, 0xee), ENOSPC, nil},
-				{request{typ: CmdWrite, offset: size + 512, length: 512}, data(512, 0xee), ENOSPC, nil},
-				{request{typ: CmdWrite, flags: CmdFlagDF, length: 512}, data(512, 0xee), EINVAL, nil},
-				{request{typ: CmdWrite, flags: CmdFlagNoHole, length: 512}, data(512, 0xee), EINVAL, nil},
-				{request{typ: CmdWrite, length: 0}, nil, 0, nil},
-				{request{typ: CmdWriteZeroes, offset: 200, length: 100}, nil, 0, func() { clear(shadow[200:300]) }},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagNoHole | CmdFlagFUA, offset: 66000, length: 1000}, nil, 0, func() { clear(shadow[66000:67000]) }},
+				{Request{Type: CmdWrite, Offset: 100, Length: 3000}, data(3000, 0xa1), 0, func() { copy(shadow[100:], data(3000, 0xa1)) }},
+				{Request{Type: CmdWrite, Flags: CmdFlagFUA, Offset: 65530, Length: 70000}, data(70000, 0xa2), 0, func() { copy(shadow[65530:], data(70000, 0xa2)) }},
+				{Request{Type: CmdWrite, Offset: size - 10, Length: 10}, data(10, 0xa3), 0, func() { copy(shadow[size-10:], data(10, 0xa3)) }},
+				{Request{Type: CmdWrite, Offset: size - 10, Length: 11}, data(11, 0xee), ENOSPC, nil},
+				{Request{Type: CmdWrite, Offset: size + 512, Length: 512}, data(512, 0xee), ENOSPC, nil},
+				{Request{Type: CmdWrite, Flags: CmdFlagDF, Length: 512}, data(512, 0xee), EINVAL, nil},
+				{Request{Type: CmdWrite, Flags: CmdFlagNoHole, Length: 512}, data(512, 0xee), EINVAL, nil},
+				{Request{Type: CmdWrite, Length: 0}, nil, 0, nil},
+				{Request{Type: CmdWriteZeroes, Offset: 200, Length: 100}, nil, 0, func() { clear(shadow[200:300]) }},
+				{Request{Type: CmdWriteZeroes, Flags: CmdFlagNoHole | CmdFlagFUA, Offset: 66000, Length: 1000}, nil, 0, func() { clear(shadow[66000:67000]) }},
 				// Unaligned: zeroing would write bytes, so FAST_ZERO refuses
 				// without changing anything.
-				{request{typ: CmdWrite, offset: 300000, length: 1000}, data(1000, 0xa4), 0, func() { copy(shadow[300000:], data(1000, 0xa4)) }},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagFastZero, offset: 300100, length: 10}, nil, ENOTSUP, nil},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagFastZero, offset: 0, length: 128 << 10}, nil, 0, func() { clear(shadow[:128<<10]) }},
-				{request{typ: CmdWriteZeroes, offset: size - 1, length: 2}, nil, ENOSPC, nil},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagDF, length: 2}, nil, EINVAL, nil},
+				{Request{Type: CmdWrite, Offset: 300000, Length: 1000}, data(1000, 0xa4), 0, func() { copy(shadow[300000:], data(1000, 0xa4)) }},
+				{Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero, Offset: 300100, Length: 10}, nil, ENOTSUP, nil},
+				{Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero, Offset: 0, Length: 128 << 10}, nil, 0, func() { clear(shadow[:128<<10]) }},
+				{Request{Type: CmdWriteZeroes, Offset: size - 1, Length: 2}, nil, ENOSPC, nil},
+				{Request{Type: CmdWriteZeroes, Flags: CmdFlagDF, Length: 2}, nil, EINVAL, nil},
 				// Trim releases whole clusters only (then reading zeroes).
-				{request{typ: CmdWrite, offset: 512 << 10, length: 256 << 10}, data(256<<10, 0xa5), 0, func() { copy(shadow[512<<10:], data(256<<10, 0xa5)) }},
-				{request{typ: CmdTrim, flags: CmdFlagFUA, offset: 512<<10 + 1, length: 192 << 10}, nil, 0, func() { clear(shadow[576<<10 : 704<<10]) }},
-				{request{typ: CmdTrim, offset: size - 1, length: 2}, nil, EINVAL, nil},
-				{request{typ: CmdTrim, flags: CmdFlagNoHole, length: 2}, nil, EINVAL, nil},
-				{request{typ: CmdFlush}, nil, 0, nil},
-				{request{typ: CmdFlush, flags: CmdFlagFUA}, nil, EINVAL, nil},
+				{Request{Type: CmdWrite, Offset: 512 << 10, Length: 256 << 10}, data(256<<10, 0xa5), 0, func() { copy(shadow[512<<10:], data(256<<10, 0xa5)) }},
+				{Request{Type: CmdTrim, Flags: CmdFlagFUA, Offset: 512<<10 + 1, Length: 192 << 10}, nil, 0, func() { clear(shadow[576<<10 : 704<<10]) }},
+				{Request{Type: CmdTrim, Offset: size - 1, Length: 2}, nil, EINVAL, nil},
+				{Request{Type: CmdTrim, Flags: CmdFlagNoHole, Length: 2}, nil, EINVAL, nil},
+				{Request{Type: CmdFlush}, nil, 0, nil},
+				{Request{Type: CmdFlush, Flags: CmdFlagFUA}, nil, EINVAL, nil},
 			}
 			for i, tc := range tests {
-				tc.req.cookie = uint64(100 + i)
-				rc.write(append(tc.req.append(nil, ext), tc.payload...))
+				tc.req.Cookie = uint64(100 + i)
+				rc.write(append(tc.req.Append(nil, ext), tc.payload...))
 				h, p := rc.reply()
-				errno := replyErrno(t, tc.req.typ, h, p)
-				if h.cookie != tc.req.cookie || errno != tc.errno {
-					t.Errorf("#%d %v flags %#x at %d+%d: cookie %d errno %v, want %d %v", i, tc.req.typ, tc.req.flags, tc.req.offset, tc.req.length, h.cookie, errno, tc.req.cookie, tc.errno)
+				errno := replyErrno(t, tc.req.Type, h, p)
+				if h.Cookie != tc.req.Cookie || errno != tc.errno {
+					t.Errorf("#%d %v flags %#x at %d+%d: cookie %d errno %v, want %d %v", i, tc.req.Type, tc.req.Flags, tc.req.Offset, tc.req.Length, h.Cookie, errno, tc.req.Cookie, tc.errno)
 				}
 				if errno == 0 && tc.apply != nil {
 					tc.apply()
@@ -301,22 +301,22 @@ func TestHostileWrites(t *testing.T) {
 	}
 	for _, tc := range map[string]struct {
 		ext  bool
-		req  request
+		req  Request
 		data []byte
 	}{
-		"huge write":          {true, request{typ: CmdWrite, length: 1 << 40}, nil},
-		"write above limit":   {false, request{typ: CmdWrite, length: 32<<20 + 1}, make([]byte, 1<<20)},
-		"half a write":        {false, request{typ: CmdWrite, length: 1 << 20}, make([]byte, 4096)},
-		"half a write (ext)":  {true, request{typ: CmdWrite, length: 1 << 20}, bytes.Repeat([]byte{7}, 65536)},
-		"write then hang up":  {false, request{typ: CmdWrite, offset: 1 << 20, length: 8}, nil},
-		"zeroes past the end": {true, request{typ: CmdWriteZeroes, offset: 1 << 62, length: 1 << 62}, nil},
+		"huge write":          {true, Request{Type: CmdWrite, Length: 1 << 40}, nil},
+		"write above limit":   {false, Request{Type: CmdWrite, Length: 32<<20 + 1}, make([]byte, 1<<20)},
+		"half a write":        {false, Request{Type: CmdWrite, Length: 1 << 20}, make([]byte, 4096)},
+		"half a write (ext)":  {true, Request{Type: CmdWrite, Length: 1 << 20}, bytes.Repeat([]byte{7}, 65536)},
+		"write then hang up":  {false, Request{Type: CmdWrite, Offset: 1 << 20, Length: 8}, nil},
+		"zeroes past the end": {true, Request{Type: CmdWriteZeroes, Offset: 1 << 62, Length: 1 << 62}, nil},
 	} {
 		rc := dialRaw(t, uri)
 		if tc.ext {
 			rc.final(OptExtendedHeaders, nil)
 		}
 		rc.goExport()
-		rc.c.Write(append(tc.req.append(nil, tc.ext), tc.data...)) // may fail: the server hangs up
+		rc.c.Write(append(tc.req.Append(nil, tc.ext), tc.data...)) // may fail: the server hangs up
 		rc.c.Close()
 	}
 	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
