@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 )
 
 // admPeak samples /proc/PID/status (VmRSS, VmHWM) every few milliseconds
@@ -164,7 +164,7 @@ func admStalled(t testing.TB, s *admServer, n int, size, length uint64) []net.Co
 func admGoodReads(t testing.TB, s *admServer, size int64, d time.Duration, want []byte) (slowest, dial time.Duration) {
 	t.Helper()
 	start := time.Now()
-	c, err := nbdserver.Dial(context.Background(), s.uri(), nbdserver.ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), s.uri(), nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		t.Fatalf("%s: good client: %v", s.name, err)
 	}

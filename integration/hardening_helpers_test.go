@@ -27,7 +27,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/internal/hostile"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 )
 
 // hardStartWait bounds how long serve and mount may take to be ready
@@ -665,9 +665,9 @@ func hardPeakRSS(pid int, settle, limit time.Duration) int64 {
 // hardGoodClient reads and maps random ranges through the Go client
 // until stop is closed or max requests are done, verifying every answer against the oracle. It
 // returns the number of requests and the first error.
-func hardGoodClient(uri string, opts nbdserver.ClientOptions, o *hardOracle, seed uint64, stop <-chan struct{}, max int) (int, error) {
+func hardGoodClient(uri string, opts nbdclient.Options, o *hardOracle, seed uint64, stop <-chan struct{}, max int) (int, error) {
 	ctx := context.Background()
-	c, err := nbdserver.Dial(ctx, uri, opts)
+	c, err := nbdclient.Dial(ctx, uri, opts)
 	if err != nil {
 		return 0, err
 	}
@@ -693,7 +693,7 @@ func hardGoodClient(uri string, opts nbdserver.ClientOptions, o *hardOracle, see
 // hardMixedRequest sends one random request: a read of up to len(buf)
 // bytes at any byte offset, or block status of a random range on one of
 // the contexts, and checks the answer against the oracle.
-func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, rng *rand.Rand, size int64, buf []byte, contexts []string) error {
+func hardMixedRequest(ctx context.Context, c *nbdclient.Client, o *hardOracle, rng *rand.Rand, size int64, buf []byte, contexts []string) error {
 	if len(contexts) == 0 || rng.IntN(2) == 0 {
 		n := 1 + rng.Int64N(int64(len(buf)))
 		off := rng.Int64N(size - n + 1)
@@ -709,7 +709,7 @@ func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, r
 
 // hardCheckedRead reads len(p) bytes at off and compares them with the
 // oracle.
-func hardCheckedRead(c *nbdserver.Client, o *hardOracle, off int64, p []byte) error {
+func hardCheckedRead(c *nbdclient.Client, o *hardOracle, off int64, p []byte) error {
 	n := int64(len(p))
 	if _, err := c.ReadAt(p, off); err != nil {
 		return fmt.Errorf("read %d at %d: %w", n, off, err)
@@ -722,7 +722,7 @@ func hardCheckedRead(c *nbdserver.Client, o *hardOracle, off int64, p []byte) er
 
 // hardCheckedStatus asks block status of [off, off+n) on context name
 // and checks every extent against the oracle's map.
-func hardCheckedStatus(ctx context.Context, c *nbdserver.Client, o *hardOracle, name string, off, n int64) error {
+func hardCheckedStatus(ctx context.Context, c *nbdclient.Client, o *hardOracle, name string, off, n int64) error {
 	m := o.maps[name]
 	next := off
 	err := c.BlockStatus(ctx, name, off, n, func(eo, en int64, flags uint32) error {

@@ -20,6 +20,8 @@ import (
 	"github.com/nbdgw/nbdgw/internal/hostile"
 	"github.com/nbdgw/nbdgw/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
@@ -177,14 +179,14 @@ func hardCorpusServe(t *testing.T, bin string, c corpus.Case, want []byte) {
 	// The Go client sees the server's message naming the problem.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cl, err := nbdserver.Dial(ctx, s.uri, nbdserver.ClientOptions{StructuredReplies: true, MetaContexts: hardContexts(c)})
+	cl, err := nbdclient.Dial(ctx, s.uri, nbdclient.Options{StructuredReplies: true, MetaContexts: hardContexts(c)})
 	if err != nil {
 		t.Fatalf("Go client: %v", err)
 	}
 	defer cl.Close()
 	buf := make([]byte, cl.Size())
 	_, err = cl.ReadAt(buf, 0)
-	var se *nbdserver.ServerError
+	var se *nbdproto.ServerError
 	switch {
 	case c.Stage == corpus.Read:
 		if !errors.As(err, &se) {
@@ -444,7 +446,7 @@ func TestHardeningHostileClients(t *testing.T) {
 	var wg sync.WaitGroup
 	var goodMu sync.Mutex // guards goodN
 	goodN := map[string]int{}
-	good := map[string]nbdserver.ClientOptions{
+	good := map[string]nbdclient.Options{
 		"simple":     {},
 		"structured": {StructuredReplies: true, MetaContexts: hardAllContexts},
 		"extended":   {ExtendedHeaders: true, MetaContexts: hardAllContexts},
@@ -724,9 +726,9 @@ func TestHardeningTLS(t *testing.T) {
 		if r := hardExec(30*time.Second, "nbdcopy", s.uri, "-"); r.code == 0 || len(r.stdout) != 0 {
 			t.Errorf("nbdcopy without TLS: exit %d, %d bytes", r.code, len(r.stdout))
 		}
-		_, err := nbdserver.Dial(context.Background(), s.uri, nbdserver.ClientOptions{StructuredReplies: true})
-		var se *nbdserver.ServerError
-		if !errors.As(err, &se) || se.Reply != nbdserver.RepErrTLSReqd {
+		_, err := nbdclient.Dial(context.Background(), s.uri, nbdclient.Options{StructuredReplies: true})
+		var se *nbdproto.ServerError
+		if !errors.As(err, &se) || se.Reply != nbdproto.RepErrTLSReqd {
 			t.Errorf("Go client without TLS: %v, want NBD_REP_ERR_TLS_REQD", err)
 		}
 		// NBD_OPT_EXPORT_NAME cannot be refused with a reply: the
@@ -776,12 +778,12 @@ func TestHardeningTLS(t *testing.T) {
 		if r.code == 0 {
 			t.Errorf("nbdinfo with a client certificate from a foreign CA was let in: %s", r.stdout)
 		}
-		cfg, err := nbdserver.LoadClientTLS(mixed)
+		cfg, err := nbdproto.LoadClientTLS(mixed)
 		if err != nil {
 			t.Fatal(err)
 		}
 		cfg.ServerName = "localhost"
-		if c, err := nbdserver.Dial(context.Background(), s.uri, nbdserver.ClientOptions{TLS: cfg}); err == nil {
+		if c, err := nbdclient.Dial(context.Background(), s.uri, nbdclient.Options{TLS: cfg}); err == nil {
 			c.Close()
 			t.Error("Go client with a foreign client certificate was let in")
 		}
@@ -807,7 +809,7 @@ func TestHardeningTLS(t *testing.T) {
 		timeout := 5 * time.Second
 		uri := s.socket
 		if os.Getenv("NBDGW_HARDENING_FULL") == "" {
-			srvTLS, err := nbdserver.LoadServerTLS(creds, true)
+			srvTLS, err := nbdproto.LoadServerTLS(creds, true)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -20,7 +20,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -277,10 +277,10 @@ func TestAttachLocal(t *testing.T) {
 			if size != uint64(len(want)) {
 				t.Errorf("size %d, want %d", size, len(want))
 			}
-			if flags&(nbdserver.FlagHasFlags|nbdserver.FlagReadOnly) != nbdserver.FlagHasFlags|nbdserver.FlagReadOnly {
+			if flags&(nbdproto.FlagHasFlags|nbdproto.FlagReadOnly) != nbdproto.FlagHasFlags|nbdproto.FlagReadOnly {
 				t.Errorf("server flags %#x lack HAS_FLAGS|READ_ONLY", flags)
 			}
-			if tt.connections > 1 && flags&nbdserver.FlagCanMultiConn == 0 {
+			if tt.connections > 1 && flags&nbdproto.FlagCanMultiConn == 0 {
 				t.Errorf("server flags %#x lack CAN_MULTI_CONN", flags)
 			}
 			if backend != "nbdgw:"+path {
@@ -436,7 +436,7 @@ func TestAttachURI(t *testing.T) {
 			k.mu.Lock()
 			conns, flags, size, backend := k.conns, k.serverFlags, k.size, k.backend
 			k.mu.Unlock()
-			if got := flags&nbdserver.FlagReadOnly != 0; got == writable {
+			if got := flags&nbdproto.FlagReadOnly != 0; got == writable {
 				t.Errorf("server flags %#x: read-only %v with writable=%v", flags, got, writable)
 			}
 			if size != uint64(len(want)) || backend != "nbdgw:"+uri {

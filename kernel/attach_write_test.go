@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // NBD commands and command flags as the kernel sends them.
@@ -188,8 +188,8 @@ func TestAttachLocalWritable(t *testing.T) {
 			if len(conns) != tt.connections {
 				t.Fatalf("kernel got %d sockets, want %d", len(conns), tt.connections)
 			}
-			wantFlags := uint64(nbdserver.FlagHasFlags | nbdserver.FlagSendFlush | nbdserver.FlagSendFUA | nbdserver.FlagSendTrim | nbdserver.FlagSendWriteZeroes | nbdserver.FlagCanMultiConn)
-			if flags&wantFlags != wantFlags || flags&nbdserver.FlagReadOnly != 0 {
+			wantFlags := uint64(nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagCanMultiConn)
+			if flags&wantFlags != wantFlags || flags&nbdproto.FlagReadOnly != 0 {
 				t.Errorf("server flags %#x: want %#x set and READ_ONLY clear", flags, wantFlags)
 			}
 
@@ -283,7 +283,7 @@ func TestAttachReadOnlyRefusesWrites(t *testing.T) {
 	k.mu.Lock()
 	conns, flags := k.conns, k.serverFlags
 	k.mu.Unlock()
-	if flags&nbdserver.FlagReadOnly == 0 {
+	if flags&nbdproto.FlagReadOnly == 0 {
 		t.Errorf("server flags %#x lack READ_ONLY", flags)
 	}
 	for i, op := range writeLoad[:3] {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -91,18 +92,18 @@ const minHole = 4096
 // sendfile; the rest is read through the engine before anything is sent.
 func (s *session) cmdRead(req *request) reply {
 	if req.Length > uint64(s.srv.cfg.MaxRequest) {
-		return s.errReply(req, EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.Length, s.srv.cfg.MaxRequest))
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.Length, s.srv.cfg.MaxRequest))
 	}
 	if !s.inBounds(req.Offset, req.Length) {
-		return s.errReply(req, EINVAL, "read beyond the end of the export")
+		return s.errReply(req, nbdproto.EINVAL, "read beyond the end of the export")
 	}
 	if req.Length == 0 {
-		if s.mode == ModeSimple {
+		if s.mode == nbdproto.ModeSimple {
 			return s.okReply(req)
 		}
-		return bytesReply(AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeNone, req.Cookie, req.Offset, 0))
+		return bytesReply(nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeNone, req.Cookie, req.Offset, 0))
 	}
-	holes := s.mode != ModeSimple && req.Flags&CmdFlagDF == 0
+	holes := s.mode != nbdproto.ModeSimple && req.Flags&nbdproto.CmdFlagDF == 0
 	segs := s.readSegments(int64(req.Offset), int64(req.Length), holes)
 	var parts reply
 	var err error
@@ -123,13 +124,13 @@ func (s *session) cmdRead(req *request) reply {
 		parts, err = s.readParts(segs, stream)
 	}
 	if err != nil {
-		return s.errReply(req, EIO, err.Error())
+		return s.errReply(req, nbdproto.EIO, err.Error())
 	}
-	if s.mode == ModeSimple {
-		return append(bytesReply(AppendSimpleReply(nil, 0, req.Cookie)), parts...)
+	if s.mode == nbdproto.ModeSimple {
+		return append(bytesReply(nbdproto.AppendSimpleReply(nil, 0, req.Cookie)), parts...)
 	}
 	if !holes {
-		h := AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeOffsetData, req.Cookie, req.Offset, OffsetDataHdrLen+req.Length)
+		h := nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeOffsetData, req.Cookie, req.Offset, nbdproto.OffsetDataHdrLen+req.Length)
 		return append(bytesReply(be.AppendUint64(h, req.Offset)), parts...)
 	}
 	var tail reply // the pooled buffer's holder, sent (as nothing) last
@@ -141,10 +142,10 @@ func (s *session) cmdRead(req *request) reply {
 		var flags uint16
 		last := i == len(segs)-1
 		if last {
-			flags = ReplyFlagDone
+			flags = nbdproto.ReplyFlagDone
 		}
 		if sg.kind == segZero {
-			b := AppendChunkHeader(nil, s.mode, flags, ReplyTypeOffsetHole, req.Cookie, req.Offset, OffsetHoleLen)
+			b := nbdproto.AppendChunkHeader(nil, s.mode, flags, nbdproto.ReplyTypeOffsetHole, req.Cookie, req.Offset, nbdproto.OffsetHoleLen)
 			b = be.AppendUint64(b, uint64(sg.off))
 			out = append(out, replyPart{b: be.AppendUint32(b, uint32(sg.length))})
 			continue
@@ -155,7 +156,7 @@ func (s *session) cmdRead(req *request) reply {
 			out = append(out, p)
 			continue
 		}
-		b := AppendChunkHeader(nil, s.mode, flags, ReplyTypeOffsetData, req.Cookie, req.Offset, uint64(OffsetDataHdrLen+sg.length))
+		b := nbdproto.AppendChunkHeader(nil, s.mode, flags, nbdproto.ReplyTypeOffsetData, req.Cookie, req.Offset, uint64(nbdproto.OffsetDataHdrLen+sg.length))
 		out = append(out, replyPart{b: be.AppendUint64(b, uint64(sg.off))}, parts[i])
 	}
 	return append(out, tail...)

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -363,18 +364,18 @@ func (s *Server) export(name string) *Export {
 
 // transmissionFlags returns the flags advertised for exp in mode. payload
 // says whether NBD_FLAG_BLOCK_STATUS_PAYLOAD may be set.
-func transmissionFlags(exp *Export, mode ReplyMode, payload bool) uint16 {
-	f := uint16(FlagHasFlags | FlagSendFlush | FlagCanMultiConn | FlagSendCache)
+func transmissionFlags(exp *Export, mode nbdproto.ReplyMode, payload bool) uint16 {
+	f := uint16(nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn | nbdproto.FlagSendCache)
 	if exp.Writable {
-		f |= FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
+		f |= nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagSendFastZero
 	} else {
-		f |= FlagReadOnly
+		f |= nbdproto.FlagReadOnly
 	}
-	if mode >= ModeStructured {
-		f |= FlagSendDF
+	if mode >= nbdproto.ModeStructured {
+		f |= nbdproto.FlagSendDF
 	}
-	if mode == ModeExtended && payload {
-		f |= FlagBlockStatusPayload
+	if mode == nbdproto.ModeExtended && payload {
+		f |= nbdproto.FlagBlockStatusPayload
 	}
 	return f
 }

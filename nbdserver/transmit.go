@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // Reply size limits.
@@ -30,7 +31,7 @@ type session struct {
 	conn     net.Conn
 	r        *bufio.Reader
 	exp      *Export
-	mode     ReplyMode
+	mode     nbdproto.ReplyMode
 	contexts []string // negotiated meta contexts; the id is the index
 	flags    uint16   // transmission flags advertised
 	zeroCopy bool     // data may be sent from host files with sendfile
@@ -47,7 +48,7 @@ type session struct {
 // then waits for the requests in flight.
 // request is a transmission request being served.
 type request struct {
-	Request
+	nbdproto.Request
 
 	payload []byte // block status payload, read after the header
 	discard bool   // a payload was consumed that the command cannot take
@@ -56,9 +57,9 @@ type request struct {
 
 func (s *session) serve() error {
 	defer s.wg.Wait()
-	hdr := make([]byte, RequestLen)
-	if s.mode == ModeExtended {
-		hdr = make([]byte, ExtendedRequestLen)
+	hdr := make([]byte, nbdproto.RequestLen)
+	if s.mode == nbdproto.ModeExtended {
+		hdr = make([]byte, nbdproto.ExtendedRequestLen)
 	}
 	for {
 		if _, err := io.ReadFull(s.r, hdr); err != nil {
@@ -67,12 +68,12 @@ func (s *session) serve() error {
 			}
 			return err
 		}
-		h, err := DecodeRequest(hdr, s.mode == ModeExtended)
+		h, err := nbdproto.DecodeRequest(hdr, s.mode == nbdproto.ModeExtended)
 		if err != nil {
 			return err
 		}
 		req := request{Request: h}
-		if req.Type == CmdDisc {
+		if req.Type == nbdproto.CmdDisc {
 			return nil
 		}
 		// The slot is taken before a write's payload is read, so at most
@@ -84,7 +85,7 @@ func (s *session) serve() error {
 		// that stalls only throttles itself. Reads and block status take
 		// their buffers' budget in the handler, once they know what they
 		// hold (sendfile and zero runs hold none).
-		if req.Type == CmdWrite && s.exp.Writable {
+		if req.Type == nbdproto.CmdWrite && s.exp.Writable {
 			req.mem = s.mem.acquire(int64(min(req.Length, uint64(s.srv.cfg.MaxRequest))))
 		}
 		if err := s.readPayload(&req); err != nil {
@@ -102,8 +103,8 @@ func (s *session) serve() error {
 // lengths within the limits are read; anything larger drops the
 // connection.
 func (s *session) readPayload(req *request) error {
-	hasPayload := req.Type == CmdWrite ||
-		(s.mode == ModeExtended && req.Flags&CmdFlagPayloadLen != 0)
+	hasPayload := req.Type == nbdproto.CmdWrite ||
+		(s.mode == nbdproto.ModeExtended && req.Flags&nbdproto.CmdFlagPayloadLen != 0)
 	if !hasPayload {
 		return nil
 	}
@@ -111,7 +112,7 @@ func (s *session) readPayload(req *request) error {
 	if req.Length > limit {
 		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.Type, req.Length, limit)
 	}
-	if req.Type == CmdWrite && s.exp.Writable {
+	if req.Type == nbdproto.CmdWrite && s.exp.Writable {
 		req.payload = getBuf(int(req.Length))
 		_, err := io.ReadFull(s.r, req.payload)
 		return err
@@ -119,7 +120,7 @@ func (s *session) readPayload(req *request) error {
 	// A block status payload is an effect length and at most one id per
 	// negotiated context, like QEMU; anything else is thrown away and
 	// answered NBD_EINVAL.
-	if req.Type != CmdBlockStatus || req.Length > BlockStatusPayloadHdrLen+4*uint64(len(s.contexts)) {
+	if req.Type != nbdproto.CmdBlockStatus || req.Length > nbdproto.BlockStatusPayloadHdrLen+4*uint64(len(s.contexts)) {
 		req.discard = true
 		_, err := io.CopyN(io.Discard, s.r, int64(req.Length))
 		return err
@@ -154,7 +155,7 @@ func (s *session) safeDispatch(req *request) (r reply) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.Type, p, debug.Stack())
-			r = s.errReply(req, EIO, "internal server error")
+			r = s.errReply(req, nbdproto.EIO, "internal server error")
 		}
 	}()
 	return s.dispatch(req)
@@ -165,50 +166,50 @@ func (s *session) safeDispatch(req *request) (r reply) {
 func (s *session) dispatch(req *request) reply {
 	allowed := uint16(0)
 	switch req.Type {
-	case CmdRead:
-		if s.mode >= ModeStructured {
-			allowed = CmdFlagDF
+	case nbdproto.CmdRead:
+		if s.mode >= nbdproto.ModeStructured {
+			allowed = nbdproto.CmdFlagDF
 		}
-	case CmdBlockStatus:
-		allowed = CmdFlagReqOne
-		if s.mode == ModeExtended {
-			allowed |= CmdFlagPayloadLen
+	case nbdproto.CmdBlockStatus:
+		allowed = nbdproto.CmdFlagReqOne
+		if s.mode == nbdproto.ModeExtended {
+			allowed |= nbdproto.CmdFlagPayloadLen
 		}
-	case CmdWrite, CmdWriteZeroes, CmdTrim:
+	case nbdproto.CmdWrite, nbdproto.CmdWriteZeroes, nbdproto.CmdTrim:
 		if !s.exp.Writable {
-			return s.errReply(req, EPERM, "export is read-only")
+			return s.errReply(req, nbdproto.EPERM, "export is read-only")
 		}
-		allowed = CmdFlagFUA
+		allowed = nbdproto.CmdFlagFUA
 		switch {
-		case req.Type == CmdWriteZeroes:
-			allowed |= CmdFlagNoHole | CmdFlagFastZero
-		case req.Type == CmdWrite && s.mode == ModeExtended:
-			allowed |= CmdFlagPayloadLen
+		case req.Type == nbdproto.CmdWriteZeroes:
+			allowed |= nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero
+		case req.Type == nbdproto.CmdWrite && s.mode == nbdproto.ModeExtended:
+			allowed |= nbdproto.CmdFlagPayloadLen
 		}
 	}
 	if req.discard {
-		return s.errReply(req, EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.Length, req.Type))
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.Length, req.Type))
 	}
 	if req.Flags&^allowed != 0 {
-		return s.errReply(req, EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.Flags, req.Type))
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.Flags, req.Type))
 	}
 	switch req.Type {
-	case CmdRead:
+	case nbdproto.CmdRead:
 		return s.cmdRead(req)
-	case CmdFlush:
+	case nbdproto.CmdFlush:
 		return s.cmdFlush(req)
-	case CmdWrite:
+	case nbdproto.CmdWrite:
 		return s.cmdWrite(req)
-	case CmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		return s.cmdWriteZeroes(req)
-	case CmdTrim:
+	case nbdproto.CmdTrim:
 		return s.cmdTrim(req)
-	case CmdCache:
+	case nbdproto.CmdCache:
 		return s.cmdCache(req)
-	case CmdBlockStatus:
+	case nbdproto.CmdBlockStatus:
 		return s.cmdBlockStatus(req)
 	}
-	return s.errReply(req, EINVAL, "unsupported command "+req.Type.String())
+	return s.errReply(req, nbdproto.EINVAL, "unsupported command "+req.Type.String())
 }
 
 // inBounds checks [off, off+length) against the export size.
@@ -221,7 +222,7 @@ func (s *session) inBounds(off, length uint64) bool {
 // cache would not, so it only validates the range.
 func (s *session) cmdCache(req *request) reply {
 	if !s.inBounds(req.Offset, req.Length) {
-		return s.errReply(req, EINVAL, "cache request beyond the end of the export")
+		return s.errReply(req, nbdproto.EINVAL, "cache request beyond the end of the export")
 	}
 	return s.okReply(req)
 }
@@ -298,8 +299,8 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 			if len(msg) > 4096 {
 				msg = msg[:4096]
 			}
-			h := AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(ErrorPayloadHdrLen+len(msg)+8))
-			h = be.AppendUint32(h, uint32(EIO))
+			h := nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(nbdproto.ErrorPayloadHdrLen+len(msg)+8))
+			h = be.AppendUint32(h, uint32(nbdproto.EIO))
 			h = be.AppendUint16(h, uint16(len(msg)))
 			h = append(h, msg...)
 			h = be.AppendUint64(h, uint64(off))
@@ -311,9 +312,9 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 		if p.chunk != nil {
 			var flags uint16
 			if p.chunk.last && pos == p.n {
-				flags = ReplyFlagDone
+				flags = nbdproto.ReplyFlagDone
 			}
-			h := AppendChunkHeader(nil, s.mode, flags, ReplyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(OffsetDataHdrLen+k))
+			h := nbdproto.AppendChunkHeader(nil, s.mode, flags, nbdproto.ReplyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(nbdproto.OffsetDataHdrLen+k))
 			bufs = net.Buffers{be.AppendUint64(h, uint64(off)), b}
 		}
 		if _, err := bufs.WriteTo(s.conn); err != nil {
@@ -340,22 +341,22 @@ func (s *session) fail(err error) {
 
 // okReply is a success without payload.
 func (s *session) okReply(req *request) reply {
-	if s.mode == ModeExtended {
-		return bytesReply(AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeNone, req.Cookie, req.Offset, 0))
+	if s.mode == nbdproto.ModeExtended {
+		return bytesReply(nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeNone, req.Cookie, req.Offset, 0))
 	}
-	return bytesReply(AppendSimpleReply(nil, 0, req.Cookie))
+	return bytesReply(nbdproto.AppendSimpleReply(nil, 0, req.Cookie))
 }
 
 // errReply is an error reply: a simple reply without structured replies,
 // else an NBD_REPLY_TYPE_ERROR chunk carrying msg.
-func (s *session) errReply(req *request, errno Errno, msg string) reply {
-	if s.mode == ModeSimple {
-		return bytesReply(AppendSimpleReply(nil, errno, req.Cookie))
+func (s *session) errReply(req *request, errno nbdproto.Errno, msg string) reply {
+	if s.mode == nbdproto.ModeSimple {
+		return bytesReply(nbdproto.AppendSimpleReply(nil, errno, req.Cookie))
 	}
 	if len(msg) > 4096 {
 		msg = msg[:4096]
 	}
-	b := AppendChunkHeader(nil, s.mode, ReplyFlagDone, ReplyTypeError, req.Cookie, req.Offset, uint64(ErrorPayloadHdrLen+len(msg)))
+	b := nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeError, req.Cookie, req.Offset, uint64(nbdproto.ErrorPayloadHdrLen+len(msg)))
 	b = be.AppendUint32(b, uint32(errno))
 	b = be.AppendUint16(b, uint16(len(msg)))
 	return bytesReply(append(b, msg...))
@@ -368,14 +369,14 @@ var errStop = errors.New("stop")
 // selected context, each with at least one extent.
 func (s *session) cmdBlockStatus(req *request) reply {
 	if len(s.contexts) == 0 {
-		return s.errReply(req, EINVAL, "no metadata context negotiated")
+		return s.errReply(req, nbdproto.EINVAL, "no metadata context negotiated")
 	}
 	ids, length, err := s.statusSelection(req)
 	if err != nil {
-		return s.errReply(req, EINVAL, err.Error())
+		return s.errReply(req, nbdproto.EINVAL, err.Error())
 	}
 	if length == 0 || !s.inBounds(req.Offset, length) {
-		return s.errReply(req, EINVAL, "block status range empty or beyond the end of the export")
+		return s.errReply(req, nbdproto.EINVAL, "block status range empty or beyond the end of the export")
 	}
 	// Each chunk holds up to maxExtentBytes of descriptors until sent.
 	req.mem += s.mem.acquire(int64(len(ids)) * maxExtentBytes)
@@ -383,11 +384,11 @@ func (s *session) cmdBlockStatus(req *request) reply {
 	for i, id := range ids {
 		var flags uint16
 		if i == len(ids)-1 {
-			flags = ReplyFlagDone
+			flags = nbdproto.ReplyFlagDone
 		}
 		chunk, err := s.statusChunk(req, id, length, flags)
 		if err != nil {
-			return s.errReply(req, EIO, err.Error())
+			return s.errReply(req, nbdproto.EIO, err.Error())
 		}
 		out = append(out, replyPart{b: chunk})
 	}
@@ -398,14 +399,14 @@ func (s *session) cmdBlockStatus(req *request) reply {
 // every negotiated context and the request length, or those the block
 // status payload names and its effect length.
 func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
-	if req.Flags&CmdFlagPayloadLen == 0 {
+	if req.Flags&nbdproto.CmdFlagPayloadLen == 0 {
 		ids := make([]uint32, len(s.contexts))
 		for i := range ids {
 			ids[i] = uint32(i)
 		}
 		return ids, req.Length, nil
 	}
-	p, err := DecodeBlockStatusPayload(req.payload)
+	p, err := nbdproto.DecodeBlockStatusPayload(req.payload)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -432,15 +433,15 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 // stopping after one extent with NBD_CMD_FLAG_REQ_ONE or when the
 // descriptors reach maxExtentBytes.
 func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint16) ([]byte, error) {
-	ext := s.mode == ModeExtended
-	hdr, desc, typ := BlockStatusHdrLen, DescriptorLen, uint16(ReplyTypeBlockStatus)
+	ext := s.mode == nbdproto.ModeExtended
+	hdr, desc, typ := nbdproto.BlockStatusHdrLen, nbdproto.DescriptorLen, uint16(nbdproto.ReplyTypeBlockStatus)
 	maxLen := uint64(math.MaxUint32)
 	if ext {
-		hdr, desc, typ = BlockStatusExtHdrLen, ExtDescriptorLen, ReplyTypeBlockStatusExt
+		hdr, desc, typ = nbdproto.BlockStatusExtHdrLen, nbdproto.ExtDescriptorLen, nbdproto.ReplyTypeBlockStatusExt
 		maxLen = math.MaxInt64
 	}
 	limit := maxExtentBytes / desc
-	if req.Flags&CmdFlagReqOne != 0 {
+	if req.Flags&nbdproto.CmdFlagReqOne != 0 {
 		limit = 1
 	}
 	var body []byte
@@ -471,7 +472,7 @@ func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint
 	if len(body) == 0 {
 		return nil, fmt.Errorf("block status of %s: no extents", s.contexts[id])
 	}
-	b := AppendChunkHeader(make([]byte, 0, ExtendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.Cookie, req.Offset, uint64(hdr+len(body)))
+	b := nbdproto.AppendChunkHeader(make([]byte, 0, nbdproto.ExtendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.Cookie, req.Offset, uint64(hdr+len(body)))
 	b = be.AppendUint32(b, id)
 	if ext {
 		b = be.AppendUint32(b, uint32(len(body)/desc))

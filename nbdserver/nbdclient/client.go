@@ -1,9 +1,15 @@
-package nbdserver
+// Package nbdclient is a small synchronous NBD client: one request at a
+// time under its mutex, the fixed newstyle handshake with TLS, structured
+// replies or extended headers and metadata contexts. nbdgw map NBD-URI and
+// nbdgw attach use it. It bounds option replies to 64 KiB and reply chunks
+// to 64 MiB.
+package nbdclient
 
 import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,10 +17,14 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
-// ClientOptions control the client handshake.
-type ClientOptions struct {
+var be = binary.BigEndian
+
+// Options control the client handshake.
+type Options struct {
 	ExportName        string
 	StructuredReplies bool // false for connections handed to the kernel
 	ExtendedHeaders   bool // implies StructuredReplies; falls back to them if refused
@@ -30,27 +40,6 @@ const (
 	clientReadChunk = 32 << 20
 )
 
-// ServerError is an error reply from the server.
-type ServerError struct {
-	Op    string
-	Reply Reply  // option reply error, during the handshake
-	Errno Errno  // transmission error
-	Msg   string // the server's message, if any
-}
-
-func (e *ServerError) Error() string {
-	s := "nbd: " + e.Op + ": "
-	if e.Reply != 0 {
-		s += e.Reply.String()
-	} else {
-		s += e.Errno.String()
-	}
-	if e.Msg != "" {
-		s += ": " + e.Msg
-	}
-	return s
-}
-
 // Client is a synchronous NBD client: one request at a time.
 type Client struct {
 	mu     sync.Mutex // guards conn, r, cookie and requests on the wire
@@ -60,14 +49,14 @@ type Client struct {
 
 	size     int64
 	flags    uint16
-	mode     ReplyMode
+	mode     nbdproto.ReplyMode
 	contexts map[string]uint32 // negotiated meta contexts by name
 	maxBlock uint32
 }
 
-// NewClient performs the fixed newstyle handshake (ending with NBD_OPT_GO)
+// New performs the fixed newstyle handshake (ending with NBD_OPT_GO)
 // on c. On failure c is closed.
-func NewClient(ctx context.Context, c net.Conn, opts ClientOptions) (*Client, error) {
+func New(ctx context.Context, c net.Conn, opts Options) (*Client, error) {
 	cl := &Client{conn: c, r: bufio.NewReader(c), contexts: map[string]uint32{}}
 	if d, ok := ctx.Deadline(); ok {
 		c.SetDeadline(d)
@@ -87,8 +76,8 @@ func NewClient(ctx context.Context, c net.Conn, opts ClientOptions) (*Client, er
 
 // Dial connects to an NBD URI and performs the handshake. Options in the
 // URI (export name, TLS) fill the fields left zero in opts.
-func Dial(ctx context.Context, uri string, opts ClientOptions) (*Client, error) {
-	u, err := ParseURI(uri)
+func Dial(ctx context.Context, uri string, opts Options) (*Client, error) {
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		return nil, err
 	}
@@ -105,25 +94,25 @@ func Dial(ctx context.Context, uri string, opts ClientOptions) (*Client, error) 
 	if err != nil {
 		return nil, err
 	}
-	return NewClient(ctx, c, opts)
+	return New(ctx, c, opts)
 }
 
-func (c *Client) handshake(opts ClientOptions) error {
+func (c *Client) handshake(opts Options) error {
 	var hello [18]byte
 	if _, err := io.ReadFull(c.r, hello[:]); err != nil {
 		return fmt.Errorf("nbd: reading server greeting: %w", err)
 	}
-	if be.Uint64(hello[:]) != NBDMagic || be.Uint64(hello[8:]) != OptsMagic {
-		return fmt.Errorf("%w: not a newstyle NBD server", ErrBadMagic)
+	if be.Uint64(hello[:]) != nbdproto.NBDMagic || be.Uint64(hello[8:]) != nbdproto.OptsMagic {
+		return fmt.Errorf("%w: not a newstyle NBD server", nbdproto.ErrBadMagic)
 	}
 	sflags := be.Uint16(hello[16:])
-	if sflags&HandshakeFixedNewstyle == 0 {
+	if sflags&nbdproto.HandshakeFixedNewstyle == 0 {
 		return errors.New("nbd: server does not support fixed newstyle negotiation")
 	}
-	cflags := uint32(ClientFixedNewstyle)
-	noZeroes := sflags&HandshakeNoZeroes != 0
+	cflags := uint32(nbdproto.ClientFixedNewstyle)
+	noZeroes := sflags&nbdproto.HandshakeNoZeroes != 0
 	if noZeroes {
-		cflags |= ClientNoZeroes
+		cflags |= nbdproto.ClientNoZeroes
 	}
 	if _, err := c.conn.Write(be.AppendUint32(nil, cflags)); err != nil {
 		return err
@@ -137,7 +126,7 @@ func (c *Client) handshake(opts ClientOptions) error {
 		return err
 	}
 	if len(opts.MetaContexts) > 0 {
-		if c.mode == ModeSimple {
+		if c.mode == nbdproto.ModeSimple {
 			return errors.New("nbd: meta contexts need structured replies")
 		}
 		if err := c.setMetaContexts(opts.ExportName, opts.MetaContexts); err != nil {
@@ -148,40 +137,40 @@ func (c *Client) handshake(opts ClientOptions) error {
 }
 
 // sendOption sends one option with data.
-func (c *Client) sendOption(opt Option, data []byte) error {
-	b := OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil)
+func (c *Client) sendOption(opt nbdproto.Option, data []byte) error {
+	b := nbdproto.OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil)
 	_, err := c.conn.Write(append(b, data...))
 	return err
 }
 
 // readOptReply reads one option reply to opt, bounding its length.
-func (c *Client) readOptReply(opt Option) (OptReply, []byte, error) {
-	var hb [OptReplyHeaderLen]byte
+func (c *Client) readOptReply(opt nbdproto.Option) (nbdproto.OptReply, []byte, error) {
+	var hb [nbdproto.OptReplyHeaderLen]byte
 	if _, err := io.ReadFull(c.r, hb[:]); err != nil {
-		return OptReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
+		return nbdproto.OptReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
 	}
-	h, err := DecodeOptReply(hb[:])
+	h, err := nbdproto.DecodeOptReply(hb[:])
 	if err != nil {
 		return h, nil, err
 	}
 	if h.Opt != opt {
-		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", ErrBadReply, h.Opt, opt)
+		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", nbdproto.ErrBadReply, h.Opt, opt)
 	}
 	if h.Length > maxOptReplyLen {
-		return h, nil, fmt.Errorf("%w: option reply of %d bytes", ErrTooLong, h.Length)
+		return h, nil, fmt.Errorf("%w: option reply of %d bytes", nbdproto.ErrTooLong, h.Length)
 	}
 	data := make([]byte, h.Length)
 	if _, err := io.ReadFull(c.r, data); err != nil {
 		return h, nil, err
 	}
 	if h.Type.IsError() {
-		return h, data, &ServerError{Op: opt.String(), Reply: h.Type, Msg: string(data)}
+		return h, data, &nbdproto.ServerError{Op: opt.String(), Reply: h.Type, Msg: string(data)}
 	}
 	return h, data, nil
 }
 
 // simpleOption sends an option without data that expects NBD_REP_ACK.
-func (c *Client) simpleOption(opt Option) error {
+func (c *Client) simpleOption(opt nbdproto.Option) error {
 	if err := c.sendOption(opt, nil); err != nil {
 		return err
 	}
@@ -189,14 +178,14 @@ func (c *Client) simpleOption(opt Option) error {
 	if err != nil {
 		return err
 	}
-	if h.Type != RepAck {
-		return fmt.Errorf("%w: %v answered %v", ErrBadReply, opt, h.Type)
+	if h.Type != nbdproto.RepAck {
+		return fmt.Errorf("%w: %v answered %v", nbdproto.ErrBadReply, opt, h.Type)
 	}
 	return nil
 }
 
 func (c *Client) startTLS(cfg *tls.Config) error {
-	if err := c.simpleOption(OptStartTLS); err != nil {
+	if err := c.simpleOption(nbdproto.OptStartTLS); err != nil {
 		return err
 	}
 	tc := tls.Client(c.conn, cfg)
@@ -208,13 +197,13 @@ func (c *Client) startTLS(cfg *tls.Config) error {
 }
 
 // negotiateMode asks for extended headers and/or structured replies.
-func (c *Client) negotiateMode(opts ClientOptions) error {
+func (c *Client) negotiateMode(opts Options) error {
 	if opts.ExtendedHeaders {
-		err := c.simpleOption(OptExtendedHeaders)
-		var se *ServerError
+		err := c.simpleOption(nbdproto.OptExtendedHeaders)
+		var se *nbdproto.ServerError
 		switch {
 		case err == nil:
-			c.mode = ModeExtended
+			c.mode = nbdproto.ModeExtended
 			return nil
 		case !errors.As(err, &se):
 			return err
@@ -222,35 +211,35 @@ func (c *Client) negotiateMode(opts ClientOptions) error {
 		opts.StructuredReplies = true
 	}
 	if opts.StructuredReplies {
-		if err := c.simpleOption(OptStructuredReply); err != nil {
+		if err := c.simpleOption(nbdproto.OptStructuredReply); err != nil {
 			return err
 		}
-		c.mode = ModeStructured
+		c.mode = nbdproto.ModeStructured
 	}
 	return nil
 }
 
 func (c *Client) setMetaContexts(export string, names []string) error {
-	data := MetaContextRequest{Export: export, Queries: names}.Append(nil)
-	if err := c.sendOption(OptSetMetaContext, data); err != nil {
+	data := nbdproto.MetaContextRequest{Export: export, Queries: names}.Append(nil)
+	if err := c.sendOption(nbdproto.OptSetMetaContext, data); err != nil {
 		return err
 	}
 	for {
-		h, data, err := c.readOptReply(OptSetMetaContext)
+		h, data, err := c.readOptReply(nbdproto.OptSetMetaContext)
 		if err != nil {
 			return err
 		}
 		switch h.Type {
-		case RepAck:
+		case nbdproto.RepAck:
 			for _, n := range names {
 				if _, ok := c.contexts[n]; !ok {
 					return fmt.Errorf("nbd: server does not offer metadata context %q", n)
 				}
 			}
 			return nil
-		case RepMetaContext:
+		case nbdproto.RepMetaContext:
 			if len(data) < 4 {
-				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", ErrBadReply)
+				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", nbdproto.ErrBadReply)
 			}
 			c.contexts[string(data[4:])] = be.Uint32(data)
 		}
@@ -260,27 +249,27 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 // optGo enters transmission with NBD_OPT_GO, or NBD_OPT_EXPORT_NAME when
 // the server does not know NBD_OPT_GO.
 func (c *Client) optGo(export string, noZeroes bool) error {
-	data := InfoRequest{Export: export, Infos: []uint16{InfoBlockSize}}.Append(nil)
-	if err := c.sendOption(OptGo, data); err != nil {
+	data := nbdproto.InfoRequest{Export: export, Infos: []uint16{nbdproto.InfoBlockSize}}.Append(nil)
+	if err := c.sendOption(nbdproto.OptGo, data); err != nil {
 		return err
 	}
 	gotExport := false
 	for {
-		h, data, err := c.readOptReply(OptGo)
-		var se *ServerError
-		if errors.As(err, &se) && se.Reply == RepErrUnsup {
+		h, data, err := c.readOptReply(nbdproto.OptGo)
+		var se *nbdproto.ServerError
+		if errors.As(err, &se) && se.Reply == nbdproto.RepErrUnsup {
 			return c.exportName(export, noZeroes)
 		}
 		if err != nil {
 			return err
 		}
 		switch h.Type {
-		case RepAck:
+		case nbdproto.RepAck:
 			if !gotExport {
-				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", ErrBadReply)
+				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", nbdproto.ErrBadReply)
 			}
 			return nil
-		case RepInfo:
+		case nbdproto.RepInfo:
 			gotExport = c.parseInfo(data) || gotExport
 		}
 	}
@@ -293,12 +282,12 @@ func (c *Client) parseInfo(b []byte) bool {
 		return false
 	}
 	switch be.Uint16(b) {
-	case InfoExport:
+	case nbdproto.InfoExport:
 		if len(b) >= 12 {
 			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), be.Uint16(b[10:])
 			return true
 		}
-	case InfoBlockSize:
+	case nbdproto.InfoBlockSize:
 		if len(b) >= 14 {
 			c.maxBlock = be.Uint32(b[10:])
 		}
@@ -307,7 +296,7 @@ func (c *Client) parseInfo(b []byte) bool {
 }
 
 func (c *Client) exportName(export string, noZeroes bool) error {
-	if err := c.sendOption(OptExportName, []byte(export)); err != nil {
+	if err := c.sendOption(nbdproto.OptExportName, []byte(export)); err != nil {
 		return err
 	}
 	n := 10
@@ -328,6 +317,9 @@ func (c *Client) Size() int64 { return c.size }
 // TransmissionFlags are the flags the server advertised.
 func (c *Client) TransmissionFlags() uint16 { return c.flags }
 
+// Mode is how replies are framed, as negotiated.
+func (c *Client) Mode() nbdproto.ReplyMode { return c.mode }
+
 // Conn is the connection after the handshake.
 func (c *Client) Conn() net.Conn { return c.conn }
 
@@ -336,16 +328,16 @@ func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cookie++
-	c.conn.Write(Request{Type: CmdDisc, Cookie: c.cookie}.Append(nil, c.mode == ModeExtended))
+	c.conn.Write(nbdproto.Request{Type: nbdproto.CmdDisc, Cookie: c.cookie}.Append(nil, c.mode == nbdproto.ModeExtended))
 	return c.conn.Close()
 }
 
 // request sends one request and calls chunk for each reply chunk (or once
 // with the simple reply's header) until the reply is done. Caller holds mu.
-func (c *Client) roundTrip(req Request, payload []byte, chunk func(h ReplyHeader) error) error {
+func (c *Client) roundTrip(req nbdproto.Request, payload []byte, chunk func(h nbdproto.ReplyHeader) error) error {
 	c.cookie++
 	req.Cookie = c.cookie
-	ext := c.mode == ModeExtended
+	ext := c.mode == nbdproto.ModeExtended
 	bufs := net.Buffers{req.Append(nil, ext)}
 	if len(payload) > 0 {
 		bufs = append(bufs, payload)
@@ -360,57 +352,57 @@ func (c *Client) roundTrip(req Request, payload []byte, chunk func(h ReplyHeader
 			return err
 		}
 		if h.Cookie != req.Cookie {
-			return fmt.Errorf("%w: cookie %d, want %d", ErrBadReply, h.Cookie, req.Cookie)
+			return fmt.Errorf("%w: cookie %d, want %d", nbdproto.ErrBadReply, h.Cookie, req.Cookie)
 		}
-		if h.Magic != SimpleReplyMagic && h.Length > maxClientChunk {
-			return fmt.Errorf("%w: chunk of %d bytes", ErrTooLong, h.Length)
+		if h.Magic != nbdproto.SimpleReplyMagic && h.Length > maxClientChunk {
+			return fmt.Errorf("%w: chunk of %d bytes", nbdproto.ErrTooLong, h.Length)
 		}
 		if err := chunk(h); err != nil {
-			var se *ServerError
+			var se *nbdproto.ServerError
 			if !errors.As(err, &se) {
 				return err // the stream is out of sync
 			}
 			failure = err
 		}
-		if h.Magic == SimpleReplyMagic || h.Flags&ReplyFlagDone != 0 {
+		if h.Magic == nbdproto.SimpleReplyMagic || h.Flags&nbdproto.ReplyFlagDone != 0 {
 			return failure
 		}
 	}
 }
 
-func (c *Client) readReplyHeader() (ReplyHeader, error) {
-	var b [ExtendedReplyLen]byte
+func (c *Client) readReplyHeader() (nbdproto.ReplyHeader, error) {
+	var b [nbdproto.ExtendedReplyLen]byte
 	if _, err := io.ReadFull(c.r, b[:4]); err != nil {
-		return ReplyHeader{}, err
+		return nbdproto.ReplyHeader{}, err
 	}
-	n := ReplyHeaderLen(be.Uint32(b[:]))
+	n := nbdproto.ReplyHeaderLen(be.Uint32(b[:]))
 	if n == 0 {
-		return ReplyHeader{}, fmt.Errorf("%w: reply magic %#x", ErrBadMagic, be.Uint32(b[:]))
+		return nbdproto.ReplyHeader{}, fmt.Errorf("%w: reply magic %#x", nbdproto.ErrBadMagic, be.Uint32(b[:]))
 	}
 	if _, err := io.ReadFull(c.r, b[4:n]); err != nil {
-		return ReplyHeader{}, err
+		return nbdproto.ReplyHeader{}, err
 	}
-	return DecodeReplyHeader(b[:n])
+	return nbdproto.DecodeReplyHeader(b[:n])
 }
 
 // readPayload reads a chunk's payload (bounded by roundTrip).
-func (c *Client) readPayload(h ReplyHeader) ([]byte, error) {
+func (c *Client) readPayload(h nbdproto.ReplyHeader) ([]byte, error) {
 	b := make([]byte, h.Length)
 	_, err := io.ReadFull(c.r, b)
 	return b, err
 }
 
 // errorChunk turns an error chunk into a ServerError.
-func (c *Client) errorChunk(op string, h ReplyHeader) error {
+func (c *Client) errorChunk(op string, h nbdproto.ReplyHeader) error {
 	b, err := c.readPayload(h)
 	if err != nil {
 		return err
 	}
-	errno, msg, err := DecodeErrorPayload(b)
+	errno, msg, err := nbdproto.DecodeErrorPayload(b)
 	if err != nil {
 		return err
 	}
-	return &ServerError{Op: op, Errno: errno, Msg: msg}
+	return &nbdproto.ServerError{Op: op, Errno: errno, Msg: msg}
 }
 
 // ReadAt reads len(p) bytes at off, in requests no larger than the
@@ -455,12 +447,12 @@ func (c *Client) inChunks(length int, fn func(at, n int) error) (int, error) {
 
 // read issues one NBD_CMD_READ.
 func (c *Client) read(p []byte, off int64) error {
-	req := Request{Type: CmdRead, Offset: uint64(off), Length: uint64(len(p))}
+	req := nbdproto.Request{Type: nbdproto.CmdRead, Offset: uint64(off), Length: uint64(len(p))}
 	var got int64
-	err := c.roundTrip(req, nil, func(h ReplyHeader) error {
-		if h.Magic == SimpleReplyMagic {
+	err := c.roundTrip(req, nil, func(h nbdproto.ReplyHeader) error {
+		if h.Magic == nbdproto.SimpleReplyMagic {
 			if h.Errno != 0 {
-				return &ServerError{Op: "NBD_CMD_READ", Errno: h.Errno}
+				return &nbdproto.ServerError{Op: "NBD_CMD_READ", Errno: h.Errno}
 			}
 			got = int64(len(p))
 			_, err := io.ReadFull(c.r, p)
@@ -469,44 +461,44 @@ func (c *Client) read(p []byte, off int64) error {
 		return c.readChunk(h, p, off, &got)
 	})
 	if err == nil && got != int64(len(p)) {
-		err = fmt.Errorf("%w: read reply covered %d of %d bytes", ErrBadReply, got, len(p))
+		err = fmt.Errorf("%w: read reply covered %d of %d bytes", nbdproto.ErrBadReply, got, len(p))
 	}
 	return err
 }
 
 // readChunk handles one structured chunk of a read reply.
-func (c *Client) readChunk(h ReplyHeader, p []byte, off int64, got *int64) error {
+func (c *Client) readChunk(h nbdproto.ReplyHeader, p []byte, off int64, got *int64) error {
 	switch h.Type {
-	case ReplyTypeNone:
+	case nbdproto.ReplyTypeNone:
 		return nil
-	case ReplyTypeError, ReplyTypeErrorOffset:
+	case nbdproto.ReplyTypeError, nbdproto.ReplyTypeErrorOffset:
 		return c.errorChunk("NBD_CMD_READ", h)
-	case ReplyTypeOffsetData:
-		if h.Length < OffsetDataHdrLen {
-			return fmt.Errorf("%w: short OFFSET_DATA", ErrBadReply)
+	case nbdproto.ReplyTypeOffsetData:
+		if h.Length < nbdproto.OffsetDataHdrLen {
+			return fmt.Errorf("%w: short OFFSET_DATA", nbdproto.ErrBadReply)
 		}
 		var ob [8]byte
 		if _, err := io.ReadFull(c.r, ob[:]); err != nil {
 			return err
 		}
-		start, n := int64(be.Uint64(ob[:]))-off, int64(h.Length-OffsetDataHdrLen)
+		start, n := int64(be.Uint64(ob[:]))-off, int64(h.Length-nbdproto.OffsetDataHdrLen)
 		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
-			return fmt.Errorf("%w: OFFSET_DATA outside the request", ErrBadReply)
+			return fmt.Errorf("%w: OFFSET_DATA outside the request", nbdproto.ErrBadReply)
 		}
 		*got += n
 		_, err := io.ReadFull(c.r, p[start:start+n])
 		return err
-	case ReplyTypeOffsetHole:
+	case nbdproto.ReplyTypeOffsetHole:
 		b, err := c.readPayload(h)
 		if err != nil {
 			return err
 		}
-		if len(b) != OffsetHoleLen {
-			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", ErrBadReply, len(b))
+		if len(b) != nbdproto.OffsetHoleLen {
+			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", nbdproto.ErrBadReply, len(b))
 		}
 		start, n := int64(be.Uint64(b))-off, int64(be.Uint32(b[8:]))
 		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
-			return fmt.Errorf("%w: OFFSET_HOLE outside the request", ErrBadReply)
+			return fmt.Errorf("%w: OFFSET_HOLE outside the request", nbdproto.ErrBadReply)
 		}
 		clear(p[start : start+n])
 		*got += n
@@ -515,7 +507,7 @@ func (c *Client) readChunk(h ReplyHeader, p []byte, off int64, got *int64) error
 	if _, err := c.readPayload(h); err != nil {
 		return err
 	}
-	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", ErrBadReply, h.Type)
+	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", nbdproto.ErrBadReply, h.Type)
 }
 
 // HasContext reports whether the meta context name was negotiated.
@@ -544,7 +536,7 @@ func (c *Client) BlockStatus(ctx context.Context, context string, off, length in
 			return err
 		}
 		if n <= 0 {
-			return fmt.Errorf("%w: block status made no progress at %d", ErrBadReply, off)
+			return fmt.Errorf("%w: block status made no progress at %d", nbdproto.ErrBadReply, off)
 		}
 		off += n
 	}
@@ -554,31 +546,31 @@ func (c *Client) BlockStatus(ctx context.Context, context string, off, length in
 // blockStatus issues one NBD_CMD_BLOCK_STATUS and returns how far its
 // extents reached.
 func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
-	ext := c.mode == ModeExtended
-	req := Request{Type: CmdBlockStatus, Offset: uint64(off), Length: uint64(length)}
+	ext := c.mode == nbdproto.ModeExtended
+	req := nbdproto.Request{Type: nbdproto.CmdBlockStatus, Offset: uint64(off), Length: uint64(length)}
 	if !ext {
 		req.Length = uint64(min(length, 1<<31))
 	}
 	var payload []byte
-	if ext && len(c.contexts) > 1 && c.flags&FlagBlockStatusPayload != 0 {
-		payload = BlockStatusPayload{Length: req.Length, IDs: []uint32{id}}.Append(nil)
-		req.Flags |= CmdFlagPayloadLen
+	if ext && len(c.contexts) > 1 && c.flags&nbdproto.FlagBlockStatusPayload != 0 {
+		payload = nbdproto.BlockStatusPayload{Length: req.Length, IDs: []uint32{id}}.Append(nil)
+		req.Flags |= nbdproto.CmdFlagPayloadLen
 		req.Length = uint64(len(payload))
 	}
 	var done int64
 	var userErr error // fn's error: the rest of the reply is still read
 	seen := false
-	err := c.roundTrip(req, payload, func(h ReplyHeader) error {
-		if h.Magic == SimpleReplyMagic {
+	err := c.roundTrip(req, payload, func(h nbdproto.ReplyHeader) error {
+		if h.Magic == nbdproto.SimpleReplyMagic {
 			if h.Errno != 0 {
-				return &ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.Errno}
+				return &nbdproto.ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.Errno}
 			}
 			return nil
 		}
 		switch h.Type {
-		case ReplyTypeError, ReplyTypeErrorOffset:
+		case nbdproto.ReplyTypeError, nbdproto.ReplyTypeErrorOffset:
 			return c.errorChunk("NBD_CMD_BLOCK_STATUS", h)
-		case ReplyTypeNone:
+		case nbdproto.ReplyTypeNone:
 			return nil
 		}
 		b, err := c.readPayload(h)
@@ -586,15 +578,15 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 			return err
 		}
 		// With extended headers the server may use either chunk type.
-		if (h.Type == ReplyTypeBlockStatusExt && !ext) || (h.Type != ReplyTypeBlockStatus && h.Type != ReplyTypeBlockStatusExt) {
-			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", ErrBadReply, h.Type)
+		if (h.Type == nbdproto.ReplyTypeBlockStatusExt && !ext) || (h.Type != nbdproto.ReplyTypeBlockStatus && h.Type != nbdproto.ReplyTypeBlockStatusExt) {
+			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", nbdproto.ErrBadReply, h.Type)
 		}
-		cid, es, err := DecodeBlockStatus(b, h.Type == ReplyTypeBlockStatusExt)
+		cid, es, err := nbdproto.DecodeBlockStatus(b, h.Type == nbdproto.ReplyTypeBlockStatusExt)
 		if err != nil || cid != id {
 			return err
 		}
 		if seen {
-			return fmt.Errorf("%w: two block status chunks for context %d", ErrBadReply, id)
+			return fmt.Errorf("%w: two block status chunks for context %d", nbdproto.ErrBadReply, id)
 		}
 		seen = true
 		done, userErr = deliverExtents(es, off, length, fn)
@@ -604,17 +596,17 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 		err = userErr
 	}
 	if err == nil && !seen {
-		err = fmt.Errorf("%w: no block status chunk for context %d", ErrBadReply, id)
+		err = fmt.Errorf("%w: no block status chunk for context %d", nbdproto.ErrBadReply, id)
 	}
 	return done, err
 }
 
 // deliverExtents passes extents to fn, clipping the last to the request.
-func deliverExtents(es []Extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
+func deliverExtents(es []nbdproto.Extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
 	var done int64
 	for _, e := range es {
 		if e.Length == 0 {
-			return done, fmt.Errorf("%w: zero-length extent", ErrBadReply)
+			return done, fmt.Errorf("%w: zero-length extent", nbdproto.ErrBadReply)
 		}
 		n := int64(min(e.Length, uint64(length-done)))
 		if err := fn(off+done, n, uint32(e.Flags)); err != nil {
@@ -645,7 +637,7 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 		return 0, fmt.Errorf("nbd: write of %d bytes at %d outside the export", len(p), off)
 	}
 	return c.inChunks(len(p), func(at, n int) error {
-		req := Request{Type: CmdWrite, Flags: flags, Offset: uint64(off + int64(at)), Length: uint64(n)}
+		req := nbdproto.Request{Type: nbdproto.CmdWrite, Flags: flags, Offset: uint64(off + int64(at)), Length: uint64(n)}
 		return c.command(req, p[at:at+n])
 	})
 }
@@ -654,37 +646,37 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 // CmdFlagFUA, CmdFlagNoHole (keep the range allocated) and
 // CmdFlagFastZero (fail with NBD_ENOTSUP unless zeroing is cheap).
 func (c *Client) WriteZeroes(off, length int64, flags uint16) error {
-	return c.rangeCommand(CmdWriteZeroes, off, length, flags)
+	return c.rangeCommand(nbdproto.CmdWriteZeroes, off, length, flags)
 }
 
 // Trim tells the server [off, off+length) is no longer needed. flags may
 // hold CmdFlagFUA.
 func (c *Client) Trim(off, length int64, flags uint16) error {
-	return c.rangeCommand(CmdTrim, off, length, flags)
+	return c.rangeCommand(nbdproto.CmdTrim, off, length, flags)
 }
 
 // Flush asks the server to make every write it has answered durable.
 func (c *Client) Flush() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.command(Request{Type: CmdFlush}, nil)
+	return c.command(nbdproto.Request{Type: nbdproto.CmdFlush}, nil)
 }
 
 // rangeCommand issues a command without payload over a range, split into
 // 32-bit lengths unless extended headers are on.
-func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) error {
+func (c *Client) rangeCommand(typ nbdproto.Command, off, length int64, flags uint16) error {
 	if off < 0 || length < 0 {
 		return fmt.Errorf("nbd: %v of %d bytes at %d", typ, length, off)
 	}
 	step := int64(math.MaxUint32 &^ 0xfff)
-	if c.mode == ModeExtended {
+	if c.mode == nbdproto.ModeExtended {
 		step = math.MaxInt64
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
 		n := min(step, length)
-		req := Request{Type: typ, Flags: flags, Offset: uint64(off), Length: uint64(n)}
+		req := nbdproto.Request{Type: typ, Flags: flags, Offset: uint64(off), Length: uint64(n)}
 		if err := c.command(req, nil); err != nil {
 			return err
 		}
@@ -696,24 +688,24 @@ func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) erro
 }
 
 // command issues one request whose reply carries no data. Caller holds mu.
-func (c *Client) command(req Request, payload []byte) error {
+func (c *Client) command(req nbdproto.Request, payload []byte) error {
 	op := req.Type.String()
-	return c.roundTrip(req, payload, func(h ReplyHeader) error {
-		if h.Magic == SimpleReplyMagic {
+	return c.roundTrip(req, payload, func(h nbdproto.ReplyHeader) error {
+		if h.Magic == nbdproto.SimpleReplyMagic {
 			if h.Errno != 0 {
-				return &ServerError{Op: op, Errno: h.Errno}
+				return &nbdproto.ServerError{Op: op, Errno: h.Errno}
 			}
 			return nil
 		}
 		switch h.Type {
-		case ReplyTypeNone:
+		case nbdproto.ReplyTypeNone:
 			return nil
-		case ReplyTypeError, ReplyTypeErrorOffset:
+		case nbdproto.ReplyTypeError, nbdproto.ReplyTypeErrorOffset:
 			return c.errorChunk(op, h)
 		}
 		if _, err := c.readPayload(h); err != nil {
 			return err
 		}
-		return fmt.Errorf("%w: unexpected chunk type %d to %s", ErrBadReply, h.Type, op)
+		return fmt.Errorf("%w: unexpected chunk type %d to %s", nbdproto.ErrBadReply, h.Type, op)
 	})
 }

@@ -1,4 +1,4 @@
-package nbdserver
+package nbdproto
 
 import "fmt"
 
@@ -171,30 +171,3 @@ const (
 	ReplyTypeError          = 1<<15 + 1
 	ReplyTypeErrorOffset    = 1<<15 + 2
 )
-
-// Errno is an NBD error value.
-type Errno uint32
-
-// NBD error values.
-const (
-	EPERM     Errno = 1
-	EIO       Errno = 5
-	ENOMEM    Errno = 12
-	EINVAL    Errno = 22
-	ENOSPC    Errno = 28
-	EOVERFLOW Errno = 75
-	ENOTSUP   Errno = 95
-	ESHUTDOWN Errno = 108
-)
-
-var errnoNames = map[Errno]string{EPERM: "EPERM", EIO: "EIO", ENOMEM: "ENOMEM", EINVAL: "EINVAL",
-	ENOSPC: "ENOSPC", EOVERFLOW: "EOVERFLOW", ENOTSUP: "ENOTSUP", ESHUTDOWN: "ESHUTDOWN"}
-
-func (e Errno) String() string {
-	if s, ok := errnoNames[e]; ok {
-		return s
-	}
-	return fmt.Sprintf("errno %d", uint32(e))
-}
-
-func (e Errno) Error() string { return "nbd: " + e.String() }
