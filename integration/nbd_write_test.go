@@ -210,7 +210,7 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 			switch r := rng.IntN(100); {
 			case r < 50:
 				op = "write"
-				var flags uint16
+				var flags nbdproto.CmdFlags
 				if rng.IntN(8) == 0 {
 					flags, op = nbdproto.CmdFlagFUA, "write-fua"
 				}
@@ -220,7 +220,7 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 					copy(shadow[off:], p)
 				}
 			case r < 68:
-				var flags uint16
+				var flags nbdproto.CmdFlags
 				op = "zero"
 				if rng.IntN(2) == 0 {
 					flags, op = nbdproto.CmdFlagNoHole, "zero-nohole"

@@ -117,9 +117,13 @@ const (
 	traceClientExtAck   = "Received option reply 11 (extended headers), type 1 (ack)"
 	traceClientStatus64 = "type = 6 (block status (64-bit))"
 	// Server side (qemu-nbd): the ack, and requests in extended framing.
-	traceServerExtAck     = "Reply opt=11 (extended headers), type=1 (ack)"
-	traceServerExtReq     = "magic = 0x21e41c71"
-	traceServerCompactReq = "magic = 0x25609513"
+	traceServerExtAck = "Reply opt=11 (extended headers), type=1 (ack)"
+)
+
+// qemu-nbd traces the magic of each request it receives.
+var (
+	traceServerExtReq     = fmt.Sprintf("magic = %#x", nbdproto.ExtendedRequestMagic)
+	traceServerCompactReq = fmt.Sprintf("magic = %#x", nbdproto.RequestMagic)
 )
 
 var traceRequest = regexp.MustCompile(`Sending request to server: \{ \.from = (\d+), \.len = (\d+), .*\.type = (\d+)`)
@@ -619,40 +623,37 @@ func rawDial(t *testing.T, uri string, ctxs []string) *rawConn {
 	if _, err := io.ReadFull(rc.r, hello[:]); err != nil {
 		t.Fatal(err)
 	}
-	c.Write(be.AppendUint32(nil, 3)) // fixed newstyle, no zeroes
+	c.Write(be.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes))
 	opt := func(o nbdproto.Option, data []byte) (replies [][]byte) {
-		b := be.AppendUint64(nil, 0x49484156454f5054)
-		b = be.AppendUint32(b, uint32(o))
-		b = be.AppendUint32(b, uint32(len(data)))
+		b := nbdproto.OptHeader{Opt: o, Length: uint32(len(data))}.Append(nil)
 		if _, err := c.Write(append(b, data...)); err != nil {
 			t.Fatal(err)
 		}
 		for {
-			var h [20]byte
-			if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+			var hb [nbdproto.OptReplyHeaderLen]byte
+			if _, err := io.ReadFull(rc.r, hb[:]); err != nil {
 				t.Fatal(err)
 			}
-			d := make([]byte, be.Uint32(h[16:]))
+			h, err := nbdproto.DecodeOptReply(hb[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := make([]byte, h.Length)
 			if _, err := io.ReadFull(rc.r, d); err != nil {
 				t.Fatal(err)
 			}
-			switch typ := be.Uint32(h[12:]); {
-			case typ == 1: // ack
+			switch {
+			case h.Type == nbdproto.RepAck:
 				return replies
-			case typ&(1<<31) != 0:
-				t.Fatalf("option %v: error reply %#x %s", o, typ, d)
+			case h.Type.IsError():
+				t.Fatalf("option %v: error reply %v %s", o, h.Type, d)
 			default:
 				replies = append(replies, d)
 			}
 		}
 	}
 	opt(nbdproto.OptExtendedHeaders, nil)
-	q := be.AppendUint32(nil, 0) // export ""
-	q = be.AppendUint32(q, uint32(len(ctxs)))
-	for _, n := range ctxs {
-		q = be.AppendUint32(q, uint32(len(n)))
-		q = append(q, n...)
-	}
+	q := nbdproto.MetaContextRequest{Queries: ctxs}.Append(nil) // export ""
 	ids := map[string]uint32{}
 	for _, d := range opt(nbdproto.OptSetMetaContext, q) {
 		ids[string(d[4:])] = be.Uint32(d)
@@ -660,7 +661,7 @@ func rawDial(t *testing.T, uri string, ctxs []string) *rawConn {
 	if len(ids) != len(ctxs) {
 		t.Fatalf("negotiated %v, asked %v", ids, ctxs)
 	}
-	opt(nbdproto.OptGo, make([]byte, 6))
+	opt(nbdproto.OptGo, nbdproto.InfoRequest{}.Append(nil))
 	return rc
 }
 
@@ -670,44 +671,39 @@ func rawDial(t *testing.T, uri string, ctxs []string) *rawConn {
 type rawReply struct {
 	Errno   nbdproto.Errno
 	Msg     string
-	Chunks  []uint16
+	Chunks  []nbdproto.ReplyType
 	Dropped bool
 }
 
-func (rc *rawConn) do(t *testing.T, typ nbdproto.Command, flags uint16, off, length uint64, payload []byte) rawReply {
+func (rc *rawConn) do(t *testing.T, typ nbdproto.Command, flags nbdproto.CmdFlags, off, length uint64, payload []byte) rawReply {
 	t.Helper()
 	rc.cookie++
-	b := be.AppendUint32(nil, 0x21e41c71)
-	b = be.AppendUint16(b, flags)
-	b = be.AppendUint16(b, uint16(typ))
-	b = be.AppendUint64(b, rc.cookie)
-	b = be.AppendUint64(b, off)
-	b = be.AppendUint64(b, length)
+	b := nbdproto.Request{Flags: flags, Type: typ, Cookie: rc.cookie, Offset: off, Length: length}.Append(nil, true)
 	if _, err := rc.c.Write(append(b, payload...)); err != nil {
 		return rawReply{Dropped: true}
 	}
 	var r rawReply
 	for {
-		var h [32]byte
-		if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+		var hb [nbdproto.ExtendedReplyLen]byte
+		if _, err := io.ReadFull(rc.r, hb[:]); err != nil {
 			r.Dropped = true
 			return r
 		}
-		if be.Uint32(h[:]) != 0x6e8a278c || be.Uint64(h[8:]) != rc.cookie {
-			t.Fatalf("bad reply header %x", h)
+		h, err := nbdproto.DecodeReplyHeader(hb[:])
+		if err != nil || h.Magic != nbdproto.ExtendedReplyMagic || h.Cookie != rc.cookie {
+			t.Fatalf("bad reply header %x", hb)
 		}
-		d := make([]byte, be.Uint64(h[24:]))
+		d := make([]byte, h.Length)
 		if _, err := io.ReadFull(rc.r, d); err != nil {
 			r.Dropped = true
 			return r
 		}
-		ctype := be.Uint16(h[6:])
-		r.Chunks = append(r.Chunks, ctype)
-		if ctype&(1<<15) != 0 && len(d) >= 6 {
+		r.Chunks = append(r.Chunks, h.Type)
+		if h.Type.IsError() && len(d) >= 6 {
 			r.Errno = nbdproto.Errno(be.Uint32(d))
 			r.Msg = string(d[6 : 6+int(be.Uint16(d[4:]))])
 		}
-		if be.Uint16(h[4:])&1 != 0 { // NBD_REPLY_FLAG_DONE
+		if h.Flags&nbdproto.ReplyFlagDone != 0 {
 			return r
 		}
 	}
@@ -727,17 +723,13 @@ func TestBlockStatusPayloadMisuse(t *testing.T) {
 	nbdStart(t, theirs, "qemu-nbd", "-t", "-r", "-k", theirs, "-A", "-B", "bm1", "-B", "bm2", im.path)
 	ctxs := []string{metactx.BaseAllocation, metactx.AllocationDepth, "qemu:dirty-bitmap:bm1"}
 	bsPayload := func(length uint64, ids ...uint32) []byte {
-		b := be.AppendUint64(nil, length)
-		for _, id := range ids {
-			b = be.AppendUint32(b, id)
-		}
-		return b
+		return nbdproto.BlockStatusPayload{Length: length, IDs: ids}.Append(nil)
 	}
 	const size = 6 << 20
 	cases := []struct {
 		name    string
 		typ     nbdproto.Command
-		flags   uint16
+		flags   nbdproto.CmdFlags
 		payload []byte
 		wantMsg string // nbdgw's message (the errno is EINVAL, as qemu-nbd's)
 	}{

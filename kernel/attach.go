@@ -120,8 +120,8 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 		return fail(err)
 	}
 	if !cfg.Writable {
-		flags |= nbdproto.FlagReadOnly
-	} else if flags&nbdproto.FlagReadOnly != 0 {
+		flags |= uint64(nbdproto.FlagReadOnly)
+	} else if flags&uint64(nbdproto.FlagReadOnly) != 0 {
 		if cfg.Image != nil {
 			a.shutdown()
 			return fail(fmt.Errorf("the in-process server offers the image read-only (flags %#x)", flags))
@@ -211,7 +211,7 @@ func exportOf(clients []*nbdclient.Client, want int) (int64, uint64, error) {
 	for _, cl := range clients[1:] {
 		if cl.Size() != size || cl.TransmissionFlags() != flags {
 			return 0, 0, fmt.Errorf("the connections disagree on the export (size %d flags %#x vs size %d flags %#x)",
-				size, flags, cl.Size(), cl.TransmissionFlags())
+				size, uint16(flags), cl.Size(), uint16(cl.TransmissionFlags()))
 		}
 	}
 	if want > 1 && flags&nbdproto.FlagCanMultiConn == 0 {

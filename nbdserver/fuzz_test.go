@@ -23,7 +23,7 @@ func validSession(modeOpt nbdproto.Option, ext bool) []byte {
 	b = nbdproto.OptHeader{Opt: nbdproto.OptListMetaContext, Length: uint32(len(list))}.Append(b)
 	b = append(b, list...)
 	b = nbdproto.OptHeader{Opt: nbdproto.OptList}.Append(b)
-	gr := nbdproto.InfoRequest{Infos: []uint16{nbdproto.InfoName, nbdproto.InfoBlockSize}}.Append(nil)
+	gr := nbdproto.InfoRequest{Infos: []nbdproto.Info{nbdproto.InfoName, nbdproto.InfoBlockSize}}.Append(nil)
 	b = nbdproto.OptHeader{Opt: nbdproto.OptGo, Length: uint32(len(gr))}.Append(b)
 	b = append(b, gr...)
 	b = nbdproto.Request{Type: nbdproto.CmdRead, Cookie: 1, Length: 4096}.Append(b, ext)

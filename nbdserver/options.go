@@ -152,7 +152,7 @@ func (n *negotiation) optExportName() (*session, error) {
 	n.dropContextsUnless(exp)
 	flags := transmissionFlags(exp, n.mode, len(n.contexts) > 0)
 	b := be.AppendUint64(nil, uint64(exp.Image.Size()))
-	b = be.AppendUint16(b, flags)
+	b = be.AppendUint16(b, uint16(flags))
 	if !n.noZeroes {
 		b = append(b, make([]byte, 124)...)
 	}
@@ -234,10 +234,10 @@ func (n *negotiation) optInfo() (*session, error) {
 
 // sendInfos sends NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE and the requested
 // name and description.
-func (n *negotiation) sendInfos(exp *Export, req nbdproto.InfoRequest, flags uint16) error {
-	b := be.AppendUint16(nil, nbdproto.InfoExport)
+func (n *negotiation) sendInfos(exp *Export, req nbdproto.InfoRequest, flags nbdproto.Flags) error {
+	b := be.AppendUint16(nil, uint16(nbdproto.InfoExport))
 	b = be.AppendUint64(b, uint64(exp.Image.Size()))
-	b = be.AppendUint16(b, flags)
+	b = be.AppendUint16(b, uint16(flags))
 	if err := n.reply(nbdproto.RepInfo, b); err != nil {
 		return err
 	}
@@ -245,12 +245,12 @@ func (n *negotiation) sendInfos(exp *Export, req nbdproto.InfoRequest, flags uin
 		var b []byte
 		switch t {
 		case nbdproto.InfoName:
-			b = append(be.AppendUint16(nil, nbdproto.InfoName), exp.Name...)
+			b = append(be.AppendUint16(nil, uint16(nbdproto.InfoName)), exp.Name...)
 		case nbdproto.InfoDescription:
 			if exp.Description == "" {
 				continue
 			}
-			b = append(be.AppendUint16(nil, nbdproto.InfoDescription), exp.Description...)
+			b = append(be.AppendUint16(nil, uint16(nbdproto.InfoDescription)), exp.Description...)
 		default:
 			continue
 		}
@@ -258,7 +258,7 @@ func (n *negotiation) sendInfos(exp *Export, req nbdproto.InfoRequest, flags uin
 			return err
 		}
 	}
-	b = be.AppendUint16(nil, nbdproto.InfoBlockSize)
+	b = be.AppendUint16(nil, uint16(nbdproto.InfoBlockSize))
 	b = be.AppendUint32(b, 1)
 	b = be.AppendUint32(b, 4096)
 	b = be.AppendUint32(b, uint32(n.srv.cfg.MaxRequest))
@@ -391,7 +391,7 @@ func (n *negotiation) dropContextsUnless(exp *Export) {
 
 // session builds the transmission session after a successful GO or
 // EXPORT_NAME.
-func (n *negotiation) session(exp *Export, flags uint16) *session {
+func (n *negotiation) session(exp *Export, flags nbdproto.Flags) *session {
 	return &session{
 		srv:      n.srv,
 		conn:     n.conn,

@@ -364,8 +364,8 @@ func (s *Server) export(name string) *Export {
 
 // transmissionFlags returns the flags advertised for exp in mode. payload
 // says whether NBD_FLAG_BLOCK_STATUS_PAYLOAD may be set.
-func transmissionFlags(exp *Export, mode nbdproto.ReplyMode, payload bool) uint16 {
-	f := uint16(nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn | nbdproto.FlagSendCache)
+func transmissionFlags(exp *Export, mode nbdproto.ReplyMode, payload bool) nbdproto.Flags {
+	f := nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn | nbdproto.FlagSendCache
 	if exp.Writable {
 		f |= nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagSendFastZero
 	} else {

@@ -93,7 +93,7 @@ func TestReadHoles(t *testing.T) {
 	rc.final(nbdproto.OptStructuredReply, nil)
 	rc.goExport()
 	for _, tc := range []struct {
-		flags     uint16
+		flags     nbdproto.CmdFlags
 		wantHoles bool
 	}{{0, true}, {nbdproto.CmdFlagDF, false}} {
 		rc.write(nbdproto.Request{Type: nbdproto.CmdRead, Flags: tc.flags, Cookie: 7, Offset: 0, Length: 4 << 20}.Append(nil, false))
@@ -138,10 +138,10 @@ func TestBlockStatusPayload(t *testing.T) {
 		t.Fatalf("SET_META_CONTEXT: %v", got)
 	}
 	r, p := rc.option(nbdproto.OptGo, nbdproto.InfoRequest{}.Append(nil))
-	var flags uint16
+	var flags nbdproto.Flags
 	for i, h := range r {
-		if h.Type == nbdproto.RepInfo && be.Uint16(p[i]) == nbdproto.InfoExport {
-			flags = be.Uint16(p[i][10:])
+		if h.Type == nbdproto.RepInfo && nbdproto.Info(be.Uint16(p[i])) == nbdproto.InfoExport {
+			flags = nbdproto.Flags(be.Uint16(p[i][10:]))
 		}
 	}
 	if flags&nbdproto.FlagBlockStatusPayload == 0 {
@@ -150,7 +150,7 @@ func TestBlockStatusPayload(t *testing.T) {
 	size := uint64(img.Size())
 	tests := []struct {
 		name    string
-		flags   uint16
+		flags   nbdproto.CmdFlags
 		payload []byte
 		wantIDs []uint32 // chunks expected, in order
 		wantOne bool
@@ -287,7 +287,7 @@ func TestNegotiation(t *testing.T) {
 		{"meta context garbage", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptSetMetaContext, []byte{0, 0, 0, 9, 1}, nbdproto.RepErrInvalid, nil}}},
 		{"info unknown export", []step{{nbdproto.OptInfo, nbdproto.InfoRequest{Export: "zz"}.Append(nil), nbdproto.RepErrUnknown, nil}}},
 		{"info garbage", []step{{nbdproto.OptInfo, []byte{0, 0, 0, 1, 'a', 0, 3}, nbdproto.RepErrInvalid, nil}}},
-		{"info ok", []step{{nbdproto.OptInfo, nbdproto.InfoRequest{Export: "b", Infos: []uint16{nbdproto.InfoName, nbdproto.InfoDescription}}.Append(nil), nbdproto.RepAck, nil}}},
+		{"info ok", []step{{nbdproto.OptInfo, nbdproto.InfoRequest{Export: "b", Infos: []nbdproto.Info{nbdproto.InfoName, nbdproto.InfoDescription}}.Append(nil), nbdproto.RepAck, nil}}},
 		{"list with data", []step{{nbdproto.OptList, []byte{1}, nbdproto.RepErrInvalid, nil}}},
 		{"starttls without creds", []step{{nbdproto.OptStartTLS, nil, nbdproto.RepErrPolicy, nil}}},
 		{"too big", []step{{nbdproto.OptInfo, make([]byte, 100<<10), nbdproto.RepErrTooBig, nil}, {nbdproto.OptInfo, nbdproto.InfoRequest{}.Append(nil), nbdproto.RepAck, nil}}},
@@ -335,11 +335,11 @@ func TestListAndInfo(t *testing.T) {
 	if !slices.Equal(names, []string{"a", "b"}) {
 		t.Errorf("LIST: %q", names)
 	}
-	r, p = rc.option(nbdproto.OptInfo, nbdproto.InfoRequest{Export: "", Infos: []uint16{nbdproto.InfoName, nbdproto.InfoDescription}}.Append(nil))
-	got := map[uint16]string{}
+	r, p = rc.option(nbdproto.OptInfo, nbdproto.InfoRequest{Export: "", Infos: []nbdproto.Info{nbdproto.InfoName, nbdproto.InfoDescription}}.Append(nil))
+	got := map[nbdproto.Info]string{}
 	for i, h := range r {
 		if h.Type == nbdproto.RepInfo {
-			got[be.Uint16(p[i])] = string(p[i][2:])
+			got[nbdproto.Info(be.Uint16(p[i]))] = string(p[i][2:])
 		}
 	}
 	if got[nbdproto.InfoName] != "a" || got[nbdproto.InfoDescription] != "first" || len(got[nbdproto.InfoExport]) != 10 || len(got[nbdproto.InfoBlockSize]) != 12 {
@@ -355,7 +355,7 @@ func TestExportName(t *testing.T) {
 	rc.write(append(nbdproto.OptHeader{Opt: nbdproto.OptExportName, Length: 1}.Append(nil), 'a'))
 	var b [10]byte
 	rc.read(b[:])
-	if be.Uint64(b[:]) != 1<<20 || be.Uint16(b[8:])&nbdproto.FlagHasFlags == 0 {
+	if be.Uint64(b[:]) != 1<<20 || nbdproto.Flags(be.Uint16(b[8:]))&nbdproto.FlagHasFlags == 0 {
 		t.Fatalf("EXPORT_NAME reply %x", b)
 	}
 	rc.write(nbdproto.Request{Type: nbdproto.CmdRead, Cookie: 1, Length: 16}.Append(nil, false))

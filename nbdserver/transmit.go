@@ -32,9 +32,9 @@ type session struct {
 	r        *bufio.Reader
 	exp      *Export
 	mode     nbdproto.ReplyMode
-	contexts []string // negotiated meta contexts; the id is the index
-	flags    uint16   // transmission flags advertised
-	zeroCopy bool     // data may be sent from host files with sendfile
+	contexts []string       // negotiated meta contexts; the id is the index
+	flags    nbdproto.Flags // transmission flags advertised
+	zeroCopy bool           // data may be sent from host files with sendfile
 
 	slots chan struct{}  // one token per request in flight
 	mem   *connBudget    // this connection's share of buffer bytes
@@ -164,7 +164,7 @@ func (s *session) safeDispatch(req *request) (r reply) {
 // dispatch validates the request flags common to all commands and calls
 // the command's handler. The reply it returns is complete.
 func (s *session) dispatch(req *request) reply {
-	allowed := uint16(0)
+	allowed := nbdproto.CmdFlags(0)
 	switch req.Type {
 	case nbdproto.CmdRead:
 		if s.mode >= nbdproto.ModeStructured {
@@ -191,7 +191,7 @@ func (s *session) dispatch(req *request) reply {
 		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.Length, req.Type))
 	}
 	if req.Flags&^allowed != 0 {
-		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.Flags, req.Type))
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("invalid flags %#x for %v", uint16(req.Flags), req.Type))
 	}
 	switch req.Type {
 	case nbdproto.CmdRead:
@@ -434,7 +434,7 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 // descriptors reach maxExtentBytes.
 func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint16) ([]byte, error) {
 	ext := s.mode == nbdproto.ModeExtended
-	hdr, desc, typ := nbdproto.BlockStatusHdrLen, nbdproto.DescriptorLen, uint16(nbdproto.ReplyTypeBlockStatus)
+	hdr, desc, typ := nbdproto.BlockStatusHdrLen, nbdproto.DescriptorLen, nbdproto.ReplyTypeBlockStatus
 	maxLen := uint64(math.MaxUint32)
 	if ext {
 		hdr, desc, typ = nbdproto.BlockStatusExtHdrLen, nbdproto.ExtDescriptorLen, nbdproto.ReplyTypeBlockStatusExt

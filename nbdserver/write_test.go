@@ -32,7 +32,7 @@ func writableImage(t testing.TB, size string) (*qcow2.Image, string) {
 func TestWritableFlags(t *testing.T) {
 	img, _ := writableImage(t, "1M")
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "rw", Image: img, Writable: true}, {Name: "ro", Image: img}}})
-	writeFlags := uint16(nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagSendFastZero | nbdproto.FlagCanMultiConn)
+	writeFlags := nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagSendFastZero | nbdproto.FlagCanMultiConn
 	for _, tc := range []struct {
 		export string
 		ro     bool
@@ -45,14 +45,14 @@ func TestWritableFlags(t *testing.T) {
 			f := c.TransmissionFlags()
 			c.Close()
 			if got := f&nbdproto.FlagReadOnly != 0; got != tc.ro {
-				t.Errorf("%s/%s: READ_ONLY %v, want %v (flags %#x)", tc.export, m.name, got, tc.ro, f)
+				t.Errorf("%s/%s: READ_ONLY %v, want %v (flags %v)", tc.export, m.name, got, tc.ro, f)
 			}
 			want := writeFlags
 			if tc.ro {
 				want = nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn
 			}
 			if f&writeFlags != want {
-				t.Errorf("%s/%s: flags %#x, want %#x among %#x", tc.export, m.name, f&writeFlags, want, writeFlags)
+				t.Errorf("%s/%s: flags %v, want %v among %v", tc.export, m.name, f&writeFlags, want, writeFlags)
 			}
 		}
 	}

@@ -48,7 +48,7 @@ type Client struct {
 	cookie uint64
 
 	size     int64
-	flags    uint16
+	flags    nbdproto.Flags
 	mode     nbdproto.ReplyMode
 	contexts map[string]uint32 // negotiated meta contexts by name
 	maxBlock uint32
@@ -249,7 +249,7 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 // optGo enters transmission with NBD_OPT_GO, or NBD_OPT_EXPORT_NAME when
 // the server does not know NBD_OPT_GO.
 func (c *Client) optGo(export string, noZeroes bool) error {
-	data := nbdproto.InfoRequest{Export: export, Infos: []uint16{nbdproto.InfoBlockSize}}.Append(nil)
+	data := nbdproto.InfoRequest{Export: export, Infos: []nbdproto.Info{nbdproto.InfoBlockSize}}.Append(nil)
 	if err := c.sendOption(nbdproto.OptGo, data); err != nil {
 		return err
 	}
@@ -281,10 +281,10 @@ func (c *Client) parseInfo(b []byte) bool {
 	if len(b) < 2 {
 		return false
 	}
-	switch be.Uint16(b) {
+	switch nbdproto.Info(be.Uint16(b)) {
 	case nbdproto.InfoExport:
 		if len(b) >= 12 {
-			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), be.Uint16(b[10:])
+			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), nbdproto.Flags(be.Uint16(b[10:]))
 			return true
 		}
 	case nbdproto.InfoBlockSize:
@@ -307,7 +307,7 @@ func (c *Client) exportName(export string, noZeroes bool) error {
 	if _, err := io.ReadFull(c.r, b); err != nil {
 		return fmt.Errorf("nbd: NBD_OPT_EXPORT_NAME %q: %w", export, err)
 	}
-	c.size, c.flags = int64(be.Uint64(b)&math.MaxInt64), be.Uint16(b[8:])
+	c.size, c.flags = int64(be.Uint64(b)&math.MaxInt64), nbdproto.Flags(be.Uint16(b[8:]))
 	return nil
 }
 
@@ -315,7 +315,7 @@ func (c *Client) exportName(export string, noZeroes bool) error {
 func (c *Client) Size() int64 { return c.size }
 
 // TransmissionFlags are the flags the server advertised.
-func (c *Client) TransmissionFlags() uint16 { return c.flags }
+func (c *Client) TransmissionFlags() nbdproto.Flags { return c.flags }
 
 // Mode is how replies are framed, as negotiated.
 func (c *Client) Mode() nbdproto.ReplyMode { return c.mode }
@@ -627,12 +627,12 @@ func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 
 // WriteFlags is WriteAt with command flags (CmdFlagFUA: every request is
 // durable before the server answers it).
-func (c *Client) WriteFlags(p []byte, off int64, flags uint16) error {
+func (c *Client) WriteFlags(p []byte, off int64, flags nbdproto.CmdFlags) error {
 	_, err := c.write(p, off, flags)
 	return err
 }
 
-func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
+func (c *Client) write(p []byte, off int64, flags nbdproto.CmdFlags) (int, error) {
 	if off < 0 || off > c.size || int64(len(p)) > c.size-off {
 		return 0, fmt.Errorf("nbd: write of %d bytes at %d outside the export", len(p), off)
 	}
@@ -645,13 +645,13 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 // WriteZeroes makes [off, off+length) read as zeroes. flags may hold
 // CmdFlagFUA, CmdFlagNoHole (keep the range allocated) and
 // CmdFlagFastZero (fail with NBD_ENOTSUP unless zeroing is cheap).
-func (c *Client) WriteZeroes(off, length int64, flags uint16) error {
+func (c *Client) WriteZeroes(off, length int64, flags nbdproto.CmdFlags) error {
 	return c.rangeCommand(nbdproto.CmdWriteZeroes, off, length, flags)
 }
 
 // Trim tells the server [off, off+length) is no longer needed. flags may
 // hold CmdFlagFUA.
-func (c *Client) Trim(off, length int64, flags uint16) error {
+func (c *Client) Trim(off, length int64, flags nbdproto.CmdFlags) error {
 	return c.rangeCommand(nbdproto.CmdTrim, off, length, flags)
 }
 
@@ -664,7 +664,7 @@ func (c *Client) Flush() error {
 
 // rangeCommand issues a command without payload over a range, split into
 // 32-bit lengths unless extended headers are on.
-func (c *Client) rangeCommand(typ nbdproto.Command, off, length int64, flags uint16) error {
+func (c *Client) rangeCommand(typ nbdproto.Command, off, length int64, flags nbdproto.CmdFlags) error {
 	if off < 0 || length < 0 {
 		return fmt.Errorf("nbd: %v of %d bytes at %d", typ, length, off)
 	}

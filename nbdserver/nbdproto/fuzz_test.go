@@ -11,7 +11,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add(byte(0), Request{Type: CmdRead, Cookie: 1, Offset: 2, Length: 3}.Append(nil, false))
 	f.Add(byte(1), Request{Type: CmdBlockStatus, Flags: CmdFlagPayloadLen, Length: 12}.Append(nil, true))
 	f.Add(byte(2), MetaContextRequest{Export: "x", Queries: []string{"qemu:"}}.Append(nil))
-	f.Add(byte(3), InfoRequest{Export: "x", Infos: []uint16{1, 3}}.Append(nil))
+	f.Add(byte(3), InfoRequest{Export: "x", Infos: []Info{1, 3}}.Append(nil))
 	f.Add(byte(4), BlockStatusPayload{Length: 9, IDs: []uint32{1, 2}}.Append(nil))
 	f.Add(byte(5), AppendChunkHeader(nil, ModeExtended, 1, 6, 7, 8, 9))
 	f.Add(byte(6), []byte{0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0})

@@ -1,6 +1,9 @@
 package nbdproto
 
-import "fmt"
+import (
+	"fmt"
+	"strings"
+)
 
 // Magic numbers of the handshake and transmission phases.
 const (
@@ -23,22 +26,52 @@ const (
 	ClientNoZeroes      = 1 << 1
 )
 
+// Flags are the transmission flags (NBD_FLAG_*) of an export.
+type Flags uint16
+
 // Transmission flags.
 const (
-	FlagHasFlags           = 1 << 0
-	FlagReadOnly           = 1 << 1
-	FlagSendFlush          = 1 << 2
-	FlagSendFUA            = 1 << 3
-	FlagRotational         = 1 << 4
-	FlagSendTrim           = 1 << 5
-	FlagSendWriteZeroes    = 1 << 6
-	FlagSendDF             = 1 << 7
-	FlagCanMultiConn       = 1 << 8
-	FlagSendResize         = 1 << 9
-	FlagSendCache          = 1 << 10
-	FlagSendFastZero       = 1 << 11
-	FlagBlockStatusPayload = 1 << 12
+	FlagHasFlags           Flags = 1 << 0
+	FlagReadOnly           Flags = 1 << 1
+	FlagSendFlush          Flags = 1 << 2
+	FlagSendFUA            Flags = 1 << 3
+	FlagRotational         Flags = 1 << 4
+	FlagSendTrim           Flags = 1 << 5
+	FlagSendWriteZeroes    Flags = 1 << 6
+	FlagSendDF             Flags = 1 << 7
+	FlagCanMultiConn       Flags = 1 << 8
+	FlagSendResize         Flags = 1 << 9
+	FlagSendCache          Flags = 1 << 10
+	FlagSendFastZero       Flags = 1 << 11
+	FlagBlockStatusPayload Flags = 1 << 12
 )
+
+var flagNames = []string{"NBD_FLAG_HAS_FLAGS", "NBD_FLAG_READ_ONLY", "NBD_FLAG_SEND_FLUSH",
+	"NBD_FLAG_SEND_FUA", "NBD_FLAG_ROTATIONAL", "NBD_FLAG_SEND_TRIM", "NBD_FLAG_SEND_WRITE_ZEROES",
+	"NBD_FLAG_SEND_DF", "NBD_FLAG_CAN_MULTI_CONN", "NBD_FLAG_SEND_RESIZE", "NBD_FLAG_SEND_CACHE",
+	"NBD_FLAG_SEND_FAST_ZERO", "NBD_FLAG_BLOCK_STAT_PAYLOAD"}
+
+// String names the set flags, joined by "|"; unknown bits are in hex.
+func (f Flags) String() string { return bitNames(uint64(f), flagNames) }
+
+// bitNames names the bits of v by names[bit], "|"-separated, the
+// unnamed rest in hex; "0" for none.
+func bitNames(v uint64, names []string) string {
+	if v == 0 {
+		return "0"
+	}
+	var parts []string
+	for i, n := range names {
+		if v&(1<<i) != 0 {
+			parts = append(parts, n)
+			v &^= 1 << i
+		}
+	}
+	if v != 0 {
+		parts = append(parts, fmt.Sprintf("%#x", v))
+	}
+	return strings.Join(parts, "|")
+}
 
 // Option is an NBD_OPT_* option type.
 type Option uint32
@@ -115,13 +148,25 @@ func (r Reply) String() string {
 // IsError reports whether r is an error reply.
 func (r Reply) IsError() bool { return r&repErr != 0 }
 
+// Info is an NBD_INFO_* information type of NBD_REP_INFO.
+type Info uint16
+
 // Info types of NBD_REP_INFO.
 const (
-	InfoExport      = 0
-	InfoName        = 1
-	InfoDescription = 2
-	InfoBlockSize   = 3
+	InfoExport      Info = 0
+	InfoName        Info = 1
+	InfoDescription Info = 2
+	InfoBlockSize   Info = 3
 )
+
+var infoNames = [...]string{"NBD_INFO_EXPORT", "NBD_INFO_NAME", "NBD_INFO_DESCRIPTION", "NBD_INFO_BLOCK_SIZE"}
+
+func (i Info) String() string {
+	if int(i) < len(infoNames) {
+		return infoNames[i]
+	}
+	return fmt.Sprintf("NBD_INFO_%d", uint16(i))
+}
 
 // Command is an NBD_CMD_* request type.
 type Command uint16
@@ -149,25 +194,56 @@ func (c Command) String() string {
 	return fmt.Sprintf("NBD_CMD_%d", uint16(c))
 }
 
+// CmdFlags are the flags of a transmission request (NBD_CMD_FLAG_*).
+type CmdFlags uint16
+
 // Command flags.
 const (
-	CmdFlagFUA        = 1 << 0
-	CmdFlagNoHole     = 1 << 1
-	CmdFlagDF         = 1 << 2
-	CmdFlagReqOne     = 1 << 3
-	CmdFlagFastZero   = 1 << 4
-	CmdFlagPayloadLen = 1 << 5
+	CmdFlagFUA        CmdFlags = 1 << 0
+	CmdFlagNoHole     CmdFlags = 1 << 1
+	CmdFlagDF         CmdFlags = 1 << 2
+	CmdFlagReqOne     CmdFlags = 1 << 3
+	CmdFlagFastZero   CmdFlags = 1 << 4
+	CmdFlagPayloadLen CmdFlags = 1 << 5
 )
 
-// Structured reply flags and types.
+var cmdFlagNames = []string{"NBD_CMD_FLAG_FUA", "NBD_CMD_FLAG_NO_HOLE", "NBD_CMD_FLAG_DF",
+	"NBD_CMD_FLAG_REQ_ONE", "NBD_CMD_FLAG_FAST_ZERO", "NBD_CMD_FLAG_PAYLOAD_LEN"}
+
+// String names the set flags, joined by "|"; unknown bits are in hex.
+func (f CmdFlags) String() string { return bitNames(uint64(f), cmdFlagNames) }
+
+// ReplyFlagDone marks the last chunk of a structured reply.
+const ReplyFlagDone = 1 << 0
+
+// ReplyType is an NBD_REPLY_TYPE_* structured reply chunk type. Errors
+// have bit 15 set.
+type ReplyType uint16
+
+// Structured reply chunk types.
 const (
-	ReplyFlagDone = 1 << 0
-
-	ReplyTypeNone           = 0
-	ReplyTypeOffsetData     = 1
-	ReplyTypeOffsetHole     = 2
-	ReplyTypeBlockStatus    = 5
-	ReplyTypeBlockStatusExt = 6
-	ReplyTypeError          = 1<<15 + 1
-	ReplyTypeErrorOffset    = 1<<15 + 2
+	ReplyTypeNone           ReplyType = 0
+	ReplyTypeOffsetData     ReplyType = 1
+	ReplyTypeOffsetHole     ReplyType = 2
+	ReplyTypeBlockStatus    ReplyType = 5
+	ReplyTypeBlockStatusExt ReplyType = 6
+	ReplyTypeError          ReplyType = 1<<15 + 1
+	ReplyTypeErrorOffset    ReplyType = 1<<15 + 2
 )
+
+var replyTypeNames = map[ReplyType]string{
+	ReplyTypeNone: "NBD_REPLY_TYPE_NONE", ReplyTypeOffsetData: "NBD_REPLY_TYPE_OFFSET_DATA",
+	ReplyTypeOffsetHole: "NBD_REPLY_TYPE_OFFSET_HOLE", ReplyTypeBlockStatus: "NBD_REPLY_TYPE_BLOCK_STATUS",
+	ReplyTypeBlockStatusExt: "NBD_REPLY_TYPE_BLOCK_STATUS_EXT", ReplyTypeError: "NBD_REPLY_TYPE_ERROR",
+	ReplyTypeErrorOffset: "NBD_REPLY_TYPE_ERROR_OFFSET",
+}
+
+func (t ReplyType) String() string {
+	if s, ok := replyTypeNames[t]; ok {
+		return s
+	}
+	return fmt.Sprintf("NBD_REPLY_TYPE_%#x", uint16(t))
+}
+
+// IsError reports whether t is an error chunk.
+func (t ReplyType) IsError() bool { return t&(1<<15) != 0 }

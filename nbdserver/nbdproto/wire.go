@@ -87,7 +87,7 @@ func DecodeOptReply(b []byte) (OptReply, error) {
 // Request is a transmission request header, compact (28 bytes, 32-bit
 // length) or extended (32 bytes, 64-bit length).
 type Request struct {
-	Flags  uint16
+	Flags  CmdFlags
 	Type   Command
 	Cookie uint64
 	Offset uint64
@@ -108,7 +108,7 @@ func DecodeRequest(b []byte, extended bool) (Request, error) {
 		return Request{}, fmt.Errorf("%w: request magic %#x", ErrBadMagic, m)
 	}
 	r := Request{
-		Flags:  be.Uint16(b[4:]),
+		Flags:  CmdFlags(be.Uint16(b[4:])),
 		Type:   Command(be.Uint16(b[6:])),
 		Cookie: be.Uint64(b[8:]),
 		Offset: be.Uint64(b[16:]),
@@ -127,7 +127,7 @@ func (r Request) Append(b []byte, extended bool) []byte {
 	} else {
 		b = be.AppendUint32(b, RequestMagic)
 	}
-	b = be.AppendUint16(b, r.Flags)
+	b = be.AppendUint16(b, uint16(r.Flags))
 	b = be.AppendUint16(b, uint16(r.Type))
 	b = be.AppendUint64(b, r.Cookie)
 	b = be.AppendUint64(b, r.Offset)
@@ -160,14 +160,14 @@ func AppendSimpleReply(b []byte, errno Errno, cookie uint64) []byte {
 // AppendChunkHeader appends a structured (or, in extended mode, an
 // extended) reply chunk header for a payload of length bytes. offset is
 // the request's offset, echoed in extended headers.
-func AppendChunkHeader(b []byte, mode ReplyMode, flags, typ uint16, cookie, offset, length uint64) []byte {
+func AppendChunkHeader(b []byte, mode ReplyMode, flags uint16, typ ReplyType, cookie, offset, length uint64) []byte {
 	if mode == ModeExtended {
 		b = be.AppendUint32(b, ExtendedReplyMagic)
 	} else {
 		b = be.AppendUint32(b, StructuredReplyMagic)
 	}
 	b = be.AppendUint16(b, flags)
-	b = be.AppendUint16(b, typ)
+	b = be.AppendUint16(b, uint16(typ))
 	b = be.AppendUint64(b, cookie)
 	if mode == ModeExtended {
 		b = be.AppendUint64(b, offset)
@@ -180,7 +180,7 @@ func AppendChunkHeader(b []byte, mode ReplyMode, flags, typ uint16, cookie, offs
 type ReplyHeader struct {
 	Magic  uint32
 	Flags  uint16
-	Type   uint16
+	Type   ReplyType
 	Cookie uint64
 	Offset uint64 // extended only
 	Length uint64 // structured/extended: payload length
@@ -219,11 +219,11 @@ func DecodeReplyHeader(b []byte) (ReplyHeader, error) {
 		h.Errno = Errno(be.Uint32(b[4:]))
 		h.Cookie = be.Uint64(b[8:])
 	case StructuredReplyMagic:
-		h.Flags, h.Type = be.Uint16(b[4:]), be.Uint16(b[6:])
+		h.Flags, h.Type = be.Uint16(b[4:]), ReplyType(be.Uint16(b[6:]))
 		h.Cookie = be.Uint64(b[8:])
 		h.Length = uint64(be.Uint32(b[16:]))
 	case ExtendedReplyMagic:
-		h.Flags, h.Type = be.Uint16(b[4:]), be.Uint16(b[6:])
+		h.Flags, h.Type = be.Uint16(b[4:]), ReplyType(be.Uint16(b[6:]))
 		h.Cookie = be.Uint64(b[8:])
 		h.Offset = be.Uint64(b[16:])
 		h.Length = be.Uint64(b[24:])
@@ -373,7 +373,7 @@ func (m MetaContextRequest) Append(b []byte) []byte {
 // info types.
 type InfoRequest struct {
 	Export string
-	Infos  []uint16
+	Infos  []Info
 }
 
 func DecodeInfoRequest(b []byte) (InfoRequest, error) {
@@ -391,7 +391,7 @@ func DecodeInfoRequest(b []byte) (InfoRequest, error) {
 		return r, fmt.Errorf("%w: %d info requests in %d bytes", ErrBadOption, n, len(b))
 	}
 	for i := 0; i < n; i++ {
-		r.Infos = append(r.Infos, be.Uint16(b[2*i:]))
+		r.Infos = append(r.Infos, Info(be.Uint16(b[2*i:])))
 	}
 	return r, nil
 }
@@ -400,7 +400,7 @@ func (r InfoRequest) Append(b []byte) []byte {
 	b = AppendString(b, r.Export)
 	b = be.AppendUint16(b, uint16(len(r.Infos)))
 	for _, i := range r.Infos {
-		b = be.AppendUint16(b, i)
+		b = be.AppendUint16(b, uint16(i))
 	}
 	return b
 }
