@@ -49,7 +49,7 @@ const (
 var flagNames = []string{"NBD_FLAG_HAS_FLAGS", "NBD_FLAG_READ_ONLY", "NBD_FLAG_SEND_FLUSH",
 	"NBD_FLAG_SEND_FUA", "NBD_FLAG_ROTATIONAL", "NBD_FLAG_SEND_TRIM", "NBD_FLAG_SEND_WRITE_ZEROES",
 	"NBD_FLAG_SEND_DF", "NBD_FLAG_CAN_MULTI_CONN", "NBD_FLAG_SEND_RESIZE", "NBD_FLAG_SEND_CACHE",
-	"NBD_FLAG_SEND_FAST_ZERO", "NBD_FLAG_BLOCK_STAT_PAYLOAD"}
+	"NBD_FLAG_SEND_FAST_ZERO", "NBD_FLAG_BLOCK_STATUS_PAYLOAD"}
 
 // String names the set flags, joined by "|"; unknown bits are in hex.
 func (f Flags) String() string { return bitNames(uint64(f), flagNames) }

@@ -9,7 +9,7 @@ func TestString(t *testing.T) {
 		want string
 	}{
 		{FlagHasFlags | FlagReadOnly | FlagCanMultiConn, "NBD_FLAG_HAS_FLAGS|NBD_FLAG_READ_ONLY|NBD_FLAG_CAN_MULTI_CONN"},
-		{FlagBlockStatusPayload | 1<<15, "NBD_FLAG_BLOCK_STAT_PAYLOAD|0x8000"},
+		{FlagBlockStatusPayload | 1<<15, "NBD_FLAG_BLOCK_STATUS_PAYLOAD|0x8000"},
 		{Flags(0), "0"},
 		{CmdFlagFUA | CmdFlagPayloadLen, "NBD_CMD_FLAG_FUA|NBD_CMD_FLAG_PAYLOAD_LEN"},
 		{CmdFlags(0x4000), "0x4000"},
