@@ -19,7 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // admPeak samples /proc/PID/status (VmRSS, VmHWM) every few milliseconds
@@ -136,9 +137,9 @@ func admStalled(t testing.TB, s *admServer, n int, size, length uint64) []net.Co
 	t.Helper()
 	var conns []net.Conn
 	for k := 0; k < n; k++ {
-		mode := uint32(0)
+		mode := nbdproto.Option(0)
 		if k%2 == 1 {
-			mode = hardOptStructured
+			mode = nbdproto.OptStructuredReply
 		}
 		rc, err := hardHandshake(s.network, s.addr, mode)
 		if err != nil {
@@ -146,7 +147,7 @@ func admStalled(t testing.TB, s *admServer, n int, size, length uint64) []net.Co
 		}
 		conns = append(conns, rc)
 		off := (uint64(k) * (1 << 20)) % (size - length + 1)
-		if _, err := rc.Write(hardReq(false, 0, hardCmdRead, uint64(k), off, length)); err != nil {
+		if _, err := rc.Write(hardReq(false, 0, nbdproto.CmdRead, uint64(k), off, length)); err != nil {
 			t.Fatalf("%s: stalled client %d: %v", s.name, k, err)
 		}
 	}
@@ -164,7 +165,7 @@ func admStalled(t testing.TB, s *admServer, n int, size, length uint64) []net.Co
 func admGoodReads(t testing.TB, s *admServer, size int64, d time.Duration, want []byte) (slowest, dial time.Duration) {
 	t.Helper()
 	start := time.Now()
-	c, err := nbdserver.Dial(context.Background(), s.uri(), nbdserver.ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), s.uri(), nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		t.Fatalf("%s: good client: %v", s.name, err)
 	}
@@ -361,7 +362,7 @@ func TestAdmissionHandshakenIdle(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				conns[i], errs[i] = hardHandshake("tcp", s.addr, hardOptStructured)
+				conns[i], errs[i] = hardHandshake("tcp", s.addr, nbdproto.OptStructuredReply)
 			}()
 		}
 		wg.Wait()
@@ -386,7 +387,7 @@ func TestAdmissionHandshakenIdle(t *testing.T) {
 	// The idle ones are still served.
 	for i, c := range conns[:4] {
 		c.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := c.Write(hardReq(false, 0, hardCmdRead, 1, 0, 4096)); err != nil {
+		if _, err := c.Write(hardReq(false, 0, nbdproto.CmdRead, 1, 0, 4096)); err != nil {
 			t.Fatalf("idle client %d: %v", i, err)
 		}
 		if ch, err := c.chunk(); err != nil || ch.typ == hardReplySimple {

@@ -12,7 +12,8 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/internal/faultfs"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // The storage fails under a running nbdgw: the image lives on a faultfs
@@ -68,9 +69,9 @@ func faultStopServe(t *testing.T, srv *nbdServer) {
 	}
 }
 
-func faultErrno(t *testing.T, what string, err error, want nbdserver.Errno) {
+func faultErrno(t *testing.T, what string, err error, want nbdproto.Errno) {
 	t.Helper()
-	var se *nbdserver.ServerError
+	var se *nbdproto.ServerError
 	if !errors.As(err, &se) || se.Errno != want {
 		t.Fatalf("%s: %v, want the server's %v", what, err, want)
 	}
@@ -86,17 +87,17 @@ func TestFaultNBD(t *testing.T) {
 		srv := nbdServe(t, bin, "--writable", "-f", "qcow2", filepath.Join(ffs.Dir(), "f.qcow2"))
 		// A real client writes and flushes the data that must survive.
 		runOutput(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 64k 192k", "-c", "flush", srv.uri())
-		c := srv.dial(t, nbdserver.ClientOptions{})
+		c := srv.dial(t, nbdclient.Options{})
 		if _, err := c.WriteAt(bytes.Repeat([]byte{0x33}, 128<<10), 1<<20); err != nil {
 			t.Fatal(err)
 		}
 		ffs.Set(faultfs.Fault{Ops: faultfs.Fsync, Errno: syscall.EIO, Count: 1})
-		faultErrno(t, "flush during the fault", c.Flush(), nbdserver.EIO)
+		faultErrno(t, "flush during the fault", c.Flush(), nbdproto.EIO)
 		ffs.Clear()
-		faultErrno(t, "flush after the storage recovered", c.Flush(), nbdserver.EIO)
-		faultErrno(t, "write after the failure", func() error { _, err := c.WriteAt([]byte{1}, 0); return err }(), nbdserver.EIO)
-		faultErrno(t, "FUA write after the failure", c.WriteFlags(make([]byte, 512), 0, nbdserver.CmdFlagFUA), nbdserver.EIO)
-		faultErrno(t, "zero write after the failure", c.WriteZeroes(0, 4096, 0), nbdserver.EIO)
+		faultErrno(t, "flush after the storage recovered", c.Flush(), nbdproto.EIO)
+		faultErrno(t, "write after the failure", func() error { _, err := c.WriteAt([]byte{1}, 0); return err }(), nbdproto.EIO)
+		faultErrno(t, "FUA write after the failure", c.WriteFlags(make([]byte, 512), 0, nbdproto.CmdFlagFUA), nbdproto.EIO)
+		faultErrno(t, "zero write after the failure", c.WriteZeroes(0, 4096, 0), nbdproto.EIO)
 		got := make([]byte, 192<<10)
 		if _, err := c.ReadAt(got, 64<<10); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 192<<10)) {
 			t.Fatalf("read after the failure: %v", err)
@@ -113,7 +114,7 @@ func TestFaultNBD(t *testing.T) {
 	t.Run("disk-full", func(t *testing.T) {
 		ffs := faultImage(t)
 		srv := nbdServe(t, bin, "--writable", "-f", "qcow2", filepath.Join(ffs.Dir(), "f.qcow2"))
-		c := srv.dial(t, nbdserver.ClientOptions{})
+		c := srv.dial(t, nbdclient.Options{})
 		want := bytes.Repeat([]byte{0x77}, 64<<10)
 		if _, err := c.WriteAt(want, 0); err != nil {
 			t.Fatal(err)
@@ -126,9 +127,9 @@ func TestFaultNBD(t *testing.T) {
 		for i := int64(1); i < 32 && err == nil; i++ {
 			_, err = c.WriteAt(bytes.Repeat([]byte{byte(i)}, 64<<10), i*64<<10)
 		}
-		faultErrno(t, "write on a full disk", err, nbdserver.ENOSPC)
+		faultErrno(t, "write on a full disk", err, nbdproto.ENOSPC)
 		ffs.Clear()
-		faultErrno(t, "flush after the disk filled", c.Flush(), nbdserver.ENOSPC)
+		faultErrno(t, "flush after the disk filled", c.Flush(), nbdproto.ENOSPC)
 		c.Close()
 		faultStopServe(t, srv)
 		code := faultVerify(t, ffs, 0, want)

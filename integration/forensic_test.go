@@ -17,6 +17,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // TestForensicReadOnly is the proof that evidence stays untouched: every
@@ -288,29 +290,29 @@ func hardForensicServe(t *testing.T, bin string, im hardValid, want string) {
 	hardHeldReadOnly(t, s.cmd.Process.Pid, im.files, "nbdgw serve")
 
 	// Raw requests in every framing: each must fail with EPERM.
-	for _, mode := range []uint32{0, hardOptStructured, hardOptExtended} {
+	for _, mode := range []nbdproto.Option{0, nbdproto.OptStructuredReply, nbdproto.OptExtendedHeaders} {
 		rc, err := hardHandshake("unix", s.socket, mode)
 		if err != nil {
 			t.Fatal(err)
 		}
 		rc.SetDeadline(time.Now().Add(30 * time.Second))
-		ext := mode == hardOptExtended
+		ext := mode == nbdproto.OptExtendedHeaders
 		payload := make([]byte, 65536)
 		for i := range payload {
 			payload[i] = 0xee
 		}
 		reqs := [][]byte{
-			append(hardReq(ext, 0, hardCmdWrite, 1, 0, 65536), payload...),
-			append(hardReq(ext, 1, hardCmdWrite, 2, 4096, 65536), payload...), // FUA
-			hardReq(ext, 0, hardCmdTrim, 3, 0, 1<<20),
-			hardReq(ext, 0, hardCmdWriteZeroes, 4, 0, 1<<20),
-			hardReq(ext, 2, hardCmdWriteZeroes, 5, 0, 1<<20), // NO_HOLE
+			append(hardReq(ext, 0, nbdproto.CmdWrite, 1, 0, 65536), payload...),
+			append(hardReq(ext, 1, nbdproto.CmdWrite, 2, 4096, 65536), payload...), // FUA
+			hardReq(ext, 0, nbdproto.CmdTrim, 3, 0, 1<<20),
+			hardReq(ext, 0, nbdproto.CmdWriteZeroes, 4, 0, 1<<20),
+			hardReq(ext, 2, nbdproto.CmdWriteZeroes, 5, 0, 1<<20), // NO_HOLE
 		}
 		for i, q := range reqs {
 			if _, err := rc.Write(q); err != nil {
 				t.Fatal(err)
 			}
-			var errno uint32
+			var errno nbdproto.Errno
 			if mode == 0 {
 				errno, _, _, err = rc.simpleReply(0)
 			} else if ext {
@@ -318,15 +320,15 @@ func hardForensicServe(t *testing.T, bin string, im hardValid, want string) {
 			} else {
 				var ch hardChunk
 				ch, err = rc.chunk()
-				if err == nil && len(ch.payload) >= 4 && ch.typ != hardReplyTypeNone {
-					errno = hardBE.Uint32(ch.payload)
+				if err == nil && len(ch.payload) >= 4 && ch.typ != nbdproto.ReplyTypeNone {
+					errno = nbdproto.Errno(hardBE.Uint32(ch.payload))
 				}
 			}
-			if err != nil || errno != hardEPERM {
+			if err != nil || errno != nbdproto.EPERM {
 				t.Errorf("mode %d write request %d: errno %d, %v; want EPERM", mode, i, errno, err)
 			}
 		}
-		rc.Write(hardReq(ext, 0, hardCmdDisc, 9, 0, 0))
+		rc.Write(hardReq(ext, 0, nbdproto.CmdDisc, 9, 0, 0))
 		rc.Close()
 	}
 
@@ -404,12 +406,12 @@ func hardForensicSnapshot(t *testing.T, bin string, im hardValid) {
 
 // extendedErrno reads one extended reply chunk and returns the errno of
 // an error chunk (0 otherwise).
-func (rc *hardRawConn) extendedErrno() (uint32, error) {
+func (rc *hardRawConn) extendedErrno() (nbdproto.Errno, error) {
 	var h [32]byte
 	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
 		return 0, err
 	}
-	if hardBE.Uint32(h[:]) != hardExtChunkMagic {
+	if hardBE.Uint32(h[:]) != nbdproto.ExtendedReplyMagic {
 		return 0, fmt.Errorf("extended reply magic %#x", hardBE.Uint32(h[:]))
 	}
 	n := hardBE.Uint64(h[24:])
@@ -420,8 +422,8 @@ func (rc *hardRawConn) extendedErrno() (uint32, error) {
 	if _, err := io.ReadFull(rc.r, p); err != nil {
 		return 0, err
 	}
-	if hardBE.Uint16(h[6:]) == hardReplyTypeError && len(p) >= 4 {
-		return hardBE.Uint32(p), nil
+	if nbdproto.ReplyType(hardBE.Uint16(h[6:])) == nbdproto.ReplyTypeError && len(p) >= 4 {
+		return nbdproto.Errno(hardBE.Uint32(p)), nil
 	}
 	return 0, nil
 }

@@ -27,7 +27,8 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/internal/hostile"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // hardStartWait bounds how long serve and mount may take to be ready
@@ -418,46 +419,8 @@ func hardPIDFiles(pid int) (map[string][]uint64, error) {
 
 // --- raw NBD wire (nbd-proto.md), for clients that misbehave on purpose ---
 
-const (
-	hardNBDMagic      = 0x4e42444d41474943 // "NBDMAGIC"
-	hardOptsMagic     = 0x49484156454f5054 // "IHAVEOPT"
-	hardReplyMagic    = 0x0003e889045565a9
-	hardReqMagic      = 0x25609513
-	hardExtReqMagic   = 0x21e41c71
-	hardSimpleMagic   = 0x67446698
-	hardChunkMagic    = 0x668e33ef
-	hardExtChunkMagic = 0x6e8a278c
-
-	hardOptExportName   = 1
-	hardOptAbort        = 2
-	hardOptList         = 3
-	hardOptStartTLS     = 5
-	hardOptGo           = 7
-	hardOptStructured   = 8
-	hardOptSetMeta      = 10
-	hardOptExtended     = 11
-	hardRepAck          = 1
-	hardRepErrTLSReqd   = 0x80000005
-	hardCmdRead         = 0
-	hardCmdWrite        = 1
-	hardCmdDisc         = 2
-	hardCmdFlush        = 3
-	hardCmdTrim         = 4
-	hardCmdCache        = 5
-	hardCmdWriteZeroes  = 6
-	hardCmdBlockStatus  = 7
-	hardClientFixed     = 1
-	hardClientNoZeroes  = 2
-	hardEPERM           = 1
-	hardEINVAL          = 22
-	hardReplyTypeError  = 1<<15 | 1
-	hardReplyFlagDone   = 1
-	hardReplyTypeNone   = 0
-	hardReplyTypeData   = 1
-	hardReplyTypeHole   = 2
-	hardReplyTypeStatus = 5
-	hardReplySimple     = 0xffff // not on the wire: see hardRawConn.chunk
-)
+// hardReplySimple is not on the wire: see hardRawConn.chunk.
+const hardReplySimple nbdproto.ReplyType = 0xffff
 
 var hardBE = binary.BigEndian
 
@@ -488,7 +451,7 @@ func hardDialRaw(network, addr string) (*hardRawConn, error) {
 		c.Close()
 		return nil, fmt.Errorf("greeting: %w", err)
 	}
-	if hardBE.Uint64(hello[:]) != hardNBDMagic || hardBE.Uint64(hello[8:]) != hardOptsMagic {
+	if hardBE.Uint64(hello[:]) != nbdproto.NBDMagic || hardBE.Uint64(hello[8:]) != nbdproto.OptsMagic {
 		c.Close()
 		return nil, errors.New("bad greeting")
 	}
@@ -497,12 +460,12 @@ func hardDialRaw(network, addr string) (*hardRawConn, error) {
 }
 
 // optReply reads one option reply: type and data (at most 64 KiB).
-func (rc *hardRawConn) optReply() (uint32, []byte, error) {
+func (rc *hardRawConn) optReply() (nbdproto.Reply, []byte, error) {
 	var h [20]byte
 	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
 		return 0, nil, err
 	}
-	if hardBE.Uint64(h[:]) != hardReplyMagic {
+	if hardBE.Uint64(h[:]) != nbdproto.RepMagic {
 		return 0, nil, errors.New("bad option reply magic")
 	}
 	n := hardBE.Uint32(h[16:])
@@ -511,18 +474,18 @@ func (rc *hardRawConn) optReply() (uint32, []byte, error) {
 	}
 	d := make([]byte, n)
 	_, err := io.ReadFull(rc.r, d)
-	return hardBE.Uint32(h[12:]), d, err
+	return nbdproto.Reply(hardBE.Uint32(h[12:])), d, err
 }
 
 // finalReply reads option replies up to the first that is not
 // NBD_REP_INFO/NBD_REP_META_CONTEXT/NBD_REP_SERVER and returns its type.
-func (rc *hardRawConn) finalReply() (uint32, error) {
+func (rc *hardRawConn) finalReply() (nbdproto.Reply, error) {
 	for {
 		typ, _, err := rc.optReply()
 		if err != nil {
 			return 0, err
 		}
-		if typ != 2 && typ != 3 && typ != 4 {
+		if typ != nbdproto.RepServer && typ != nbdproto.RepInfo && typ != nbdproto.RepMetaContext {
 			return typ, nil
 		}
 	}
@@ -530,21 +493,21 @@ func (rc *hardRawConn) finalReply() (uint32, error) {
 
 // hardHandshake negotiates (fixed newstyle, no zeroes), optionally
 // structured replies or extended headers and meta contexts, then GO.
-func hardHandshake(network, addr string, mode uint32, contexts ...string) (*hardRawConn, error) {
+func hardHandshake(network, addr string, mode nbdproto.Option, contexts ...string) (*hardRawConn, error) {
 	rc, err := hardDialRaw(network, addr)
 	if err != nil {
 		return nil, err
 	}
 	rc.SetDeadline(time.Now().Add(10 * time.Second))
 	defer rc.SetDeadline(time.Time{})
-	b := hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes)
+	b := hardBE.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
 	if mode != 0 {
 		b = append(b, hardOpt(mode, nil)...)
 	}
 	if len(contexts) > 0 {
-		b = append(b, hardOpt(hardOptSetMeta, hardMetaData(contexts...))...)
+		b = append(b, hardOpt(nbdproto.OptSetMetaContext, hardMetaData(contexts...))...)
 	}
-	b = append(b, hardOpt(hardOptGo, hardGoData())...)
+	b = append(b, hardOpt(nbdproto.OptGo, hardGoData())...)
 	if _, err := rc.Write(b); err != nil {
 		rc.Close()
 		return nil, err
@@ -558,7 +521,7 @@ func hardHandshake(network, addr string, mode uint32, contexts ...string) (*hard
 	}
 	for i := 0; i < n; i++ {
 		typ, err := rc.finalReply()
-		if err != nil || typ != hardRepAck {
+		if err != nil || typ != nbdproto.RepAck {
 			rc.Close()
 			return nil, fmt.Errorf("handshake option %d: reply %#x, %v", i, typ, err)
 		}
@@ -568,15 +531,15 @@ func hardHandshake(network, addr string, mode uint32, contexts ...string) (*hard
 
 // simpleReply reads a simple reply header (and length payload bytes if
 // the reply is a success): errno and payload.
-func (rc *hardRawConn) simpleReply(length int) (uint32, uint64, []byte, error) {
+func (rc *hardRawConn) simpleReply(length int) (nbdproto.Errno, uint64, []byte, error) {
 	var h [16]byte
 	if _, err := io.ReadFull(rc.r, h[:]); err != nil {
 		return 0, 0, nil, err
 	}
-	if hardBE.Uint32(h[:]) != hardSimpleMagic {
+	if hardBE.Uint32(h[:]) != nbdproto.SimpleReplyMagic {
 		return 0, 0, nil, fmt.Errorf("reply magic %#x, want a simple reply", hardBE.Uint32(h[:]))
 	}
-	errno, cookie := hardBE.Uint32(h[4:]), hardBE.Uint64(h[8:])
+	errno, cookie := nbdproto.Errno(hardBE.Uint32(h[4:])), hardBE.Uint64(h[8:])
 	if errno != 0 {
 		return errno, cookie, nil, nil
 	}
@@ -587,9 +550,10 @@ func (rc *hardRawConn) simpleReply(length int) (uint32, uint64, []byte, error) {
 
 // hardChunk is one structured reply chunk.
 type hardChunk struct {
-	flags, typ uint16
-	cookie     uint64
-	payload    []byte
+	flags   uint16
+	typ     nbdproto.ReplyType
+	cookie  uint64
+	payload []byte
 }
 
 // chunk reads one structured (non-extended) reply chunk, payload at most
@@ -601,19 +565,19 @@ func (rc *hardRawConn) chunk() (hardChunk, error) {
 	if _, err := io.ReadFull(rc.r, h[:4]); err != nil {
 		return hardChunk{}, err
 	}
-	if hardBE.Uint32(h[:]) == hardSimpleMagic {
+	if hardBE.Uint32(h[:]) == nbdproto.SimpleReplyMagic {
 		if _, err := io.ReadFull(rc.r, h[4:16]); err != nil {
 			return hardChunk{}, err
 		}
-		return hardChunk{flags: hardReplyFlagDone, typ: hardReplySimple, cookie: hardBE.Uint64(h[8:]), payload: h[4:8]}, nil
+		return hardChunk{flags: nbdproto.ReplyFlagDone, typ: hardReplySimple, cookie: hardBE.Uint64(h[8:]), payload: h[4:8]}, nil
 	}
-	if hardBE.Uint32(h[:]) != hardChunkMagic {
+	if hardBE.Uint32(h[:]) != nbdproto.StructuredReplyMagic {
 		return hardChunk{}, fmt.Errorf("chunk magic %#x", hardBE.Uint32(h[:]))
 	}
 	if _, err := io.ReadFull(rc.r, h[4:]); err != nil {
 		return hardChunk{}, err
 	}
-	c := hardChunk{flags: hardBE.Uint16(h[4:]), typ: hardBE.Uint16(h[6:]), cookie: hardBE.Uint64(h[8:])}
+	c := hardChunk{flags: hardBE.Uint16(h[4:]), typ: nbdproto.ReplyType(hardBE.Uint16(h[6:])), cookie: hardBE.Uint64(h[8:])}
 	n := hardBE.Uint32(h[16:])
 	if n > 64<<20 {
 		return c, fmt.Errorf("chunk of %d bytes", n)
@@ -665,9 +629,9 @@ func hardPeakRSS(pid int, settle, limit time.Duration) int64 {
 // hardGoodClient reads and maps random ranges through the Go client
 // until stop is closed or max requests are done, verifying every answer against the oracle. It
 // returns the number of requests and the first error.
-func hardGoodClient(uri string, opts nbdserver.ClientOptions, o *hardOracle, seed uint64, stop <-chan struct{}, max int) (int, error) {
+func hardGoodClient(uri string, opts nbdclient.Options, o *hardOracle, seed uint64, stop <-chan struct{}, max int) (int, error) {
 	ctx := context.Background()
-	c, err := nbdserver.Dial(ctx, uri, opts)
+	c, err := nbdclient.Dial(ctx, uri, opts)
 	if err != nil {
 		return 0, err
 	}
@@ -693,7 +657,7 @@ func hardGoodClient(uri string, opts nbdserver.ClientOptions, o *hardOracle, see
 // hardMixedRequest sends one random request: a read of up to len(buf)
 // bytes at any byte offset, or block status of a random range on one of
 // the contexts, and checks the answer against the oracle.
-func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, rng *rand.Rand, size int64, buf []byte, contexts []string) error {
+func hardMixedRequest(ctx context.Context, c *nbdclient.Client, o *hardOracle, rng *rand.Rand, size int64, buf []byte, contexts []string) error {
 	if len(contexts) == 0 || rng.IntN(2) == 0 {
 		n := 1 + rng.Int64N(int64(len(buf)))
 		off := rng.Int64N(size - n + 1)
@@ -709,7 +673,7 @@ func hardMixedRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, r
 
 // hardCheckedRead reads len(p) bytes at off and compares them with the
 // oracle.
-func hardCheckedRead(c *nbdserver.Client, o *hardOracle, off int64, p []byte) error {
+func hardCheckedRead(c *nbdclient.Client, o *hardOracle, off int64, p []byte) error {
 	n := int64(len(p))
 	if _, err := c.ReadAt(p, off); err != nil {
 		return fmt.Errorf("read %d at %d: %w", n, off, err)
@@ -722,7 +686,7 @@ func hardCheckedRead(c *nbdserver.Client, o *hardOracle, off int64, p []byte) er
 
 // hardCheckedStatus asks block status of [off, off+n) on context name
 // and checks every extent against the oracle's map.
-func hardCheckedStatus(ctx context.Context, c *nbdserver.Client, o *hardOracle, name string, off, n int64) error {
+func hardCheckedStatus(ctx context.Context, c *nbdclient.Client, o *hardOracle, name string, off, n int64) error {
 	m := o.maps[name]
 	next := off
 	err := c.BlockStatus(ctx, name, off, n, func(eo, en int64, flags uint32) error {

@@ -20,6 +20,8 @@ import (
 	"github.com/nbdgw/nbdgw/internal/hostile"
 	"github.com/nbdgw/nbdgw/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
@@ -184,14 +186,14 @@ func hardCorpusServe(t *testing.T, bin string, c corpus.Case, want []byte) {
 	// The Go client sees the server's message naming the problem.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cl, err := nbdserver.Dial(ctx, s.uri, nbdserver.ClientOptions{StructuredReplies: true, MetaContexts: hardContexts(c)})
+	cl, err := nbdclient.Dial(ctx, s.uri, nbdclient.Options{StructuredReplies: true, MetaContexts: hardContexts(c)})
 	if err != nil {
 		t.Fatalf("Go client: %v", err)
 	}
 	defer cl.Close()
 	buf := make([]byte, cl.Size())
 	_, err = cl.ReadAt(buf, 0)
-	var se *nbdserver.ServerError
+	var se *nbdproto.ServerError
 	switch {
 	case c.Stage == corpus.Read:
 		if !errors.As(err, &se) {
@@ -451,7 +453,7 @@ func TestHardeningHostileClients(t *testing.T) {
 	var wg sync.WaitGroup
 	var goodMu sync.Mutex // guards goodN
 	goodN := map[string]int{}
-	good := map[string]nbdserver.ClientOptions{
+	good := map[string]nbdclient.Options{
 		"simple":     {},
 		"structured": {StructuredReplies: true, MetaContexts: hardAllContexts},
 		"extended":   {ExtendedHeaders: true, MetaContexts: hardAllContexts},
@@ -541,7 +543,7 @@ func TestHardeningHostileClients(t *testing.T) {
 // hardConformance checks the server's exact answer to each kind of bad
 // request on one connection, which must stay usable after each.
 func hardConformance(t *testing.T, socket string, o *hardOracle) {
-	for _, mode := range []uint32{0, hardOptStructured} {
+	for _, mode := range []nbdproto.Option{0, nbdproto.OptStructuredReply} {
 		var ctxs []string
 		if mode != 0 {
 			ctxs = hardAllContexts
@@ -553,7 +555,7 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 		defer rc.Close()
 		rc.SetDeadline(time.Now().Add(30 * time.Second))
 		// errno of the reply to one request; data of a good read.
-		do := func(b []byte, readLen int) (uint32, []byte) {
+		do := func(b []byte, readLen int) (nbdproto.Errno, []byte) {
 			t.Helper()
 			if _, err := rc.Write(b); err != nil {
 				t.Fatal(err)
@@ -572,21 +574,21 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 					t.Fatal(err)
 				}
 				switch ch.typ {
-				case hardReplyTypeError, hardReplySimple:
-					return hardBE.Uint32(ch.payload), nil
-				case hardReplyTypeData:
+				case nbdproto.ReplyTypeError, hardReplySimple:
+					return nbdproto.Errno(hardBE.Uint32(ch.payload)), nil
+				case nbdproto.ReplyTypeOffsetData:
 					data = append(data, ch.payload[8:]...)
-				case hardReplyTypeHole:
+				case nbdproto.ReplyTypeOffsetHole:
 					data = append(data, make([]byte, hardBE.Uint32(ch.payload[8:]))...)
 				}
-				if ch.flags&hardReplyFlagDone != 0 {
+				if ch.flags&nbdproto.ReplyFlagDone != 0 {
 					return 0, data
 				}
 			}
 		}
 		checkRead := func(off, n int64) {
 			t.Helper()
-			errno, p := do(hardReq(false, 0, hardCmdRead, 1, uint64(off), uint64(n)), int(n))
+			errno, p := do(hardReq(false, 0, nbdproto.CmdRead, 1, uint64(off), uint64(n)), int(n))
 			if errno != 0 || !bytes.Equal(p, o.data[off:off+n]) {
 				t.Errorf("mode %d: read %d at %d: errno %d, data correct %v", mode, n, off, errno, bytes.Equal(p, o.data[off:off+n]))
 			}
@@ -594,17 +596,17 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 		cases := []struct {
 			name  string
 			req   []byte
-			errno uint32
+			errno nbdproto.Errno
 		}{
-			{"read 64 MiB (over the 32 MiB limit)", hardReq(false, 0, hardCmdRead, 2, 0, 64<<20), hardEINVAL},
-			{"read past the end", hardReq(false, 0, hardCmdRead, 3, 64<<20-100, 4096), hardEINVAL},
-			{"read at 2^63", hardReq(false, 0, hardCmdRead, 4, 1<<63, 1), hardEINVAL},
-			{"unknown command", hardReq(false, 0, 99, 5, 0, 512), hardEINVAL},
-			{"unknown flag on read", hardReq(false, 0x4000, hardCmdRead, 6, 0, 512), hardEINVAL},
-			{"trim", hardReq(false, 0, hardCmdTrim, 7, 0, 1<<20), hardEPERM},
-			{"write zeroes", hardReq(false, 0, hardCmdWriteZeroes, 8, 0, 1<<20), hardEPERM},
-			{"write", append(hardReq(false, 0, hardCmdWrite, 9, 0, 4096), make([]byte, 4096)...), hardEPERM},
-			{"cache past the end", hardReq(false, 0, hardCmdCache, 10, 1<<40, 1), hardEINVAL},
+			{"read 64 MiB (over the 32 MiB limit)", hardReq(false, 0, nbdproto.CmdRead, 2, 0, 64<<20), nbdproto.EINVAL},
+			{"read past the end", hardReq(false, 0, nbdproto.CmdRead, 3, 64<<20-100, 4096), nbdproto.EINVAL},
+			{"read at 2^63", hardReq(false, 0, nbdproto.CmdRead, 4, 1<<63, 1), nbdproto.EINVAL},
+			{"unknown command", hardReq(false, 0, 99, 5, 0, 512), nbdproto.EINVAL},
+			{"unknown flag on read", hardReq(false, 0x4000, nbdproto.CmdRead, 6, 0, 512), nbdproto.EINVAL},
+			{"trim", hardReq(false, 0, nbdproto.CmdTrim, 7, 0, 1<<20), nbdproto.EPERM},
+			{"write zeroes", hardReq(false, 0, nbdproto.CmdWriteZeroes, 8, 0, 1<<20), nbdproto.EPERM},
+			{"write", append(hardReq(false, 0, nbdproto.CmdWrite, 9, 0, 4096), make([]byte, 4096)...), nbdproto.EPERM},
+			{"cache past the end", hardReq(false, 0, nbdproto.CmdCache, 10, 1<<40, 1), nbdproto.EINVAL},
 		}
 		for _, c := range cases {
 			if errno, _ := do(c.req, 0); errno != c.errno {
@@ -616,7 +618,7 @@ func hardConformance(t *testing.T, socket string, o *hardOracle) {
 		checkRead(64<<20-1, 1)    // the last byte
 		checkRead(8<<20-100, 200) // across compressed data
 		checkRead(0, 32<<20)      // the largest read allowed
-		if errno, _ := do(hardReq(false, 0, hardCmdFlush, 11, 0, 0), 0); errno != 0 {
+		if errno, _ := do(hardReq(false, 0, nbdproto.CmdFlush, 11, 0, 0), 0); errno != 0 {
 			t.Errorf("mode %d: flush: errno %d", mode, errno)
 		}
 	}
@@ -731,9 +733,9 @@ func TestHardeningTLS(t *testing.T) {
 		if r := hardExec(30*time.Second, "nbdcopy", s.uri, "-"); r.code == 0 || len(r.stdout) != 0 {
 			t.Errorf("nbdcopy without TLS: exit %d, %d bytes", r.code, len(r.stdout))
 		}
-		_, err := nbdserver.Dial(context.Background(), s.uri, nbdserver.ClientOptions{StructuredReplies: true})
-		var se *nbdserver.ServerError
-		if !errors.As(err, &se) || se.Reply != nbdserver.RepErrTLSReqd {
+		_, err := nbdclient.Dial(context.Background(), s.uri, nbdclient.Options{StructuredReplies: true})
+		var se *nbdproto.ServerError
+		if !errors.As(err, &se) || se.Reply != nbdproto.RepErrTLSReqd {
 			t.Errorf("Go client without TLS: %v, want NBD_REP_ERR_TLS_REQD", err)
 		}
 		// NBD_OPT_EXPORT_NAME cannot be refused with a reply: the
@@ -744,7 +746,7 @@ func TestHardeningTLS(t *testing.T) {
 		}
 		defer rc.Close()
 		rc.SetDeadline(time.Now().Add(10 * time.Second))
-		rc.Write(append(hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes), hardOpt(hardOptExportName, nil)...))
+		rc.Write(append(hardBE.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes), hardOpt(nbdproto.OptExportName, nil)...))
 		if b, err := io.ReadAll(rc.r); len(b) != 0 || err != nil {
 			t.Errorf("NBD_OPT_EXPORT_NAME without TLS: got %d bytes, %v; want the connection closed", len(b), err)
 		}
@@ -755,14 +757,14 @@ func TestHardeningTLS(t *testing.T) {
 		}
 		defer rc2.Close()
 		rc2.SetDeadline(time.Now().Add(10 * time.Second))
-		rc2.Write(hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes))
-		for _, opt := range []uint32{hardOptList, hardOptGo, hardOptStructured, hardOptSetMeta, hardOptExtended} {
+		rc2.Write(hardBE.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes))
+		for _, opt := range []nbdproto.Option{nbdproto.OptList, nbdproto.OptGo, nbdproto.OptStructuredReply, nbdproto.OptSetMetaContext, nbdproto.OptExtendedHeaders} {
 			data := []byte(nil)
-			if opt == hardOptGo {
+			if opt == nbdproto.OptGo {
 				data = hardGoData()
 			}
 			rc2.Write(hardOpt(opt, data))
-			if typ, err := rc2.finalReply(); err != nil || typ != hardRepErrTLSReqd {
+			if typ, err := rc2.finalReply(); err != nil || typ != nbdproto.RepErrTLSReqd {
 				t.Errorf("option %d without TLS: reply %#x, %v", opt, typ, err)
 			}
 		}
@@ -783,12 +785,12 @@ func TestHardeningTLS(t *testing.T) {
 		if r.code == 0 {
 			t.Errorf("nbdinfo with a client certificate from a foreign CA was let in: %s", r.stdout)
 		}
-		cfg, err := nbdserver.LoadClientTLS(mixed)
+		cfg, err := nbdproto.LoadClientTLS(mixed)
 		if err != nil {
 			t.Fatal(err)
 		}
 		cfg.ServerName = "localhost"
-		if c, err := nbdserver.Dial(context.Background(), s.uri, nbdserver.ClientOptions{TLS: cfg}); err == nil {
+		if c, err := nbdclient.Dial(context.Background(), s.uri, nbdclient.Options{TLS: cfg}); err == nil {
 			c.Close()
 			t.Error("Go client with a foreign client certificate was let in")
 		}
@@ -814,7 +816,7 @@ func TestHardeningTLS(t *testing.T) {
 		timeout := 5 * time.Second
 		uri := s.socket
 		if os.Getenv("NBDGW_HARDENING_FULL") == "" {
-			srvTLS, err := nbdserver.LoadServerTLS(creds, true)
+			srvTLS, err := nbdproto.LoadServerTLS(creds, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -842,8 +844,8 @@ func TestHardeningTLS(t *testing.T) {
 				}
 				defer rc.Close()
 				rc.SetDeadline(time.Now().Add(timeout + 10*time.Second))
-				rc.Write(append(hardBE.AppendUint32(nil, hardClientFixed|hardClientNoZeroes), hardOpt(hardOptStartTLS, nil)...))
-				if typ, _, err := rc.optReply(); err != nil || typ != hardRepAck {
+				rc.Write(append(hardBE.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes), hardOpt(nbdproto.OptStartTLS, nil)...))
+				if typ, _, err := rc.optReply(); err != nil || typ != nbdproto.RepAck {
 					t.Errorf("%s: STARTTLS reply %#x, %v", st.name, typ, err)
 					return
 				}
@@ -917,7 +919,7 @@ func TestHardeningServerMemoryBudget(t *testing.T) {
 				defer rc.Close()
 				go func() {
 					for j := 0; j < 32; j++ {
-						if _, err := rc.Write(hardReq(false, 0, hardCmdRead, uint64(j), 0, 32<<20)); err != nil {
+						if _, err := rc.Write(hardReq(false, 0, nbdproto.CmdRead, uint64(j), 0, 32<<20)); err != nil {
 							return
 						}
 					}
@@ -978,7 +980,7 @@ func TestHardeningBlockStatusAmplification(t *testing.T) {
 	if s == nil {
 		t.Fatal(r)
 	}
-	rc, err := hardHandshake("unix", s.socket, hardOptExtended, metactx.BaseAllocation)
+	rc, err := hardHandshake("unix", s.socket, nbdproto.OptExtendedHeaders, metactx.BaseAllocation)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -986,7 +988,7 @@ func TestHardeningBlockStatusAmplification(t *testing.T) {
 	const limit = 10 * time.Second
 	rc.SetDeadline(time.Now().Add(limit))
 	start := time.Now()
-	rc.Write(hardReq(true, 0, hardCmdBlockStatus, 1, 0, 2047<<50))
+	rc.Write(hardReq(true, 0, nbdproto.CmdBlockStatus, 1, 0, 2047<<50))
 	if _, err := rc.extendedErrno(); err != nil {
 		t.Errorf("SERVER/ENGINE BUG: one extended NBD_CMD_BLOCK_STATUS of a 2 EiB export (a 40 MiB file) got no answer in %v: %v", limit, err)
 	} else {

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 )
 
 // TestHardeningLoad: 32 concurrent clients x 1000 mixed requests (reads
@@ -54,12 +54,12 @@ func TestHardeningLoad(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			opts := nbdserver.ClientOptions{StructuredReplies: true, MetaContexts: hardAllContexts}
+			opts := nbdclient.Options{StructuredReplies: true, MetaContexts: hardAllContexts}
 			if i%2 == 0 {
 				opts.ExtendedHeaders = true
 			}
 			ctx := context.Background()
-			c, err := nbdserver.Dial(ctx, s.uri, opts)
+			c, err := nbdclient.Dial(ctx, s.uri, opts)
 			if err != nil {
 				results[i].err = err
 				return
@@ -126,7 +126,7 @@ func TestHardeningLoad(t *testing.T) {
 // hardLoadRequest sends one request: with no context a read (mostly
 // up to 64 KiB, one in four up to 1 MiB, at any byte offset), else block
 // status of a random range of the context. It returns the bytes read.
-func hardLoadRequest(ctx context.Context, c *nbdserver.Client, o *hardOracle, rng *rand.Rand, buf []byte, contexts []string) (int64, error) {
+func hardLoadRequest(ctx context.Context, c *nbdclient.Client, o *hardOracle, rng *rand.Rand, buf []byte, contexts []string) (int64, error) {
 	size := int64(len(o.data))
 	if len(contexts) == 0 {
 		n := 1 + rng.Int64N(64<<10)

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 )
 
@@ -512,7 +512,7 @@ func TestNBDGoClientInterop(t *testing.T) {
 	for _, s := range servers {
 		for _, ext := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/ext=%v", s.name, ext), func(t *testing.T) {
-				c, err := nbdserver.Dial(context.Background(), s.uri, nbdserver.ClientOptions{StructuredReplies: true, ExtendedHeaders: ext, MetaContexts: s.ctxs})
+				c, err := nbdclient.Dial(context.Background(), s.uri, nbdclient.Options{StructuredReplies: true, ExtendedHeaders: ext, MetaContexts: s.ctxs})
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -17,7 +17,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // TestNBDWritable drives `nbdgw serve --writable` (a subprocess on a unix
@@ -110,9 +111,9 @@ func (s *nbdServer) kill() {
 
 func (s *nbdServer) uri() string { return nbdURI(s.sock) }
 
-func (s *nbdServer) dial(t *testing.T, opts nbdserver.ClientOptions) *nbdserver.Client {
+func (s *nbdServer) dial(t *testing.T, opts nbdclient.Options) *nbdclient.Client {
 	t.Helper()
-	c, err := nbdserver.Dial(context.Background(), s.uri(), opts)
+	c, err := nbdclient.Dial(context.Background(), s.uri(), opts)
 	if err != nil {
 		t.Fatalf("dial %s: %v\n%s", s.uri(), err, s.stderr)
 	}
@@ -192,9 +193,9 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 	shadow := fuseQemuRaw(t, img)
 	size := int64(len(shadow))
 	srv := nbdServe(t, bin, "--writable", img)
-	conns := []*nbdserver.Client{
-		srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true}),
-		srv.dial(t, nbdserver.ClientOptions{ExtendedHeaders: true}),
+	conns := []*nbdclient.Client{
+		srv.dial(t, nbdclient.Options{StructuredReplies: true}),
+		srv.dial(t, nbdclient.Options{ExtendedHeaders: true}),
 	}
 	seed := uint64(0x9e3779b97f4a7c15)
 	for _, c := range kind {
@@ -216,9 +217,9 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 			switch r := rng.IntN(100); {
 			case r < 50:
 				op = "write"
-				var flags uint16
+				var flags nbdproto.CmdFlags
 				if rng.IntN(8) == 0 {
-					flags, op = nbdserver.CmdFlagFUA, "write-fua"
+					flags, op = nbdproto.CmdFlagFUA, "write-fua"
 				}
 				p := buf[:n]
 				data.Read(p)
@@ -226,18 +227,18 @@ func nbdWriteRandom(t *testing.T, bin, kind string) {
 					copy(shadow[off:], p)
 				}
 			case r < 68:
-				var flags uint16
+				var flags nbdproto.CmdFlags
 				op = "zero"
 				if rng.IntN(2) == 0 {
-					flags, op = nbdserver.CmdFlagNoHole, "zero-nohole"
+					flags, op = nbdproto.CmdFlagNoHole, "zero-nohole"
 				}
 				if rng.IntN(4) == 0 {
-					flags |= nbdserver.CmdFlagFastZero
+					flags |= nbdproto.CmdFlagFastZero
 					op += "-fast"
 				}
 				err = c.WriteZeroes(off, n, flags)
-				var se *nbdserver.ServerError
-				if errors.As(err, &se) && se.Errno == nbdserver.ENOTSUP && flags&nbdserver.CmdFlagFastZero != 0 {
+				var se *nbdproto.ServerError
+				if errors.As(err, &se) && se.Errno == nbdproto.ENOTSUP && flags&nbdproto.CmdFlagFastZero != 0 {
 					op, err = op+"-enotsup", nil // nothing changed
 				} else if err == nil {
 					clear(shadow[off : off+n])
@@ -314,9 +315,9 @@ func nbdWriteCrash(t *testing.T, bin string) {
 	buf := make([]byte, 1<<20)
 	for round := range 4 {
 		srv := nbdServe(t, bin, "--writable", img)
-		conns := []*nbdserver.Client{
-			srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true}),
-			srv.dial(t, nbdserver.ClientOptions{}),
+		conns := []*nbdclient.Client{
+			srv.dial(t, nbdclient.Options{StructuredReplies: true}),
+			srv.dial(t, nbdclient.Options{}),
 		}
 		latest := bytes.Clone(durable) // every write sent, acknowledged or not
 		var since [][2]int64           // ranges written since the last flush
@@ -431,7 +432,7 @@ func nbdWriteRealClients(t *testing.T, bin string) {
 	if got := fuseQemuRaw(t, img, "-U"); !bytes.Equal(got, want) {
 		t.Errorf("after nbdcopy, qemu-img convert -U differs from the source at %s", firstDiff(got, want))
 	}
-	c := srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true})
+	c := srv.dial(t, nbdclient.Options{StructuredReplies: true})
 	got := make([]byte, len(want))
 	if _, err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Errorf("after nbdcopy, the export reads differently (%v)", err)
@@ -461,8 +462,8 @@ func nbdWriteSnapshot(t *testing.T, bin string) {
 	}
 	orig := fuseQemuRaw(t, img)
 	srv := nbdServe(t, bin, "--snapshot", img)
-	c := srv.dial(t, nbdserver.ClientOptions{StructuredReplies: true})
-	if c.TransmissionFlags()&nbdserver.FlagReadOnly != 0 {
+	c := srv.dial(t, nbdclient.Options{StructuredReplies: true})
+	if c.TransmissionFlags()&nbdproto.FlagReadOnly != 0 {
 		t.Fatal("--snapshot export is read-only")
 	}
 	shadow := bytes.Clone(orig)
@@ -473,7 +474,7 @@ func nbdWriteSnapshot(t *testing.T, bin string) {
 		off, n := fuseRandomRange(rng, int64(len(shadow)))
 		n = min(n, int64(len(p)))
 		data.Read(p[:n])
-		if err := c.WriteFlags(p[:n], off, nbdserver.CmdFlagFUA); err != nil {
+		if err := c.WriteFlags(p[:n], off, nbdproto.CmdFlagFUA); err != nil {
 			t.Fatal(err)
 		}
 		copy(shadow[off:], p[:n])
@@ -522,19 +523,19 @@ func nbdWriteForensic(t *testing.T, bin string) {
 				before[f] = fuseSHA(t, f)
 			}
 			srv := nbdServe(t, bin, img)
-			for _, opts := range []nbdserver.ClientOptions{{}, {StructuredReplies: true}, {ExtendedHeaders: true}} {
+			for _, opts := range []nbdclient.Options{{}, {StructuredReplies: true}, {ExtendedHeaders: true}} {
 				c := srv.dial(t, opts)
-				if c.TransmissionFlags()&nbdserver.FlagReadOnly == 0 {
+				if c.TransmissionFlags()&nbdproto.FlagReadOnly == 0 {
 					t.Errorf("export without --writable lacks NBD_FLAG_READ_ONLY")
 				}
 				for name, f := range map[string]func() error{
-					"write":        func() error { return c.WriteFlags(make([]byte, 1<<20), 4096, nbdserver.CmdFlagFUA) },
+					"write":        func() error { return c.WriteFlags(make([]byte, 1<<20), 4096, nbdproto.CmdFlagFUA) },
 					"write-zeroes": func() error { return c.WriteZeroes(0, 8<<20, 0) },
-					"fast-zero":    func() error { return c.WriteZeroes(0, 8<<20, nbdserver.CmdFlagFastZero) },
+					"fast-zero":    func() error { return c.WriteZeroes(0, 8<<20, nbdproto.CmdFlagFastZero) },
 					"trim":         func() error { return c.Trim(0, 32<<20, 0) },
 				} {
-					var se *nbdserver.ServerError
-					if err := f(); !errors.As(err, &se) || se.Errno != nbdserver.EPERM {
+					var se *nbdproto.ServerError
+					if err := f(); !errors.As(err, &se) || se.Errno != nbdproto.EPERM {
 						t.Errorf("%s on a read-only export (%+v): %v, want EPERM", name, opts, err)
 					}
 				}
@@ -579,7 +580,7 @@ func nbdWriteSigterm(t *testing.T, bin string) {
 	}
 	results := make(chan result, 2)
 	for k := range 2 {
-		c := srv.dial(t, nbdserver.ClientOptions{StructuredReplies: k == 0})
+		c := srv.dial(t, nbdclient.Options{StructuredReplies: k == 0})
 		rng := rand.New(rand.NewPCG(uint64(k), 77))
 		data := nbdData(uint64(k))
 		go func() {

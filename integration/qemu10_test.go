@@ -28,7 +28,8 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // qemu10Require skips unless the QEMU tools are 10.x (the oracle).
@@ -116,9 +117,13 @@ const (
 	traceClientExtAck   = "Received option reply 11 (extended headers), type 1 (ack)"
 	traceClientStatus64 = "type = 6 (block status (64-bit))"
 	// Server side (qemu-nbd): the ack, and requests in extended framing.
-	traceServerExtAck     = "Reply opt=11 (extended headers), type=1 (ack)"
-	traceServerExtReq     = "magic = 0x21e41c71"
-	traceServerCompactReq = "magic = 0x25609513"
+	traceServerExtAck = "Reply opt=11 (extended headers), type=1 (ack)"
+)
+
+// qemu-nbd traces the magic of each request it receives.
+var (
+	traceServerExtReq     = fmt.Sprintf("magic = %#x", nbdproto.ExtendedRequestMagic)
+	traceServerCompactReq = fmt.Sprintf("magic = %#x", nbdproto.RequestMagic)
 )
 
 var traceRequest = regexp.MustCompile(`Sending request to server: \{ \.from = (\d+), \.len = (\d+), .*\.type = (\d+)`)
@@ -174,7 +179,7 @@ func TestQEMU10ClientsAgainstNbdgw(t *testing.T) {
 					t.Errorf("qemu-img map: no extended headers in the trace:\n%s", trace)
 				}
 				// One request may now span more than 4 GiB.
-				if lens := traceRequests(trace, int(nbdserver.CmdBlockStatus)); len(lens) == 0 || (im.name == "6GiB" && slices.Max(lens) <= 1<<32) {
+				if lens := traceRequests(trace, int(nbdproto.CmdBlockStatus)); len(lens) == 0 || (im.name == "6GiB" && slices.Max(lens) <= 1<<32) {
 					t.Errorf("qemu-img map: block status requests %v", lens)
 				}
 				// nbdgw's client prints the same map, of nbdgw and of qemu-nbd.
@@ -190,7 +195,7 @@ func TestQEMU10ClientsAgainstNbdgw(t *testing.T) {
 			// compare checks it against the image without reading the holes.
 			cv := filepath.Join(dir, fmt.Sprintf("cv%d.raw", i))
 			_, trace := qemuTraced(t, "qemu-img", "convert", "-O", "raw", o, cv)
-			if !bytes.Contains(trace, []byte(traceClientExtAck)) || len(traceRequests(trace, int(nbdserver.CmdRead))) == 0 {
+			if !bytes.Contains(trace, []byte(traceClientExtAck)) || len(traceRequests(trace, int(nbdproto.CmdRead))) == 0 {
 				t.Errorf("qemu-img convert: no extended reads in the trace:\n%.4000s", trace)
 			}
 			if out, err := exec.Command("qemu-img", "compare", "-f", "raw", cv, im.path).CombinedOutput(); err != nil {
@@ -216,8 +221,8 @@ func TestQEMU10ClientsAgainstNbdgw(t *testing.T) {
 			if strings.Count(string(out), "wrote ") != 3 || strings.Count(string(out), "read ") != 3 || strings.Contains(string(out), "fail") {
 				t.Errorf("qemu-io:\n%s", out)
 			}
-			if !bytes.Contains(trace, []byte(traceClientExtAck)) || len(traceRequests(trace, int(nbdserver.CmdWrite))) != 2 ||
-				len(traceRequests(trace, int(nbdserver.CmdWriteZeroes))) != 1 || len(traceRequests(trace, int(nbdserver.CmdTrim))) != 1 {
+			if !bytes.Contains(trace, []byte(traceClientExtAck)) || len(traceRequests(trace, int(nbdproto.CmdWrite))) != 2 ||
+				len(traceRequests(trace, int(nbdproto.CmdWriteZeroes))) != 1 || len(traceRequests(trace, int(nbdproto.CmdTrim))) != 1 {
 				t.Errorf("qemu-io: trace lacks extended headers or the writes:\n%.6000s", trace)
 			}
 		})
@@ -332,7 +337,7 @@ func TestQEMU10ServerTakesNbdgwWrites(t *testing.T) {
 			t.Run("write", func(t *testing.T) {
 				sock := filepath.Join(dir, fmt.Sprintf("w%v.sock", ext))
 				_, trace := nbdStartLogged(t, sock, "qemu-nbd", "--trace", "nbd_*", "-t", "-k", sock, "--discard=unmap", img)
-				c, err := nbdserver.Dial(context.Background(), nbdURI(sock), nbdserver.ClientOptions{StructuredReplies: true, ExtendedHeaders: ext})
+				c, err := nbdclient.Dial(context.Background(), nbdURI(sock), nbdclient.Options{StructuredReplies: true, ExtendedHeaders: ext})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -346,7 +351,7 @@ func TestQEMU10ServerTakesNbdgwWrites(t *testing.T) {
 				if err := c.Trim(50<<20, 1<<20, 0); err != nil {
 					t.Fatal(err)
 				}
-				if err := c.WriteFlags(bytes.Repeat([]byte{8}, 3<<10), 5000<<10, nbdserver.CmdFlagFUA); err != nil {
+				if err := c.WriteFlags(bytes.Repeat([]byte{8}, 3<<10), 5000<<10, nbdproto.CmdFlagFUA); err != nil {
 					t.Fatal(err)
 				}
 				if err := c.Flush(); err != nil {
@@ -376,7 +381,7 @@ func TestQEMU10ServerTakesNbdgwWrites(t *testing.T) {
 // merges), with or without extended headers.
 func goClientMap(t *testing.T, uri, ctx string, ext bool) []mapEntry {
 	t.Helper()
-	c, err := nbdserver.Dial(context.Background(), uri, nbdserver.ClientOptions{StructuredReplies: true, ExtendedHeaders: ext, MetaContexts: []string{ctx}})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true, ExtendedHeaders: ext, MetaContexts: []string{ctx}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -603,7 +608,7 @@ var be = binary.BigEndian
 
 func rawDial(t *testing.T, uri string, ctxs []string) *rawConn {
 	t.Helper()
-	u, err := nbdserver.ParseURI(uri)
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -618,48 +623,45 @@ func rawDial(t *testing.T, uri string, ctxs []string) *rawConn {
 	if _, err := io.ReadFull(rc.r, hello[:]); err != nil {
 		t.Fatal(err)
 	}
-	c.Write(be.AppendUint32(nil, 3)) // fixed newstyle, no zeroes
-	opt := func(o nbdserver.Option, data []byte) (replies [][]byte) {
-		b := be.AppendUint64(nil, 0x49484156454f5054)
-		b = be.AppendUint32(b, uint32(o))
-		b = be.AppendUint32(b, uint32(len(data)))
+	c.Write(be.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes))
+	opt := func(o nbdproto.Option, data []byte) (replies [][]byte) {
+		b := nbdproto.OptHeader{Opt: o, Length: uint32(len(data))}.Append(nil)
 		if _, err := c.Write(append(b, data...)); err != nil {
 			t.Fatal(err)
 		}
 		for {
-			var h [20]byte
-			if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+			var hb [nbdproto.OptReplyHeaderLen]byte
+			if _, err := io.ReadFull(rc.r, hb[:]); err != nil {
 				t.Fatal(err)
 			}
-			d := make([]byte, be.Uint32(h[16:]))
+			h, err := nbdproto.DecodeOptReply(hb[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := make([]byte, h.Length)
 			if _, err := io.ReadFull(rc.r, d); err != nil {
 				t.Fatal(err)
 			}
-			switch typ := be.Uint32(h[12:]); {
-			case typ == 1: // ack
+			switch {
+			case h.Type == nbdproto.RepAck:
 				return replies
-			case typ&(1<<31) != 0:
-				t.Fatalf("option %v: error reply %#x %s", o, typ, d)
+			case h.Type.IsError():
+				t.Fatalf("option %v: error reply %v %s", o, h.Type, d)
 			default:
 				replies = append(replies, d)
 			}
 		}
 	}
-	opt(nbdserver.OptExtendedHeaders, nil)
-	q := be.AppendUint32(nil, 0) // export ""
-	q = be.AppendUint32(q, uint32(len(ctxs)))
-	for _, n := range ctxs {
-		q = be.AppendUint32(q, uint32(len(n)))
-		q = append(q, n...)
-	}
+	opt(nbdproto.OptExtendedHeaders, nil)
+	q := nbdproto.MetaContextRequest{Queries: ctxs}.Append(nil) // export ""
 	ids := map[string]uint32{}
-	for _, d := range opt(nbdserver.OptSetMetaContext, q) {
+	for _, d := range opt(nbdproto.OptSetMetaContext, q) {
 		ids[string(d[4:])] = be.Uint32(d)
 	}
 	if len(ids) != len(ctxs) {
 		t.Fatalf("negotiated %v, asked %v", ids, ctxs)
 	}
-	opt(nbdserver.OptGo, make([]byte, 6))
+	opt(nbdproto.OptGo, nbdproto.InfoRequest{}.Append(nil))
 	return rc
 }
 
@@ -667,46 +669,41 @@ func rawDial(t *testing.T, uri string, ctxs []string) *rawConn {
 // or the types of its chunks; dropped when the server closed the
 // connection instead.
 type rawReply struct {
-	Errno   nbdserver.Errno
+	Errno   nbdproto.Errno
 	Msg     string
-	Chunks  []uint16
+	Chunks  []nbdproto.ReplyType
 	Dropped bool
 }
 
-func (rc *rawConn) do(t *testing.T, typ nbdserver.Command, flags uint16, off, length uint64, payload []byte) rawReply {
+func (rc *rawConn) do(t *testing.T, typ nbdproto.Command, flags nbdproto.CmdFlags, off, length uint64, payload []byte) rawReply {
 	t.Helper()
 	rc.cookie++
-	b := be.AppendUint32(nil, 0x21e41c71)
-	b = be.AppendUint16(b, flags)
-	b = be.AppendUint16(b, uint16(typ))
-	b = be.AppendUint64(b, rc.cookie)
-	b = be.AppendUint64(b, off)
-	b = be.AppendUint64(b, length)
+	b := nbdproto.Request{Flags: flags, Type: typ, Cookie: rc.cookie, Offset: off, Length: length}.Append(nil, true)
 	if _, err := rc.c.Write(append(b, payload...)); err != nil {
 		return rawReply{Dropped: true}
 	}
 	var r rawReply
 	for {
-		var h [32]byte
-		if _, err := io.ReadFull(rc.r, h[:]); err != nil {
+		var hb [nbdproto.ExtendedReplyLen]byte
+		if _, err := io.ReadFull(rc.r, hb[:]); err != nil {
 			r.Dropped = true
 			return r
 		}
-		if be.Uint32(h[:]) != 0x6e8a278c || be.Uint64(h[8:]) != rc.cookie {
-			t.Fatalf("bad reply header %x", h)
+		h, err := nbdproto.DecodeReplyHeader(hb[:])
+		if err != nil || h.Magic != nbdproto.ExtendedReplyMagic || h.Cookie != rc.cookie {
+			t.Fatalf("bad reply header %x", hb)
 		}
-		d := make([]byte, be.Uint64(h[24:]))
+		d := make([]byte, h.Length)
 		if _, err := io.ReadFull(rc.r, d); err != nil {
 			r.Dropped = true
 			return r
 		}
-		ctype := be.Uint16(h[6:])
-		r.Chunks = append(r.Chunks, ctype)
-		if ctype&(1<<15) != 0 && len(d) >= 6 {
-			r.Errno = nbdserver.Errno(be.Uint32(d))
+		r.Chunks = append(r.Chunks, h.Type)
+		if h.Type.IsError() && len(d) >= 6 {
+			r.Errno = nbdproto.Errno(be.Uint32(d))
 			r.Msg = string(d[6 : 6+int(be.Uint16(d[4:]))])
 		}
-		if be.Uint16(h[4:])&1 != 0 { // NBD_REPLY_FLAG_DONE
+		if h.Flags&nbdproto.ReplyFlagDone != 0 {
 			return r
 		}
 	}
@@ -726,28 +723,24 @@ func TestBlockStatusPayloadMisuse(t *testing.T) {
 	nbdStart(t, theirs, "qemu-nbd", "-t", "-r", "-k", theirs, "-A", "-B", "bm1", "-B", "bm2", im.path)
 	ctxs := []string{metactx.BaseAllocation, metactx.AllocationDepth, "qemu:dirty-bitmap:bm1"}
 	bsPayload := func(length uint64, ids ...uint32) []byte {
-		b := be.AppendUint64(nil, length)
-		for _, id := range ids {
-			b = be.AppendUint32(b, id)
-		}
-		return b
+		return nbdproto.BlockStatusPayload{Length: length, IDs: ids}.Append(nil)
 	}
 	const size = 6 << 20
 	cases := []struct {
 		name    string
-		typ     nbdserver.Command
-		flags   uint16
+		typ     nbdproto.Command
+		flags   nbdproto.CmdFlags
 		payload []byte
 		wantMsg string // nbdgw's message (the errno is EINVAL, as qemu-nbd's)
 	}{
-		{"empty filter", nbdserver.CmdBlockStatus, nbdserver.CmdFlagPayloadLen, bsPayload(size), "block status payload names no context"},
-		{"unknown id", nbdserver.CmdBlockStatus, nbdserver.CmdFlagPayloadLen, bsPayload(size, 99), "metadata context id 99 was not negotiated"},
-		{"id twice", nbdserver.CmdBlockStatus, nbdserver.CmdFlagPayloadLen, bsPayload(size, 0, 0), "metadata context id 0 named twice"},
-		{"more ids than contexts", nbdserver.CmdBlockStatus, nbdserver.CmdFlagPayloadLen, bsPayload(size, 0, 1, 2, 0), "unexpected payload of 24 bytes for NBD_CMD_BLOCK_STATUS"},
-		{"payload not ids", nbdserver.CmdBlockStatus, nbdserver.CmdFlagPayloadLen, append(bsPayload(size, 0), 1, 2), "nbd: malformed block status payload: length 14"},
-		{"payload on read", nbdserver.CmdRead, nbdserver.CmdFlagPayloadLen, make([]byte, 16), "unexpected payload of 16 bytes for NBD_CMD_READ"},
-		{"payload on flush", nbdserver.CmdFlush, nbdserver.CmdFlagPayloadLen, make([]byte, 16), "unexpected payload of 16 bytes for NBD_CMD_FLUSH"},
-		{"payload on cache", nbdserver.CmdCache, nbdserver.CmdFlagPayloadLen, make([]byte, 16), "unexpected payload of 16 bytes for NBD_CMD_CACHE"},
+		{"empty filter", nbdproto.CmdBlockStatus, nbdproto.CmdFlagPayloadLen, bsPayload(size), "block status payload names no context"},
+		{"unknown id", nbdproto.CmdBlockStatus, nbdproto.CmdFlagPayloadLen, bsPayload(size, 99), "metadata context id 99 was not negotiated"},
+		{"id twice", nbdproto.CmdBlockStatus, nbdproto.CmdFlagPayloadLen, bsPayload(size, 0, 0), "metadata context id 0 named twice"},
+		{"more ids than contexts", nbdproto.CmdBlockStatus, nbdproto.CmdFlagPayloadLen, bsPayload(size, 0, 1, 2, 0), "unexpected payload of 24 bytes for NBD_CMD_BLOCK_STATUS"},
+		{"payload not ids", nbdproto.CmdBlockStatus, nbdproto.CmdFlagPayloadLen, append(bsPayload(size, 0), 1, 2), "nbd: malformed block status payload: length 14"},
+		{"payload on read", nbdproto.CmdRead, nbdproto.CmdFlagPayloadLen, make([]byte, 16), "unexpected payload of 16 bytes for NBD_CMD_READ"},
+		{"payload on flush", nbdproto.CmdFlush, nbdproto.CmdFlagPayloadLen, make([]byte, 16), "unexpected payload of 16 bytes for NBD_CMD_FLUSH"},
+		{"payload on cache", nbdproto.CmdCache, nbdproto.CmdFlagPayloadLen, make([]byte, 16), "unexpected payload of 16 bytes for NBD_CMD_CACHE"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -757,7 +750,7 @@ func TestBlockStatusPayloadMisuse(t *testing.T) {
 				got[i] = rc.do(t, tc.typ, tc.flags, 0, uint64(len(tc.payload)), tc.payload)
 				if !got[i].Dropped {
 					// The connection still works.
-					if r := rc.do(t, nbdserver.CmdBlockStatus, 0, 0, size, nil); r.Dropped || r.Errno != 0 || len(r.Chunks) != len(ctxs) {
+					if r := rc.do(t, nbdproto.CmdBlockStatus, 0, 0, size, nil); r.Dropped || r.Errno != 0 || len(r.Chunks) != len(ctxs) {
 						t.Errorf("%s: after the misuse: %+v", sock, r)
 					}
 				}
@@ -766,7 +759,7 @@ func TestBlockStatusPayloadMisuse(t *testing.T) {
 			if got[0].Errno != got[1].Errno || got[0].Dropped != got[1].Dropped {
 				t.Errorf("nbdgw answers %+v, qemu-nbd 10 %+v", got[0], got[1])
 			}
-			if got[0].Msg != tc.wantMsg || got[0].Errno != nbdserver.EINVAL || len(got[0].Chunks) != 1 {
+			if got[0].Msg != tc.wantMsg || got[0].Errno != nbdproto.EINVAL || len(got[0].Chunks) != 1 {
 				t.Errorf("nbdgw's message %q, want %q", got[0].Msg, tc.wantMsg)
 			}
 		})

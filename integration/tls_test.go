@@ -18,7 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // tlsRun runs a command that must succeed while making credentials.
@@ -215,12 +216,12 @@ func TestTLSClients(t *testing.T) {
 						t.Errorf("nbd-client -l %s: %s", who, r)
 					}
 					for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
-						cfg, err := nbdserver.LoadClientTLS(cd)
+						cfg, err := nbdproto.LoadClientTLS(cd)
 						if err != nil {
 							t.Fatal(err)
 						}
 						cfg.ServerName, cfg.MinVersion, cfg.MaxVersion = "localhost", v, v
-						c, err := nbdserver.Dial(context.Background(), unix.uri(), nbdserver.ClientOptions{TLS: cfg, StructuredReplies: true})
+						c, err := nbdclient.Dial(context.Background(), unix.uri(), nbdclient.Options{TLS: cfg, StructuredReplies: true})
 						if err != nil {
 							t.Errorf("Go client %s, TLS %x: %v", who, v, err)
 							continue

@@ -13,6 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -93,7 +95,7 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 	serveCtx, cancel := context.WithCancel(context.Background())
 	a.cancel = cancel
 
-	var clients []*nbdserver.Client
+	var clients []*nbdclient.Client
 	if cfg.Image != nil {
 		a.served = make(chan struct{})
 		clients, err = a.serveLocal(ctx, serveCtx)
@@ -118,8 +120,8 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 		return fail(err)
 	}
 	if !cfg.Writable {
-		flags |= nbdserver.FlagReadOnly
-	} else if flags&nbdserver.FlagReadOnly != 0 {
+		flags |= uint64(nbdproto.FlagReadOnly)
+	} else if flags&uint64(nbdproto.FlagReadOnly) != 0 {
 		if cfg.Image != nil {
 			a.shutdown()
 			return fail(fmt.Errorf("the in-process server offers the image read-only (flags %#x)", flags))
@@ -201,7 +203,7 @@ func checkConfig(c *Conn, cfg AttachConfig) (AttachConfig, error) {
 
 // exportOf returns the size and transmission flags the connections agree
 // on, and refuses what the kernel could not use.
-func exportOf(clients []*nbdserver.Client, want int) (int64, uint64, error) {
+func exportOf(clients []*nbdclient.Client, want int) (int64, uint64, error) {
 	if len(clients) != want || want == 0 {
 		return 0, 0, fmt.Errorf("%d of %d connections negotiated", len(clients), want)
 	}
@@ -209,10 +211,10 @@ func exportOf(clients []*nbdserver.Client, want int) (int64, uint64, error) {
 	for _, cl := range clients[1:] {
 		if cl.Size() != size || cl.TransmissionFlags() != flags {
 			return 0, 0, fmt.Errorf("the connections disagree on the export (size %d flags %#x vs size %d flags %#x)",
-				size, flags, cl.Size(), cl.TransmissionFlags())
+				size, uint16(flags), cl.Size(), uint16(cl.TransmissionFlags()))
 		}
 	}
-	if want > 1 && flags&nbdserver.FlagCanMultiConn == 0 {
+	if want > 1 && flags&nbdproto.FlagCanMultiConn == 0 {
 		return 0, 0, errors.New("the server does not allow multiple connections (no NBD_FLAG_CAN_MULTI_CONN); use --connections 1")
 	}
 	if size <= 0 {
@@ -230,12 +232,12 @@ func normIndex(i int) int {
 
 // serveLocal starts one in-process server connection per socketpair and
 // returns the negotiated client ends.
-func (a *Attachment) serveLocal(ctx, serveCtx context.Context) ([]*nbdserver.Client, error) {
+func (a *Attachment) serveLocal(ctx, serveCtx context.Context) ([]*nbdclient.Client, error) {
 	a.srv = nbdserver.NewServer(nbdserver.Config{
 		Exports: []*nbdserver.Export{{Name: "", Image: a.cfg.Image, Writable: a.cfg.Writable}},
 		Logf:    a.cfg.Logf,
 	})
-	var clients []*nbdserver.Client
+	var clients []*nbdclient.Client
 	defer func() {
 		go func() { a.wg.Wait(); close(a.served) }()
 	}()
@@ -250,7 +252,7 @@ func (a *Attachment) serveLocal(ctx, serveCtx context.Context) ([]*nbdserver.Cli
 			a.srv.ServeConn(serveCtx, srvEnd)
 		}()
 		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
-		cl, err := nbdserver.NewClient(hctx, cliEnd, nbdserver.ClientOptions{})
+		cl, err := nbdclient.New(hctx, cliEnd, nbdclient.Options{})
 		cancel()
 		if err != nil {
 			return clients, fmt.Errorf("handshake with the in-process server: %w", err)
@@ -285,15 +287,15 @@ func socketpair() (net.Conn, net.Conn, error) {
 }
 
 // dialAll opens n connections to uri.
-func dialAll(ctx context.Context, uri string, n int) ([]*nbdserver.Client, error) {
-	u, err := nbdserver.ParseURI(uri)
+func dialAll(ctx context.Context, uri string, n int) ([]*nbdclient.Client, error) {
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		return nil, err
 	}
 	if u.TLS {
 		return nil, fmt.Errorf("%s: the kernel's nbd driver cannot speak TLS; serve the image locally or use nbd:// / nbd+unix://", uri)
 	}
-	var clients []*nbdserver.Client
+	var clients []*nbdclient.Client
 	for i := 0; i < n; i++ {
 		cl, err := dialOne(ctx, uri)
 		if err != nil {
@@ -304,10 +306,10 @@ func dialAll(ctx context.Context, uri string, n int) ([]*nbdserver.Client, error
 	return clients, nil
 }
 
-func dialOne(ctx context.Context, uri string) (*nbdserver.Client, error) {
+func dialOne(ctx context.Context, uri string) (*nbdclient.Client, error) {
 	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
-	cl, err := nbdserver.Dial(hctx, uri, nbdserver.ClientOptions{})
+	cl, err := nbdclient.Dial(hctx, uri, nbdclient.Options{})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", uri, err)
 	}

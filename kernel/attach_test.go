@@ -20,7 +20,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -124,10 +124,7 @@ func (k *fakeKernel) serve(greq genetlink.Message, _ netlink.Message) ([]genetli
 
 func (k *fakeKernel) disconnectLocked() {
 	for _, c := range k.conns {
-		var req [28]byte
-		binary.BigEndian.PutUint32(req[0:], 0x25609513)
-		binary.BigEndian.PutUint16(req[6:], 2) // NBD_CMD_DISC
-		c.Write(req[:])
+		c.Write(nbdproto.Request{Type: nbdproto.CmdDisc}.Append(nil, false))
 		c.Close()
 	}
 	k.conns = nil
@@ -136,20 +133,15 @@ func (k *fakeKernel) disconnectLocked() {
 
 // read issues one NBD_CMD_READ as the kernel does (simple replies only).
 func kernelRead(c net.Conn, cookie uint64, p []byte, off uint64) error {
-	var req [28]byte
-	binary.BigEndian.PutUint32(req[0:], 0x25609513)
-	binary.BigEndian.PutUint16(req[6:], 0) // NBD_CMD_READ
-	binary.BigEndian.PutUint64(req[8:], cookie)
-	binary.BigEndian.PutUint64(req[16:], off)
-	binary.BigEndian.PutUint32(req[24:], uint32(len(p)))
-	if _, err := c.Write(req[:]); err != nil {
+	req := nbdproto.Request{Type: nbdproto.CmdRead, Cookie: cookie, Offset: off, Length: uint64(len(p))}
+	if _, err := c.Write(req.Append(nil, false)); err != nil {
 		return err
 	}
 	var rep [16]byte
 	if _, err := io.ReadFull(c, rep[:]); err != nil {
 		return err
 	}
-	if m := binary.BigEndian.Uint32(rep[0:]); m != 0x67446698 {
+	if m := binary.BigEndian.Uint32(rep[0:]); m != nbdproto.SimpleReplyMagic {
 		return fmt.Errorf("reply magic %#x: not a simple reply", m)
 	}
 	if e := binary.BigEndian.Uint32(rep[4:]); e != 0 {
@@ -277,10 +269,10 @@ func TestAttachLocal(t *testing.T) {
 			if size != uint64(len(want)) {
 				t.Errorf("size %d, want %d", size, len(want))
 			}
-			if flags&(nbdserver.FlagHasFlags|nbdserver.FlagReadOnly) != nbdserver.FlagHasFlags|nbdserver.FlagReadOnly {
+			if flags&uint64(nbdproto.FlagHasFlags|nbdproto.FlagReadOnly) != uint64(nbdproto.FlagHasFlags|nbdproto.FlagReadOnly) {
 				t.Errorf("server flags %#x lack HAS_FLAGS|READ_ONLY", flags)
 			}
-			if tt.connections > 1 && flags&nbdserver.FlagCanMultiConn == 0 {
+			if tt.connections > 1 && flags&uint64(nbdproto.FlagCanMultiConn) == 0 {
 				t.Errorf("server flags %#x lack CAN_MULTI_CONN", flags)
 			}
 			if backend != "nbdgw:"+path {
@@ -436,7 +428,7 @@ func TestAttachURI(t *testing.T) {
 			k.mu.Lock()
 			conns, flags, size, backend := k.conns, k.serverFlags, k.size, k.backend
 			k.mu.Unlock()
-			if got := flags&nbdserver.FlagReadOnly != 0; got == writable {
+			if got := flags&uint64(nbdproto.FlagReadOnly) != 0; got == writable {
 				t.Errorf("server flags %#x: read-only %v with writable=%v", flags, got, writable)
 			}
 			if size != uint64(len(want)) || backend != "nbdgw:"+uri {

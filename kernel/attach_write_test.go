@@ -15,28 +15,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
-)
-
-// NBD commands and command flags as the kernel sends them.
-const (
-	nbdCmdWrite       = 1
-	nbdCmdFlush       = 3
-	nbdCmdTrim        = 4
-	nbdCmdWriteZeroes = 6
-	nbdFlagFUA        = 1 << 0
-	nbdFlagNoHole     = 1 << 1
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // kernelSend writes one request as the kernel does (payload for WRITE).
-func kernelSend(c net.Conn, typ, flags uint16, cookie, off uint64, length uint32, payload []byte) error {
-	req := make([]byte, 28, 28+len(payload))
-	binary.BigEndian.PutUint32(req[0:], 0x25609513)
-	binary.BigEndian.PutUint16(req[4:], flags)
-	binary.BigEndian.PutUint16(req[6:], typ)
-	binary.BigEndian.PutUint64(req[8:], cookie)
-	binary.BigEndian.PutUint64(req[16:], off)
-	binary.BigEndian.PutUint32(req[24:], length)
+func kernelSend(c net.Conn, typ nbdproto.Command, flags nbdproto.CmdFlags, cookie, off uint64, length uint32, payload []byte) error {
+	req := nbdproto.Request{Flags: flags, Type: typ, Cookie: cookie, Offset: off, Length: uint64(length)}.Append(nil, false)
 	_, err := c.Write(append(req, payload...))
 	return err
 }
@@ -47,7 +31,7 @@ func kernelReply(c net.Conn, cookie uint64) error {
 	if _, err := io.ReadFull(c, rep[:]); err != nil {
 		return err
 	}
-	if m := binary.BigEndian.Uint32(rep[0:]); m != 0x67446698 {
+	if m := binary.BigEndian.Uint32(rep[0:]); m != nbdproto.SimpleReplyMagic {
 		return fmt.Errorf("reply magic %#x: not a simple reply", m)
 	}
 	if got := binary.BigEndian.Uint64(rep[8:]); got != cookie {
@@ -60,7 +44,7 @@ func kernelReply(c net.Conn, cookie uint64) error {
 }
 
 // kernelCmd sends one request and waits for its reply.
-func kernelCmd(c net.Conn, typ, flags uint16, cookie, off uint64, length uint32, payload []byte) error {
+func kernelCmd(c net.Conn, typ nbdproto.Command, flags nbdproto.CmdFlags, cookie, off uint64, length uint32, payload []byte) error {
 	if err := kernelSend(c, typ, flags, cookie, off, length, payload); err != nil {
 		return err
 	}
@@ -72,7 +56,8 @@ func kernelCmd(c net.Conn, typ, flags uint16, cookie, off uint64, length uint32,
 
 // writeOp is one request of the write load and what it does to the shadow.
 type writeOp struct {
-	typ, flags  uint16
+	typ         nbdproto.Command
+	flags       nbdproto.CmdFlags
 	off, length int
 	fill        byte // WRITE payload byte
 }
@@ -82,15 +67,15 @@ type writeOp struct {
 func (o writeOp) apply(shadow []byte, trimmed []bool) []byte {
 	r := shadow[o.off : o.off+o.length]
 	switch o.typ {
-	case nbdCmdWrite:
+	case nbdproto.CmdWrite:
 		p := bytes.Repeat([]byte{o.fill}, o.length)
 		copy(r, p)
 		clear(trimmed[o.off : o.off+o.length])
 		return p
-	case nbdCmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		clear(r)
 		clear(trimmed[o.off : o.off+o.length])
-	case nbdCmdTrim:
+	case nbdproto.CmdTrim:
 		for i := range o.length {
 			trimmed[o.off+i] = true
 		}
@@ -101,14 +86,14 @@ func (o writeOp) apply(shadow []byte, trimmed []bool) []byte {
 // The write load: unaligned and cluster-sized writes into backing data and
 // into holes, FUA, TRIM, and write zeroes with and without NO_HOLE.
 var writeLoad = []writeOp{
-	{nbdCmdWrite, 0, 100000, 70000, 0x71},
-	{nbdCmdWrite, nbdFlagFUA, 2<<20 + 512, 4096, 0x72},
-	{nbdCmdWrite, 0, 1 << 20, 128 << 10, 0x73},
-	{nbdCmdTrim, 0, 1<<20 + 64<<10, 64 << 10, 0},
-	{nbdCmdWriteZeroes, 0, 3 << 20, 256 << 10, 0},
-	{nbdCmdWriteZeroes, nbdFlagNoHole, 3<<20 + 300<<10, 10000, 0},
-	{nbdCmdWrite, nbdFlagFUA, 4<<20 - 4096, 4096, 0x74},
-	{nbdCmdWrite, 0, 600 << 10, 1000, 0x75},
+	{nbdproto.CmdWrite, 0, 100000, 70000, 0x71},
+	{nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 2<<20 + 512, 4096, 0x72},
+	{nbdproto.CmdWrite, 0, 1 << 20, 128 << 10, 0x73},
+	{nbdproto.CmdTrim, 0, 1<<20 + 64<<10, 64 << 10, 0},
+	{nbdproto.CmdWriteZeroes, 0, 3 << 20, 256 << 10, 0},
+	{nbdproto.CmdWriteZeroes, nbdproto.CmdFlagNoHole, 3<<20 + 300<<10, 10000, 0},
+	{nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 4<<20 - 4096, 4096, 0x74},
+	{nbdproto.CmdWrite, 0, 600 << 10, 1000, 0x75},
 }
 
 // qemuView returns the image's content and `qemu-img check`'s exit status
@@ -188,8 +173,8 @@ func TestAttachLocalWritable(t *testing.T) {
 			if len(conns) != tt.connections {
 				t.Fatalf("kernel got %d sockets, want %d", len(conns), tt.connections)
 			}
-			wantFlags := uint64(nbdserver.FlagHasFlags | nbdserver.FlagSendFlush | nbdserver.FlagSendFUA | nbdserver.FlagSendTrim | nbdserver.FlagSendWriteZeroes | nbdserver.FlagCanMultiConn)
-			if flags&wantFlags != wantFlags || flags&nbdserver.FlagReadOnly != 0 {
+			wantFlags := uint64(nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagCanMultiConn)
+			if flags&wantFlags != wantFlags || flags&uint64(nbdproto.FlagReadOnly) != 0 {
 				t.Errorf("server flags %#x: want %#x set and READ_ONLY clear", flags, wantFlags)
 			}
 
@@ -204,7 +189,7 @@ func TestAttachLocalWritable(t *testing.T) {
 			for i, op := range writeLoad {
 				if !tt.flush {
 					// No FUA either: only the stop can make the load durable.
-					op.flags &^= nbdFlagFUA
+					op.flags &^= nbdproto.CmdFlagFUA
 				}
 				ops[i] = op
 				payloads[i] = op.apply(shadow, trimmed)
@@ -234,7 +219,7 @@ func TestAttachLocalWritable(t *testing.T) {
 			}
 
 			if tt.flush {
-				if err := kernelCmd(conns[0], nbdCmdFlush, 0, 100, 0, 0, nil); err != nil {
+				if err := kernelCmd(conns[0], nbdproto.CmdFlush, 0, 100, 0, 0, nil); err != nil {
 					t.Fatal(err)
 				}
 				// The kernel's FLUSH reached the image: another program
@@ -283,7 +268,7 @@ func TestAttachReadOnlyRefusesWrites(t *testing.T) {
 	k.mu.Lock()
 	conns, flags := k.conns, k.serverFlags
 	k.mu.Unlock()
-	if flags&nbdserver.FlagReadOnly == 0 {
+	if flags&uint64(nbdproto.FlagReadOnly) == 0 {
 		t.Errorf("server flags %#x lack READ_ONLY", flags)
 	}
 	for i, op := range writeLoad[:3] {

@@ -14,7 +14,7 @@ import (
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/genetlink/genltest"
 	"github.com/mdlayher/netlink"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"golang.org/x/sys/unix"
 )
 
@@ -101,7 +101,7 @@ func TestConnect(t *testing.T) {
 			name: "all attributes",
 			cfg: ConnectConfig{
 				Index: 3, Size: 1 << 30, BlockSize: 4096,
-				ServerFlags: nbdserver.FlagHasFlags | nbdserver.FlagReadOnly | nbdserver.FlagCanMultiConn,
+				ServerFlags: uint64(nbdproto.FlagHasFlags | nbdproto.FlagReadOnly | nbdproto.FlagCanMultiConn),
 				ClientFlags: ClientDestroyOnDisconnect,
 				Timeout:     1500 * time.Millisecond, DeadConnTimeout: 30 * time.Second,
 				Sockets:           []int{5, 9},
@@ -111,7 +111,7 @@ func TestConnect(t *testing.T) {
 				{Type: attrIndex, Data: u32(3)},
 				{Type: attrSizeBytes, Data: u64(1 << 30)},
 				{Type: attrBlockSizeBytes, Data: u64(4096)},
-				{Type: attrServerFlags, Data: u64(nbdserver.FlagHasFlags | nbdserver.FlagReadOnly | nbdserver.FlagCanMultiConn)},
+				{Type: attrServerFlags, Data: u64(uint64(nbdproto.FlagHasFlags | nbdproto.FlagReadOnly | nbdproto.FlagCanMultiConn))},
 				{Type: attrClientFlags, Data: u64(ClientDestroyOnDisconnect)},
 				{Type: attrTimeout, Data: u64(2)},
 				{Type: attrDeadConnTimeout, Data: u64(30)},
@@ -123,10 +123,10 @@ func TestConnect(t *testing.T) {
 		},
 		{
 			name: "kernel picks the device",
-			cfg:  ConnectConfig{Index: AnyIndex, Size: 512, ServerFlags: nbdserver.FlagHasFlags, Sockets: []int{4}},
+			cfg:  ConnectConfig{Index: AnyIndex, Size: 512, ServerFlags: uint64(nbdproto.FlagHasFlags), Sockets: []int{4}},
 			want: []attr{
 				{Type: attrSizeBytes, Data: u64(512)},
-				{Type: attrServerFlags, Data: u64(nbdserver.FlagHasFlags)},
+				{Type: attrServerFlags, Data: u64(uint64(nbdproto.FlagHasFlags))},
 				sockets(4),
 			},
 			reply:     11,

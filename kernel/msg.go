@@ -22,7 +22,7 @@ type ConnectConfig struct {
 	// BlockSize is the logical block size; 0 leaves the kernel default (512).
 	BlockSize uint64
 	// ServerFlags are the NBD transmission flags (Flag*), including
-	// nbdserver.FlagReadOnly for a read-only device.
+	// nbdproto.FlagReadOnly for a read-only device.
 	ServerFlags uint64
 	// ClientFlags are Client* flags.
 	ClientFlags uint64

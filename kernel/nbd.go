@@ -69,7 +69,7 @@ func (c Command) String() string {
 }
 
 // The transmission flags the kernel is given are the NBD protocol's own
-// (nbdserver.Flag*); include/uapi/linux/nbd.h defines the same bits.
+// (nbdproto.Flag*); include/uapi/linux/nbd.h defines the same bits.
 
 // Client flags (NBD_CFLAG_*).
 const (

@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"testing"
+
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 )
 
 // BenchmarkWritableRead reads a fully written 64 MiB writable export in
@@ -23,7 +25,7 @@ func benchRead(b *testing.B, writable bool) {
 		b.Fatal(err)
 	}
 	_, uri := startServer(b, Config{Exports: []*Export{{Image: img, Writable: writable}}})
-	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -44,7 +46,7 @@ func benchRead(b *testing.B, writable bool) {
 func BenchmarkWrite(b *testing.B) {
 	img, _ := writableImage(b, "64M")
 	_, uri := startServer(b, Config{Exports: []*Export{{Image: img, Writable: true}}})
-	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -73,9 +75,9 @@ func BenchmarkRandWrite4K(b *testing.B) {
 	}
 	_, uri := startServer(b, Config{Exports: []*Export{{Image: img, Writable: true}}})
 	const conns = 16
-	cs := make([]*Client, conns)
+	cs := make([]*nbdclient.Client, conns)
 	for i := range cs {
-		c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+		c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 		if err != nil {
 			b.Fatal(err)
 		}

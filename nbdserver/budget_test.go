@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -90,7 +92,7 @@ func TestStreamedReadError(t *testing.T) {
 	for _, m := range modes {
 		a, b := net.Pipe() // no sendfile: everything goes through the engine
 		go srv.ServeConn(context.Background(), b)
-		c, err := NewClient(context.Background(), a, m.opts)
+		c, err := nbdclient.New(context.Background(), a, m.opts)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -99,16 +101,16 @@ func TestStreamedReadError(t *testing.T) {
 			t.Fatalf("%s: read of an intact cluster: %v", m.name, err)
 		}
 		_, err = c.ReadAt(make([]byte, 4<<20), 0)
-		var se *ServerError
+		var se *nbdproto.ServerError
 		switch {
 		case err == nil:
 			t.Errorf("%s: a read over garbled compressed clusters succeeded", m.name)
-		case m.want == modeSimple:
+		case m.want == nbdproto.ModeSimple:
 			if errors.As(err, &se) {
 				t.Errorf("%s: got an error reply %v; a simple reply cannot carry a late error", m.name, err)
 			}
 		default:
-			if !errors.As(err, &se) || se.Errno != EIO {
+			if !errors.As(err, &se) || se.Errno != nbdproto.EIO {
 				t.Errorf("%s: read over garbled clusters: %v, want NBD_EIO", m.name, err)
 			}
 			if _, err := c.ReadAt(first, 0); err != nil {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"testing"
+
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 )
 
 // TestClientReadBatch: reads sent together come back as ReadAt reads
@@ -12,14 +14,14 @@ import (
 func TestClientReadBatch(t *testing.T) {
 	img, _ := chainImage(t)
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
-	for _, opts := range []ClientOptions{{}, {StructuredReplies: true}, {ExtendedHeaders: true}} {
-		c, err := Dial(context.Background(), uri, opts)
+	for _, opts := range []nbdclient.Options{{}, {StructuredReplies: true}, {ExtendedHeaders: true}} {
+		c, err := nbdclient.Dial(context.Background(), uri, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var reqs []ReadRequest
+		var reqs []nbdclient.ReadRequest
 		for i, off := range []int64{0, 64 << 10, 128 << 10, 1 << 20, 2 << 20, 4 << 20, 7<<20 + 512, 8<<20 - 4096} {
-			reqs = append(reqs, ReadRequest{P: make([]byte, 4096+i*(64<<10)%(1<<20)), Off: off})
+			reqs = append(reqs, nbdclient.ReadRequest{P: make([]byte, 4096+i*(64<<10)%(1<<20)), Off: off})
 		}
 		reqs[len(reqs)-1].P = reqs[len(reqs)-1].P[:4096]
 		if err := c.ReadBatch(reqs); err != nil {
@@ -34,11 +36,11 @@ func TestClientReadBatch(t *testing.T) {
 				t.Errorf("%+v: read of %d at %d differs", opts, len(r.P), r.Off)
 			}
 		}
-		if err := c.ReadBatch([]ReadRequest{{P: make([]byte, 8192), Off: 8<<20 - 4096}}); err == nil {
+		if err := c.ReadBatch([]nbdclient.ReadRequest{{P: make([]byte, 8192), Off: 8<<20 - 4096}}); err == nil {
 			t.Errorf("%+v: read past the end accepted", opts)
 		}
-		if err := c.ReadBatch(make([]ReadRequest, maxBatch+1)); err == nil {
-			t.Errorf("%+v: batch of %d accepted", opts, maxBatch+1)
+		if err := c.ReadBatch(make([]nbdclient.ReadRequest, nbdclient.MaxBatch+1)); err == nil {
+			t.Errorf("%+v: batch of %d accepted", opts, nbdclient.MaxBatch+1)
 		}
 		// The connection is still in step.
 		p := make([]byte, 512)

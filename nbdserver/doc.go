@@ -1,9 +1,9 @@
 // Package nbdserver speaks the NBD protocol (../shared/reference/nbd-proto.md)
-// for nbdgw: a server that exports qcow2 chains opened by package qcow2,
-// and a small client used by nbdgw map NBD-URI and nbdgw attach. Both
-// sides share the wire encoding in wire.go: each message has an append
-// (encode) function over byte slices and a decode function that checks
-// every length before slicing.
+// for nbdgw: a server that exports qcow2 chains opened by package qcow2.
+// The protocol itself (constants, the wire encoding, errnos, NBD URIs,
+// x509 credentials directories) is package nbdproto, which the server and
+// the client (package nbdclient, used by nbdgw map NBD-URI and nbdgw
+// attach) share.
 //
 // The server implements fixed newstyle negotiation with NO_ZEROES and
 // the options EXPORT_NAME, ABORT, LIST, INFO, GO, STARTTLS,
@@ -102,8 +102,6 @@
 // after a flush), and the reply would carry another cluster's data or a
 // mix of two writes.
 //
-// The Client is synchronous: one request at a time under its mutex.
-//
 // # Limits
 //
 // Every length read off the wire is checked before anything is
@@ -190,7 +188,7 @@
 //
 // # TLS
 //
-// LoadServerTLS checks the x509 credentials at start (readable files, a
+// nbdproto.LoadServerTLS checks the x509 credentials at start (readable files, a
 // key matching its certificate, validity dates, the server certificate
 // signed by the CA) and explains why the certificate request names no
 // CAs: GnuTLS clients (libnbd, QEMU) with RSA certificates would

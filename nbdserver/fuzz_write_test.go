@@ -6,25 +6,26 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
 // writeSession is validSession followed by every write command.
-func writeSession(modeOpt Option, ext bool) []byte {
+func writeSession(modeOpt nbdproto.Option, ext bool) []byte {
 	b := validSession(modeOpt, ext)
-	b = b[:len(b)-len(request{typ: CmdDisc}.append(nil, ext))]
-	b = request{typ: CmdWrite, flags: CmdFlagFUA, cookie: 5, offset: 4095, length: 3}.append(b, ext)
+	b = b[:len(b)-len(nbdproto.Request{Type: nbdproto.CmdDisc}.Append(nil, ext))]
+	b = nbdproto.Request{Type: nbdproto.CmdWrite, Flags: nbdproto.CmdFlagFUA, Cookie: 5, Offset: 4095, Length: 3}.Append(b, ext)
 	b = append(b, 1, 2, 3)
-	b = request{typ: CmdWriteZeroes, flags: CmdFlagNoHole | CmdFlagFastZero, cookie: 6, offset: 512, length: 8192}.append(b, ext)
-	b = request{typ: CmdTrim, cookie: 7, offset: 0, length: 1 << 20}.append(b, ext)
-	b = request{typ: CmdFlush, cookie: 8}.append(b, ext)
-	return request{typ: CmdDisc}.append(b, ext)
+	b = nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Flags: nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero, Cookie: 6, Offset: 512, Length: 8192}.Append(b, ext)
+	b = nbdproto.Request{Type: nbdproto.CmdTrim, Cookie: 7, Offset: 0, Length: 1 << 20}.Append(b, ext)
+	b = nbdproto.Request{Type: nbdproto.CmdFlush, Cookie: 8}.Append(b, ext)
+	return nbdproto.Request{Type: nbdproto.CmdDisc}.Append(b, ext)
 }
 
 // FuzzWritableServer is FuzzServer on a writable export (a raw file).
 func FuzzWritableServer(f *testing.F) {
-	f.Add(writeSession(OptStructuredReply, false))
-	f.Add(writeSession(OptExtendedHeaders, true))
+	f.Add(writeSession(nbdproto.OptStructuredReply, false))
+	f.Add(writeSession(nbdproto.OptExtendedHeaders, true))
 	p := filepath.Join(f.TempDir(), "w.raw")
 	if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
 		f.Fatal(err)

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -141,7 +142,7 @@ type rawConn struct {
 
 func dialRaw(t testing.TB, uri string) *rawConn {
 	t.Helper()
-	u, err := ParseURI(uri)
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +154,7 @@ func dialRaw(t testing.TB, uri string) *rawConn {
 	rc := &rawConn{t: t, c: c, r: bufio.NewReader(c)}
 	var hello [18]byte
 	rc.read(hello[:])
-	rc.write(be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes))
+	rc.write(be.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes))
 	return rc
 }
 
@@ -173,75 +174,75 @@ func (rc *rawConn) read(b []byte) {
 
 // option sends an option and collects the replies up to the final one
 // (ACK or an error).
-func (rc *rawConn) option(opt Option, data []byte) (replies []optReply, payloads [][]byte) {
+func (rc *rawConn) option(opt nbdproto.Option, data []byte) (replies []nbdproto.OptReply, payloads [][]byte) {
 	rc.t.Helper()
-	rc.write(append(optHeader{opt: opt, length: uint32(len(data))}.append(nil), data...))
+	rc.write(append(nbdproto.OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil), data...))
 	for {
-		var hb [optReplyHeaderLen]byte
+		var hb [nbdproto.OptReplyHeaderLen]byte
 		rc.read(hb[:])
-		h, err := decodeOptReply(hb[:])
+		h, err := nbdproto.DecodeOptReply(hb[:])
 		if err != nil {
 			rc.t.Fatal(err)
 		}
-		p := make([]byte, h.length)
+		p := make([]byte, h.Length)
 		rc.read(p)
 		replies, payloads = append(replies, h), append(payloads, p)
-		if h.typ == RepAck || h.typ.IsError() {
+		if h.Type == nbdproto.RepAck || h.Type.IsError() {
 			return replies, payloads
 		}
 	}
 }
 
 // final is the type of the last reply to an option.
-func (rc *rawConn) final(opt Option, data []byte) Reply {
+func (rc *rawConn) final(opt nbdproto.Option, data []byte) nbdproto.Reply {
 	rc.t.Helper()
 	r, _ := rc.option(opt, data)
-	return r[len(r)-1].typ
+	return r[len(r)-1].Type
 }
 
 // goExport sends NBD_OPT_GO for the default export.
 func (rc *rawConn) goExport() {
 	rc.t.Helper()
-	if got := rc.final(OptGo, infoRequest{}.append(nil)); got != RepAck {
+	if got := rc.final(nbdproto.OptGo, nbdproto.InfoRequest{}.Append(nil)); got != nbdproto.RepAck {
 		rc.t.Fatalf("NBD_OPT_GO: %v", got)
 	}
 }
 
 // reply reads one reply header and its payload (not for simple READ
 // replies, whose payload length the header does not carry).
-func (rc *rawConn) reply() (replyHeader, []byte) {
+func (rc *rawConn) reply() (nbdproto.ReplyHeader, []byte) {
 	rc.t.Helper()
-	var b [extendedReplyLen]byte
+	var b [nbdproto.ExtendedReplyLen]byte
 	rc.read(b[:4])
-	n := replyHeaderLen(be.Uint32(b[:]))
+	n := nbdproto.ReplyHeaderLen(be.Uint32(b[:]))
 	if n == 0 {
 		rc.t.Fatalf("bad reply magic %#x", be.Uint32(b[:]))
 	}
 	rc.read(b[4:n])
-	h, err := decodeReplyHeader(b[:n])
+	h, err := nbdproto.DecodeReplyHeader(b[:n])
 	if err != nil {
 		rc.t.Fatal(err)
 	}
-	if h.length > 64<<20 {
-		rc.t.Fatalf("reply chunk of %d bytes", h.length)
+	if h.Length > 64<<20 {
+		rc.t.Fatalf("reply chunk of %d bytes", h.Length)
 	}
-	p := make([]byte, h.length)
+	p := make([]byte, h.Length)
 	rc.read(p)
 	return h, p
 }
 
 // replyErrno is the error a reply without data carries: a simple reply's
 // errno, an NBD_REPLY_TYPE_ERROR chunk's, or 0 for NBD_REPLY_TYPE_NONE.
-func replyErrno(t *testing.T, typ Command, h replyHeader, p []byte) Errno {
+func replyErrno(t *testing.T, typ nbdproto.Command, h nbdproto.ReplyHeader, p []byte) nbdproto.Errno {
 	t.Helper()
 	switch {
-	case h.magic == simpleReplyMagic:
-		return h.errno
-	case h.typ == replyTypeError:
-		errno, _, _ := decodeErrorPayload(p)
+	case h.Magic == nbdproto.SimpleReplyMagic:
+		return h.Errno
+	case h.Type == nbdproto.ReplyTypeError:
+		errno, _, _ := nbdproto.DecodeErrorPayload(p)
 		return errno
-	case h.typ != replyTypeNone:
-		t.Fatalf("%v: chunk type %d", typ, h.typ)
+	case h.Type != nbdproto.ReplyTypeNone:
+		t.Fatalf("%v: chunk type %d", typ, h.Type)
 	}
 	return 0
 }

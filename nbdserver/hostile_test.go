@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // TestHostileClients runs misbehaving clients against the server while a
@@ -19,7 +21,7 @@ import (
 func TestHostileClients(t *testing.T) {
 	img := rawImage(t, 4<<20)
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, Logf: func(string, ...any) {}})
-	u, _ := ParseURI(uri)
+	u, _ := nbdproto.ParseURI(uri)
 	want := make([]byte, img.Size())
 	img.ReadAt(want, 0)
 
@@ -29,7 +31,7 @@ func TestHostileClients(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		c, err := Dial(context.Background(), uri, ClientOptions{ExtendedHeaders: true, MetaContexts: []string{metactx.BaseAllocation}})
+		c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{ExtendedHeaders: true, MetaContexts: []string{metactx.BaseAllocation}})
 		if err != nil {
 			t.Error(err)
 			return
@@ -55,8 +57,8 @@ func TestHostileClients(t *testing.T) {
 		}
 	}()
 
-	greeting := be.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
-	goExt := append(optHeader{opt: OptExtendedHeaders}.append(nil), optHeader{opt: OptGo, length: 6}.append(nil)...)
+	greeting := be.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
+	goExt := append(nbdproto.OptHeader{Opt: nbdproto.OptExtendedHeaders}.Append(nil), nbdproto.OptHeader{Opt: nbdproto.OptGo, Length: 6}.Append(nil)...)
 	goExt = append(goExt, 0, 0, 0, 0, 0, 0)
 	transmit := func(b ...[]byte) []byte {
 		out := append(append([]byte{}, greeting...), goExt...)
@@ -73,18 +75,18 @@ func TestHostileClients(t *testing.T) {
 	hostile := map[string][]byte{
 		"garbage":                  garbage,
 		"bad option magic":         append(append([]byte{}, greeting...), garbage[:64]...),
-		"huge option":              append(append([]byte{}, greeting...), optHeader{opt: OptInfo, length: 0xffffffff}.append(nil)...),
-		"huge export name":         append(append([]byte{}, greeting...), optHeader{opt: OptExportName, length: 1 << 30}.append(nil)...),
+		"huge option":              append(append([]byte{}, greeting...), nbdproto.OptHeader{Opt: nbdproto.OptInfo, Length: 0xffffffff}.Append(nil)...),
+		"huge export name":         append(append([]byte{}, greeting...), nbdproto.OptHeader{Opt: nbdproto.OptExportName, Length: 1 << 30}.Append(nil)...),
 		"unknown client flags":     be.AppendUint32(nil, 0xff),
 		"bad request magic":        transmit(garbage[:32]),
-		"huge write":               transmit(request{typ: CmdWrite, length: 1 << 40}.append(nil, true)),
-		"huge read":                transmit(request{typ: CmdRead, length: 1 << 40}.append(nil, true)),
-		"huge status payload":      transmit(request{typ: CmdBlockStatus, flags: CmdFlagPayloadLen, length: 1 << 30}.append(nil, true)),
-		"huge payload on flush":    transmit(request{typ: CmdFlush, flags: CmdFlagPayloadLen, length: 1 << 40}.append(nil, true)),
-		"unknown commands":         transmit(request{typ: 99}.append(nil, true), request{typ: 0xffff, flags: 0xffff}.append(nil, true)),
-		"half a header":            transmit(request{typ: CmdRead, length: 512}.append(nil, true)[:20]),
-		"half a write":             transmit(request{typ: CmdWrite, length: 1 << 20}.append(nil, true), garbage),
-		"disconnect with reads":    transmit(bytes.Repeat(request{typ: CmdRead, length: 1 << 20}.append(nil, true), 64)),
+		"huge write":               transmit(nbdproto.Request{Type: nbdproto.CmdWrite, Length: 1 << 40}.Append(nil, true)),
+		"huge read":                transmit(nbdproto.Request{Type: nbdproto.CmdRead, Length: 1 << 40}.Append(nil, true)),
+		"huge status payload":      transmit(nbdproto.Request{Type: nbdproto.CmdBlockStatus, Flags: nbdproto.CmdFlagPayloadLen, Length: 1 << 30}.Append(nil, true)),
+		"huge payload on flush":    transmit(nbdproto.Request{Type: nbdproto.CmdFlush, Flags: nbdproto.CmdFlagPayloadLen, Length: 1 << 40}.Append(nil, true)),
+		"unknown commands":         transmit(nbdproto.Request{Type: 99}.Append(nil, true), nbdproto.Request{Type: 0xffff, Flags: 0xffff}.Append(nil, true)),
+		"half a header":            transmit(nbdproto.Request{Type: nbdproto.CmdRead, Length: 512}.Append(nil, true)[:20]),
+		"half a write":             transmit(nbdproto.Request{Type: nbdproto.CmdWrite, Length: 1 << 20}.Append(nil, true), garbage),
+		"disconnect with reads":    transmit(bytes.Repeat(nbdproto.Request{Type: nbdproto.CmdRead, Length: 1 << 20}.Append(nil, true), 64)),
 		"disconnect mid-handshake": greeting[:2],
 	}
 	for round := 0; round < 3; round++ {
@@ -116,7 +118,7 @@ func TestHostileClients(t *testing.T) {
 		t.Error("the good client never completed a read")
 	}
 	// The server still serves new clients.
-	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package nbdserver
 import (
 	"bufio"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // Option data limits. NBD names and queries are at most 4 KiB
@@ -19,6 +21,8 @@ const (
 	maxOptionLen     = 64 << 10 // larger options get NBD_REP_ERR_TOO_BIG
 	maxOptionDiscard = 1 << 20  // larger ones drop the connection
 )
+
+var be = binary.BigEndian
 
 // errAborted ends the handshake without a complaint worth logging.
 var errAborted = errors.New("nbd: client aborted the handshake")
@@ -31,21 +35,21 @@ type negotiation struct {
 
 	noZeroes bool
 	tls      bool
-	mode     replyMode
+	mode     nbdproto.ReplyMode
 	contexts []string // negotiated meta contexts; the id is the index
 	ctxFor   *Export  // export the contexts were negotiated for
 
-	opt  Option // option being answered
-	data []byte // its data
+	opt  nbdproto.Option // option being answered
+	data []byte          // its data
 }
 
 // run performs the handshake and returns the transmission session.
 func (n *negotiation) run() (*session, error) {
 	n.conn.SetDeadline(time.Now().Add(n.srv.cfg.HandshakeTimeout))
 	n.r = bufio.NewReaderSize(n.conn, 4096)
-	hello := be.AppendUint64(nil, nbdMagic)
-	hello = be.AppendUint64(hello, optsMagic)
-	hello = be.AppendUint16(hello, flagFixedNewstyle|flagNoZeroes)
+	hello := be.AppendUint64(nil, nbdproto.NBDMagic)
+	hello = be.AppendUint64(hello, nbdproto.OptsMagic)
+	hello = be.AppendUint16(hello, nbdproto.HandshakeFixedNewstyle|nbdproto.HandshakeNoZeroes)
 	if _, err := n.conn.Write(hello); err != nil {
 		return nil, err
 	}
@@ -54,10 +58,10 @@ func (n *negotiation) run() (*session, error) {
 		return nil, err
 	}
 	flags := be.Uint32(cf[:])
-	if flags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
+	if flags&^(nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes) != 0 {
 		return nil, fmt.Errorf("unknown client flags %#x", flags)
 	}
-	n.noZeroes = flags&clientFlagNoZeroes != 0
+	n.noZeroes = flags&nbdproto.ClientNoZeroes != 0
 	for {
 		sess, err := n.option()
 		if err != nil || sess != nil {
@@ -72,68 +76,68 @@ func (n *negotiation) run() (*session, error) {
 // option reads and answers one option. It returns a session when the
 // option entered the transmission phase.
 func (n *negotiation) option() (*session, error) {
-	var hb [optHeaderLen]byte
+	var hb [nbdproto.OptHeaderLen]byte
 	if _, err := io.ReadFull(n.r, hb[:]); err != nil {
 		return nil, err
 	}
-	h, err := decodeOptHeader(hb[:])
+	h, err := nbdproto.DecodeOptHeader(hb[:])
 	if err != nil {
 		return nil, err
 	}
-	n.opt, n.data = h.opt, nil
-	if h.length > maxOptionLen {
-		if h.length > maxOptionDiscard || h.opt == OptExportName {
-			return nil, fmt.Errorf("%v: %d bytes of option data", h.opt, h.length)
+	n.opt, n.data = h.Opt, nil
+	if h.Length > maxOptionLen {
+		if h.Length > maxOptionDiscard || h.Opt == nbdproto.OptExportName {
+			return nil, fmt.Errorf("%v: %d bytes of option data", h.Opt, h.Length)
 		}
-		if _, err := io.CopyN(io.Discard, n.r, int64(h.length)); err != nil {
+		if _, err := io.CopyN(io.Discard, n.r, int64(h.Length)); err != nil {
 			return nil, err
 		}
-		return nil, n.replyErr(RepErrTooBig, "option data too long")
+		return nil, n.replyErr(nbdproto.RepErrTooBig, "option data too long")
 	}
-	n.data = make([]byte, h.length)
+	n.data = make([]byte, h.Length)
 	if _, err := io.ReadFull(n.r, n.data); err != nil {
 		return nil, err
 	}
 	if n.srv.cfg.TLSRequired && !n.tls {
-		switch h.opt {
-		case OptStartTLS, OptAbort:
-		case OptExportName:
+		switch h.Opt {
+		case nbdproto.OptStartTLS, nbdproto.OptAbort:
+		case nbdproto.OptExportName:
 			return nil, errors.New("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")
 		default:
-			return nil, n.replyErr(RepErrTLSReqd, "TLS is required")
+			return nil, n.replyErr(nbdproto.RepErrTLSReqd, "TLS is required")
 		}
 	}
-	switch h.opt {
-	case OptExportName:
+	switch h.Opt {
+	case nbdproto.OptExportName:
 		return n.optExportName()
-	case OptAbort:
-		n.reply(RepAck, nil)
+	case nbdproto.OptAbort:
+		n.reply(nbdproto.RepAck, nil)
 		return nil, errAborted
-	case OptList:
+	case nbdproto.OptList:
 		return nil, n.optList()
-	case OptStartTLS:
+	case nbdproto.OptStartTLS:
 		return nil, n.optStartTLS()
-	case OptInfo, OptGo:
+	case nbdproto.OptInfo, nbdproto.OptGo:
 		return n.optInfo()
-	case OptStructuredReply:
+	case nbdproto.OptStructuredReply:
 		return nil, n.optStructuredReply()
-	case OptExtendedHeaders:
+	case nbdproto.OptExtendedHeaders:
 		return nil, n.optExtendedHeaders()
-	case OptListMetaContext, OptSetMetaContext:
+	case nbdproto.OptListMetaContext, nbdproto.OptSetMetaContext:
 		return nil, n.optMetaContext()
 	}
-	return nil, n.replyErr(RepErrUnsup, "unsupported option "+h.opt.String())
+	return nil, n.replyErr(nbdproto.RepErrUnsup, "unsupported option "+h.Opt.String())
 }
 
 // reply sends one option reply.
-func (n *negotiation) reply(typ Reply, data []byte) error {
-	b := optReply{opt: n.opt, typ: typ, length: uint32(len(data))}.append(make([]byte, 0, optReplyHeaderLen+len(data)))
+func (n *negotiation) reply(typ nbdproto.Reply, data []byte) error {
+	b := nbdproto.OptReply{Opt: n.opt, Type: typ, Length: uint32(len(data))}.Append(make([]byte, 0, nbdproto.OptReplyHeaderLen+len(data)))
 	_, err := n.conn.Write(append(b, data...))
 	return err
 }
 
 // replyErr sends an error reply with a message for humans.
-func (n *negotiation) replyErr(typ Reply, msg string) error {
+func (n *negotiation) replyErr(typ nbdproto.Reply, msg string) error {
 	return n.reply(typ, []byte(msg))
 }
 
@@ -148,7 +152,7 @@ func (n *negotiation) optExportName() (*session, error) {
 	n.dropContextsUnless(exp)
 	flags := transmissionFlags(exp, n.mode, len(n.contexts) > 0)
 	b := be.AppendUint64(nil, uint64(exp.Image.Size()))
-	b = be.AppendUint16(b, flags)
+	b = be.AppendUint16(b, uint16(flags))
 	if !n.noZeroes {
 		b = append(b, make([]byte, 124)...)
 	}
@@ -161,16 +165,16 @@ func (n *negotiation) optExportName() (*session, error) {
 // optList answers NBD_OPT_LIST with every export.
 func (n *negotiation) optList() error {
 	if len(n.data) != 0 {
-		return n.replyErr(RepErrInvalid, "NBD_OPT_LIST takes no data")
+		return n.replyErr(nbdproto.RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, e := range n.srv.cfg.Exports {
-		b := appendString(nil, e.Name)
+		b := nbdproto.AppendString(nil, e.Name)
 		b = append(b, e.Description...)
-		if err := n.reply(RepServer, b); err != nil {
+		if err := n.reply(nbdproto.RepServer, b); err != nil {
 			return err
 		}
 	}
-	return n.reply(RepAck, nil)
+	return n.reply(nbdproto.RepAck, nil)
 }
 
 // optStartTLS upgrades the connection. All negotiated state is reset, as
@@ -178,16 +182,16 @@ func (n *negotiation) optList() error {
 func (n *negotiation) optStartTLS() error {
 	switch {
 	case len(n.data) != 0:
-		return n.replyErr(RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
+		return n.replyErr(nbdproto.RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
 	case n.srv.cfg.TLS == nil && n.srv.cfg.PSK == nil:
-		return n.replyErr(RepErrPolicy, "TLS not configured")
+		return n.replyErr(nbdproto.RepErrPolicy, "TLS not configured")
 	case n.tls:
-		return n.replyErr(RepErrInvalid, "TLS already negotiated")
+		return n.replyErr(nbdproto.RepErrInvalid, "TLS already negotiated")
 	}
 	if n.r.Buffered() != 0 {
 		return errors.New("NBD_OPT_STARTTLS: client sent data before the TLS handshake")
 	}
-	if err := n.reply(RepAck, nil); err != nil {
+	if err := n.reply(nbdproto.RepAck, nil); err != nil {
 		return err
 	}
 	var tc net.Conn
@@ -205,32 +209,32 @@ func (n *negotiation) optStartTLS() error {
 	}
 	n.conn, n.tls = tc, true
 	n.r = bufio.NewReaderSize(tc, 4096)
-	n.mode, n.contexts, n.ctxFor = modeSimple, nil, nil
+	n.mode, n.contexts, n.ctxFor = nbdproto.ModeSimple, nil, nil
 	return nil
 }
 
 // optInfo answers NBD_OPT_INFO and NBD_OPT_GO.
 func (n *negotiation) optInfo() (*session, error) {
-	req, err := decodeInfoRequest(n.data)
+	req, err := nbdproto.DecodeInfoRequest(n.data)
 	if err != nil {
-		return nil, n.replyErr(RepErrInvalid, err.Error())
+		return nil, n.replyErr(nbdproto.RepErrInvalid, err.Error())
 	}
-	exp := n.srv.export(req.export)
+	exp := n.srv.export(req.Export)
 	if exp == nil {
-		return nil, n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.export))
+		return nil, n.replyErr(nbdproto.RepErrUnknown, fmt.Sprintf("export %q not available", req.Export))
 	}
 	payload := len(n.contexts) > 0 && n.ctxFor == exp
-	if n.opt == OptInfo {
+	if n.opt == nbdproto.OptInfo {
 		payload = true // QEMU advertises it on INFO once extended headers are on
 	}
 	flags := transmissionFlags(exp, n.mode, payload)
 	if err := n.sendInfos(exp, req, flags); err != nil {
 		return nil, err
 	}
-	if err := n.reply(RepAck, nil); err != nil {
+	if err := n.reply(nbdproto.RepAck, nil); err != nil {
 		return nil, err
 	}
-	if n.opt == OptInfo {
+	if n.opt == nbdproto.OptInfo {
 		return nil, nil
 	}
 	n.dropContextsUnless(exp)
@@ -239,49 +243,49 @@ func (n *negotiation) optInfo() (*session, error) {
 
 // sendInfos sends NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE and the requested
 // name and description.
-func (n *negotiation) sendInfos(exp *Export, req infoRequest, flags uint16) error {
-	b := be.AppendUint16(nil, infoExport)
+func (n *negotiation) sendInfos(exp *Export, req nbdproto.InfoRequest, flags nbdproto.Flags) error {
+	b := be.AppendUint16(nil, uint16(nbdproto.InfoExport))
 	b = be.AppendUint64(b, uint64(exp.Image.Size()))
-	b = be.AppendUint16(b, flags)
-	if err := n.reply(RepInfo, b); err != nil {
+	b = be.AppendUint16(b, uint16(flags))
+	if err := n.reply(nbdproto.RepInfo, b); err != nil {
 		return err
 	}
-	for _, t := range req.infos {
+	for _, t := range req.Infos {
 		var b []byte
 		switch t {
-		case infoName:
-			b = append(be.AppendUint16(nil, infoName), exp.Name...)
-		case infoDescription:
+		case nbdproto.InfoName:
+			b = append(be.AppendUint16(nil, uint16(nbdproto.InfoName)), exp.Name...)
+		case nbdproto.InfoDescription:
 			if exp.Description == "" {
 				continue
 			}
-			b = append(be.AppendUint16(nil, infoDescription), exp.Description...)
+			b = append(be.AppendUint16(nil, uint16(nbdproto.InfoDescription)), exp.Description...)
 		default:
 			continue
 		}
-		if err := n.reply(RepInfo, b); err != nil {
+		if err := n.reply(nbdproto.RepInfo, b); err != nil {
 			return err
 		}
 	}
-	b = be.AppendUint16(nil, infoBlockSize)
+	b = be.AppendUint16(nil, uint16(nbdproto.InfoBlockSize))
 	b = be.AppendUint32(b, 1)
 	b = be.AppendUint32(b, 4096)
 	b = be.AppendUint32(b, uint32(n.srv.cfg.MaxRequest))
-	return n.reply(RepInfo, b)
+	return n.reply(nbdproto.RepInfo, b)
 }
 
 // optStructuredReply answers NBD_OPT_STRUCTURED_REPLY.
 func (n *negotiation) optStructuredReply() error {
 	switch {
 	case len(n.data) != 0:
-		return n.replyErr(RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
-	case n.mode == modeExtended:
-		return n.replyErr(RepErrExtHeaderReqd, "extended headers already negotiated")
-	case n.mode == modeStructured:
-		return n.replyErr(RepErrInvalid, "structured replies already negotiated")
+		return n.replyErr(nbdproto.RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+	case n.mode == nbdproto.ModeExtended:
+		return n.replyErr(nbdproto.RepErrExtHeaderReqd, "extended headers already negotiated")
+	case n.mode == nbdproto.ModeStructured:
+		return n.replyErr(nbdproto.RepErrInvalid, "structured replies already negotiated")
 	}
-	n.mode = modeStructured
-	return n.reply(RepAck, nil)
+	n.mode = nbdproto.ModeStructured
+	return n.reply(nbdproto.RepAck, nil)
 }
 
 // optExtendedHeaders answers NBD_OPT_EXTENDED_HEADERS. Extended headers
@@ -289,54 +293,54 @@ func (n *negotiation) optStructuredReply() error {
 func (n *negotiation) optExtendedHeaders() error {
 	switch {
 	case len(n.data) != 0:
-		return n.replyErr(RepErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
-	case n.mode == modeExtended:
-		return n.replyErr(RepErrInvalid, "extended headers already negotiated")
+		return n.replyErr(nbdproto.RepErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
+	case n.mode == nbdproto.ModeExtended:
+		return n.replyErr(nbdproto.RepErrInvalid, "extended headers already negotiated")
 	}
-	n.mode = modeExtended
-	return n.reply(RepAck, nil)
+	n.mode = nbdproto.ModeExtended
+	return n.reply(nbdproto.RepAck, nil)
 }
 
 // optMetaContext answers NBD_OPT_LIST_META_CONTEXT and
 // NBD_OPT_SET_META_CONTEXT.
 func (n *negotiation) optMetaContext() error {
-	if n.opt == OptSetMetaContext {
+	if n.opt == nbdproto.OptSetMetaContext {
 		n.contexts, n.ctxFor = nil, nil
 	}
-	if n.mode < modeStructured {
-		return n.replyErr(RepErrInvalid, "structured replies must be negotiated first")
+	if n.mode < nbdproto.ModeStructured {
+		return n.replyErr(nbdproto.RepErrInvalid, "structured replies must be negotiated first")
 	}
-	req, err := decodeMetaContextRequest(n.data)
+	req, err := nbdproto.DecodeMetaContextRequest(n.data)
 	if err != nil {
-		if errors.Is(err, errTooLong) {
-			return n.replyErr(RepErrTooBig, err.Error())
+		if errors.Is(err, nbdproto.ErrTooLong) {
+			return n.replyErr(nbdproto.RepErrTooBig, err.Error())
 		}
-		return n.replyErr(RepErrInvalid, err.Error())
+		return n.replyErr(nbdproto.RepErrInvalid, err.Error())
 	}
-	exp := n.srv.export(req.export)
+	exp := n.srv.export(req.Export)
 	if exp == nil {
-		return n.replyErr(RepErrUnknown, fmt.Sprintf("export %q not available", req.export))
+		return n.replyErr(nbdproto.RepErrUnknown, fmt.Sprintf("export %q not available", req.Export))
 	}
 	names := metactx.Names(exp.Image)
 	var chosen []string
-	if n.opt == OptListMetaContext {
-		chosen = listContexts(names, req.queries)
+	if n.opt == nbdproto.OptListMetaContext {
+		chosen = listContexts(names, req.Queries)
 	} else {
-		chosen = setContexts(names, req.queries)
+		chosen = setContexts(names, req.Queries)
 	}
 	for i, name := range chosen {
 		id := uint32(0) // ids of LIST replies mean nothing
-		if n.opt == OptSetMetaContext {
+		if n.opt == nbdproto.OptSetMetaContext {
 			id = uint32(i)
 		}
-		if err := n.reply(RepMetaContext, append(be.AppendUint32(nil, id), name...)); err != nil {
+		if err := n.reply(nbdproto.RepMetaContext, append(be.AppendUint32(nil, id), name...)); err != nil {
 			return err
 		}
 	}
-	if n.opt == OptSetMetaContext {
+	if n.opt == nbdproto.OptSetMetaContext {
 		n.contexts, n.ctxFor = chosen, exp
 	}
-	return n.reply(RepAck, nil)
+	return n.reply(nbdproto.RepAck, nil)
 }
 
 // listContexts answers LIST queries: none lists all; "base:", "qemu:" and
@@ -396,7 +400,7 @@ func (n *negotiation) dropContextsUnless(exp *Export) {
 
 // session builds the transmission session after a successful GO or
 // EXPORT_NAME.
-func (n *negotiation) session(exp *Export, flags uint16) *session {
+func (n *negotiation) session(exp *Export, flags nbdproto.Flags) *session {
 	return &session{
 		srv:      n.srv,
 		conn:     n.conn,

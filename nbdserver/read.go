@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -90,26 +91,26 @@ const minHole = 4096
 // plain data clusters are sent straight from the host file with
 // sendfile; the rest is read through the engine before anything is sent.
 func (s *session) cmdRead(req *request) reply {
-	if req.length > uint64(s.srv.cfg.MaxRequest) {
-		return s.errReply(req, EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.length, s.srv.cfg.MaxRequest))
+	if req.Length > uint64(s.srv.cfg.MaxRequest) {
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("read of %d bytes exceeds the maximum %d", req.Length, s.srv.cfg.MaxRequest))
 	}
-	if !s.inBounds(req.offset, req.length) {
-		return s.errReply(req, EINVAL, "read beyond the end of the export")
+	if !s.inBounds(req.Offset, req.Length) {
+		return s.errReply(req, nbdproto.EINVAL, "read beyond the end of the export")
 	}
-	if req.length == 0 {
-		if s.mode == modeSimple {
+	if req.Length == 0 {
+		if s.mode == nbdproto.ModeSimple {
 			return s.okReply(req)
 		}
-		return bytesReply(appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0))
+		return bytesReply(nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeNone, req.Cookie, req.Offset, 0))
 	}
-	holes := s.mode != modeSimple && req.flags&CmdFlagDF == 0
-	segs := s.readSegments(int64(req.offset), int64(req.length), holes)
+	holes := s.mode != nbdproto.ModeSimple && req.Flags&nbdproto.CmdFlagDF == 0
+	segs := s.readSegments(int64(req.Offset), int64(req.Length), holes)
 	var parts reply
 	var err error
 	stream := false
 	if s.exp.Writable || s.exp.Image.Writable() {
-		req.mem += s.mem.acquire(int64(req.length))
-		segs, parts, err = s.readSnapshot(segs, int64(req.offset), int64(req.length))
+		req.mem += s.mem.acquire(int64(req.Length))
+		segs, parts, err = s.readSnapshot(segs, int64(req.Offset), int64(req.Length))
 	} else {
 		var engine int64
 		for _, sg := range segs {
@@ -123,14 +124,14 @@ func (s *session) cmdRead(req *request) reply {
 		parts, err = s.readParts(segs, stream)
 	}
 	if err != nil {
-		return s.errReply(req, EIO, err.Error())
+		return s.errReply(req, nbdproto.EIO, err.Error())
 	}
-	if s.mode == modeSimple {
-		return append(bytesReply(appendSimpleReply(nil, 0, req.cookie)), parts...)
+	if s.mode == nbdproto.ModeSimple {
+		return append(bytesReply(nbdproto.AppendSimpleReply(nil, 0, req.Cookie)), parts...)
 	}
 	if !holes {
-		h := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeOffsetData, req.cookie, req.offset, offsetDataHdrLen+req.length)
-		return append(bytesReply(be.AppendUint64(h, req.offset)), parts...)
+		h := nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeOffsetData, req.Cookie, req.Offset, nbdproto.OffsetDataHdrLen+req.Length)
+		return append(bytesReply(be.AppendUint64(h, req.Offset)), parts...)
 	}
 	var tail reply // the pooled buffer's holder, sent (as nothing) last
 	if len(parts) > len(segs) {
@@ -141,21 +142,21 @@ func (s *session) cmdRead(req *request) reply {
 		var flags uint16
 		last := i == len(segs)-1
 		if last {
-			flags = replyFlagDone
+			flags = nbdproto.ReplyFlagDone
 		}
 		if sg.kind == segZero {
-			b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetHole, req.cookie, req.offset, offsetHoleLen)
+			b := nbdproto.AppendChunkHeader(nil, s.mode, flags, nbdproto.ReplyTypeOffsetHole, req.Cookie, req.Offset, nbdproto.OffsetHoleLen)
 			b = be.AppendUint64(b, uint64(sg.off))
 			out = append(out, replyPart{b: be.AppendUint32(b, uint32(sg.length))})
 			continue
 		}
 		if parts[i].image {
 			p := parts[i]
-			p.chunk = &chunkInfo{cookie: req.cookie, reqOff: req.offset, last: last}
+			p.chunk = &chunkInfo{cookie: req.Cookie, reqOff: req.Offset, last: last}
 			out = append(out, p)
 			continue
 		}
-		b := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, req.cookie, req.offset, uint64(offsetDataHdrLen+sg.length))
+		b := nbdproto.AppendChunkHeader(nil, s.mode, flags, nbdproto.ReplyTypeOffsetData, req.Cookie, req.Offset, uint64(nbdproto.OffsetDataHdrLen+sg.length))
 		out = append(out, replyPart{b: be.AppendUint64(b, uint64(sg.off))}, parts[i])
 	}
 	return append(out, tail...)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/internal/gnutlspsk"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -367,18 +368,18 @@ func (s *Server) export(name string) *Export {
 
 // transmissionFlags returns the flags advertised for exp in mode. payload
 // says whether NBD_FLAG_BLOCK_STATUS_PAYLOAD may be set.
-func transmissionFlags(exp *Export, mode replyMode, payload bool) uint16 {
-	f := uint16(FlagHasFlags | FlagSendFlush | FlagCanMultiConn | FlagSendCache)
+func transmissionFlags(exp *Export, mode nbdproto.ReplyMode, payload bool) nbdproto.Flags {
+	f := nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn | nbdproto.FlagSendCache
 	if exp.Writable {
-		f |= FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
+		f |= nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagSendFastZero
 	} else {
-		f |= FlagReadOnly
+		f |= nbdproto.FlagReadOnly
 	}
-	if mode >= modeStructured {
-		f |= FlagSendDF
+	if mode >= nbdproto.ModeStructured {
+		f |= nbdproto.FlagSendDF
 	}
-	if mode == modeExtended && payload {
-		f |= FlagBlockStatusPayload
+	if mode == nbdproto.ModeExtended && payload {
+		f |= nbdproto.FlagBlockStatusPayload
 	}
 	return f
 }

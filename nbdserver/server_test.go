@@ -4,27 +4,27 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
-	"path/filepath"
 	"slices"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
 var modes = []struct {
 	name string
-	opts ClientOptions
-	want replyMode
+	opts nbdclient.Options
+	want nbdproto.ReplyMode
 }{
-	{"simple", ClientOptions{}, modeSimple},
-	{"structured", ClientOptions{StructuredReplies: true}, modeStructured},
-	{"extended", ClientOptions{ExtendedHeaders: true}, modeExtended},
+	{"simple", nbdclient.Options{}, nbdproto.ModeSimple},
+	{"structured", nbdclient.Options{StructuredReplies: true}, nbdproto.ModeStructured},
+	{"extended", nbdclient.Options{ExtendedHeaders: true}, nbdproto.ModeExtended},
 }
 
 // TestClientServer reads the whole export and maps every context through
@@ -40,21 +40,21 @@ func TestClientServer(t *testing.T) {
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
 			opts := m.opts
-			if m.want != modeSimple {
+			if m.want != nbdproto.ModeSimple {
 				opts.MetaContexts = names
 			}
-			c, err := Dial(context.Background(), uri, opts)
+			c, err := nbdclient.Dial(context.Background(), uri, opts)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			if c.mode != m.want {
-				t.Fatalf("mode %v, want %v", c.mode, m.want)
+			if c.Mode() != m.want {
+				t.Fatalf("mode %v, want %v", c.Mode(), m.want)
 			}
 			if c.Size() != img.Size() {
 				t.Fatalf("size %d, want %d", c.Size(), img.Size())
 			}
-			if f := c.TransmissionFlags(); f&FlagReadOnly == 0 || f&FlagCanMultiConn == 0 {
+			if f := c.TransmissionFlags(); f&nbdproto.FlagReadOnly == 0 || f&nbdproto.FlagCanMultiConn == 0 {
 				t.Errorf("flags %#x lack READ_ONLY or CAN_MULTI_CONN", f)
 			}
 			got := make([]byte, img.Size())
@@ -64,7 +64,7 @@ func TestClientServer(t *testing.T) {
 			if !bytes.Equal(got, want) {
 				t.Fatal("export content differs from the engine's")
 			}
-			if m.want == modeSimple {
+			if m.want == nbdproto.ModeSimple {
 				return
 			}
 			for _, name := range names {
@@ -90,26 +90,26 @@ func TestReadHoles(t *testing.T) {
 	img, _ := chainImage(t)
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
 	rc := dialRaw(t, uri)
-	rc.final(OptStructuredReply, nil)
+	rc.final(nbdproto.OptStructuredReply, nil)
 	rc.goExport()
 	for _, tc := range []struct {
-		flags     uint16
+		flags     nbdproto.CmdFlags
 		wantHoles bool
-	}{{0, true}, {CmdFlagDF, false}} {
-		rc.write(request{typ: CmdRead, flags: tc.flags, cookie: 7, offset: 0, length: 4 << 20}.append(nil, false))
+	}{{0, true}, {nbdproto.CmdFlagDF, false}} {
+		rc.write(nbdproto.Request{Type: nbdproto.CmdRead, Flags: tc.flags, Cookie: 7, Offset: 0, Length: 4 << 20}.Append(nil, false))
 		got := make([]byte, 4<<20)
 		holes := 0
 		for {
 			h, p := rc.reply()
-			switch h.typ {
-			case replyTypeOffsetData:
+			switch h.Type {
+			case nbdproto.ReplyTypeOffsetData:
 				copy(got[be.Uint64(p):], p[8:])
-			case replyTypeOffsetHole:
+			case nbdproto.ReplyTypeOffsetHole:
 				holes++
 			default:
-				t.Fatalf("chunk type %d", h.typ)
+				t.Fatalf("chunk type %d", h.Type)
 			}
-			if h.flags&replyFlagDone != 0 {
+			if h.Flags&nbdproto.ReplyFlagDone != 0 {
 				break
 			}
 		}
@@ -124,117 +124,70 @@ func TestReadHoles(t *testing.T) {
 	}
 }
 
-// TestExtendedWholeExport maps a large sparse export with many extents in
-// one BLOCK_STATUS round trip with extended headers; 32-bit mode needs
-// several, each under 4 GiB.
-func TestExtendedWholeExport(t *testing.T) {
-	needTool(t, "qemu-img", "qemu-io")
-	p := filepath.Join(t.TempDir(), "big.qcow2")
-	run(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "64G")
-	var cmds []string
-	for i := range 64 {
-		cmds = append(cmds, "-c", fmt.Sprintf("write -P 1 %d 64k", int64(i)<<30))
-	}
-	run(t, "qemu-io", append(cmds, p)...)
-	img, err := qcow2.Open(p, qcow2.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { img.Close() }) // after the server stops
-	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
-	for _, tc := range []struct {
-		opts       ClientOptions
-		roundTrips int
-	}{
-		{ClientOptions{ExtendedHeaders: true}, 1},
-		{ClientOptions{StructuredReplies: true}, 32}, // 2 GiB requests
-	} {
-		tc.opts.MetaContexts = []string{metactx.BaseAllocation}
-		c, err := Dial(context.Background(), uri, tc.opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		trips, extents := 0, 0
-		for off := int64(0); off < c.Size(); trips++ {
-			c.mu.Lock()
-			n, err := c.blockStatus(0, off, c.Size()-off, func(_, _ int64, _ uint32) error { extents++; return nil })
-			c.mu.Unlock()
-			if err != nil {
-				t.Fatal(err)
-			}
-			off += n
-		}
-		c.Close()
-		if trips != tc.roundTrips || extents != 128 {
-			t.Errorf("mode %v: %d round trips, %d extents; want %d, 128", c.mode, trips, extents, tc.roundTrips)
-		}
-	}
-}
-
 // TestBlockStatusPayload selects contexts per request with
 // NBD_CMD_FLAG_PAYLOAD_LEN, and checks REQ_ONE and the errors.
 func TestBlockStatusPayload(t *testing.T) {
 	img, _ := chainImage(t)
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
 	rc := dialRaw(t, uri)
-	if got := rc.final(OptExtendedHeaders, nil); got != RepAck {
+	if got := rc.final(nbdproto.OptExtendedHeaders, nil); got != nbdproto.RepAck {
 		t.Fatalf("EXTENDED_HEADERS: %v", got)
 	}
-	set := metaContextRequest{queries: []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation}}.append(nil)
-	if got := rc.final(OptSetMetaContext, set); got != RepAck {
+	set := nbdproto.MetaContextRequest{Queries: []string{metactx.BaseAllocation, metactx.AllocationDepth, metactx.JointAllocation}}.Append(nil)
+	if got := rc.final(nbdproto.OptSetMetaContext, set); got != nbdproto.RepAck {
 		t.Fatalf("SET_META_CONTEXT: %v", got)
 	}
-	r, p := rc.option(OptGo, infoRequest{}.append(nil))
-	var flags uint16
+	r, p := rc.option(nbdproto.OptGo, nbdproto.InfoRequest{}.Append(nil))
+	var flags nbdproto.Flags
 	for i, h := range r {
-		if h.typ == RepInfo && be.Uint16(p[i]) == infoExport {
-			flags = be.Uint16(p[i][10:])
+		if h.Type == nbdproto.RepInfo && nbdproto.Info(be.Uint16(p[i])) == nbdproto.InfoExport {
+			flags = nbdproto.Flags(be.Uint16(p[i][10:]))
 		}
 	}
-	if flags&FlagBlockStatusPayload == 0 {
+	if flags&nbdproto.FlagBlockStatusPayload == 0 {
 		t.Fatalf("flags %#x lack NBD_FLAG_BLOCK_STATUS_PAYLOAD", flags)
 	}
 	size := uint64(img.Size())
 	tests := []struct {
 		name    string
-		flags   uint16
+		flags   nbdproto.CmdFlags
 		payload []byte
 		wantIDs []uint32 // chunks expected, in order
 		wantOne bool
-		errno   Errno
+		errno   nbdproto.Errno
 	}{
 		{"all", 0, nil, []uint32{0, 1, 2}, false, 0},
-		{"one id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{1}}.append(nil), []uint32{1}, false, 0},
-		{"two ids", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 0}}.append(nil), []uint32{2, 0}, false, 0},
-		{"dup id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{2, 2}}.append(nil), nil, false, EINVAL},
-		{"too many ids", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 1, 2, 0}}.append(nil), nil, false, EINVAL},
-		{"short payload", CmdFlagPayloadLen, []byte{0, 0, 0, 1}, nil, false, EINVAL},
-		{"req one", CmdFlagPayloadLen | CmdFlagReqOne, blockStatusPayload{size, []uint32{0}}.append(nil), []uint32{0}, true, 0},
-		{"unknown id", CmdFlagPayloadLen, blockStatusPayload{size, []uint32{0, 9}}.append(nil), nil, false, EINVAL},
-		{"no ids", CmdFlagPayloadLen, blockStatusPayload{size, nil}.append(nil), nil, false, EINVAL},
-		{"odd payload", CmdFlagPayloadLen, []byte{0, 0, 0, 0, 0, 0, 1, 0, 0}, nil, false, EINVAL},
-		{"beyond end", CmdFlagPayloadLen, blockStatusPayload{size + 1, []uint32{0}}.append(nil), nil, false, EINVAL},
+		{"one id", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size, IDs: []uint32{1}}.Append(nil), []uint32{1}, false, 0},
+		{"two ids", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size, IDs: []uint32{2, 0}}.Append(nil), []uint32{2, 0}, false, 0},
+		{"dup id", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size, IDs: []uint32{2, 2}}.Append(nil), nil, false, nbdproto.EINVAL},
+		{"too many ids", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size, IDs: []uint32{0, 1, 2, 0}}.Append(nil), nil, false, nbdproto.EINVAL},
+		{"short payload", nbdproto.CmdFlagPayloadLen, []byte{0, 0, 0, 1}, nil, false, nbdproto.EINVAL},
+		{"req one", nbdproto.CmdFlagPayloadLen | nbdproto.CmdFlagReqOne, nbdproto.BlockStatusPayload{Length: size, IDs: []uint32{0}}.Append(nil), []uint32{0}, true, 0},
+		{"unknown id", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size, IDs: []uint32{0, 9}}.Append(nil), nil, false, nbdproto.EINVAL},
+		{"no ids", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size, IDs: nil}.Append(nil), nil, false, nbdproto.EINVAL},
+		{"odd payload", nbdproto.CmdFlagPayloadLen, []byte{0, 0, 0, 0, 0, 0, 1, 0, 0}, nil, false, nbdproto.EINVAL},
+		{"beyond end", nbdproto.CmdFlagPayloadLen, nbdproto.BlockStatusPayload{Length: size + 1, IDs: []uint32{0}}.Append(nil), nil, false, nbdproto.EINVAL},
 	}
 	for i, tc := range tests {
-		req := request{typ: CmdBlockStatus, flags: tc.flags, cookie: uint64(i), length: size}
+		req := nbdproto.Request{Type: nbdproto.CmdBlockStatus, Flags: tc.flags, Cookie: uint64(i), Length: size}
 		if tc.payload != nil {
-			req.length = uint64(len(tc.payload))
+			req.Length = uint64(len(tc.payload))
 		}
-		rc.write(append(req.append(nil, true), tc.payload...))
+		rc.write(append(req.Append(nil, true), tc.payload...))
 		var ids []uint32
 		for {
 			h, p := rc.reply()
-			if h.cookie != uint64(i) {
-				t.Fatalf("%s: cookie %d", tc.name, h.cookie)
+			if h.Cookie != uint64(i) {
+				t.Fatalf("%s: cookie %d", tc.name, h.Cookie)
 			}
-			switch h.typ {
-			case replyTypeError:
-				errno, _, _ := decodeErrorPayload(p)
+			switch h.Type {
+			case nbdproto.ReplyTypeError:
+				errno, _, _ := nbdproto.DecodeErrorPayload(p)
 				if errno != tc.errno {
 					t.Errorf("%s: error %v, want %v", tc.name, errno, tc.errno)
 				}
-			case replyTypeBlockStatusExt:
-				id, es, err := decodeBlockStatus(p, true)
+			case nbdproto.ReplyTypeBlockStatusExt:
+				id, es, err := nbdproto.DecodeBlockStatus(p, true)
 				if err != nil {
 					t.Fatalf("%s: %v", tc.name, err)
 				}
@@ -243,9 +196,9 @@ func TestBlockStatusPayload(t *testing.T) {
 					t.Errorf("%s: %d extents with REQ_ONE", tc.name, len(es))
 				}
 			default:
-				t.Fatalf("%s: chunk type %d", tc.name, h.typ)
+				t.Fatalf("%s: chunk type %d", tc.name, h.Type)
 			}
-			if h.flags&replyFlagDone != 0 {
+			if h.Flags&nbdproto.ReplyFlagDone != 0 {
 				break
 			}
 		}
@@ -264,37 +217,37 @@ func TestCommandErrors(t *testing.T) {
 		t.Run(m.name, func(t *testing.T) {
 			rc := dialRaw(t, uri)
 			switch m.want {
-			case modeStructured:
-				rc.final(OptStructuredReply, nil)
-			case modeExtended:
-				rc.final(OptExtendedHeaders, nil)
+			case nbdproto.ModeStructured:
+				rc.final(nbdproto.OptStructuredReply, nil)
+			case nbdproto.ModeExtended:
+				rc.final(nbdproto.OptExtendedHeaders, nil)
 			}
 			rc.goExport()
-			ext := m.want == modeExtended
+			ext := m.want == nbdproto.ModeExtended
 			tests := []struct {
-				req     request
+				req     nbdproto.Request
 				payload []byte
-				errno   Errno
+				errno   nbdproto.Errno
 			}{
-				{request{typ: CmdWrite, length: 512}, make([]byte, 512), EPERM},
-				{request{typ: CmdTrim, length: 512}, nil, EPERM},
-				{request{typ: CmdWriteZeroes, length: 512}, nil, EPERM},
-				{request{typ: CmdRead, offset: 1 << 20, length: 1}, nil, EINVAL},
-				{request{typ: CmdRead, length: 64 << 20}, nil, EINVAL},
-				{request{typ: CmdRead, flags: CmdFlagFUA, length: 1}, nil, EINVAL},
-				{request{typ: CmdCache, offset: 1<<20 - 1, length: 2}, nil, EINVAL},
-				{request{typ: CmdBlockStatus, length: 512}, nil, EINVAL}, // no contexts
-				{request{typ: 42}, nil, EINVAL},
-				{request{typ: CmdFlush}, nil, 0},
-				{request{typ: CmdCache, length: 4096}, nil, 0},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Length: 512}, make([]byte, 512), nbdproto.EPERM},
+				{nbdproto.Request{Type: nbdproto.CmdTrim, Length: 512}, nil, nbdproto.EPERM},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Length: 512}, nil, nbdproto.EPERM},
+				{nbdproto.Request{Type: nbdproto.CmdRead, Offset: 1 << 20, Length: 1}, nil, nbdproto.EINVAL},
+				{nbdproto.Request{Type: nbdproto.CmdRead, Length: 64 << 20}, nil, nbdproto.EINVAL},
+				{nbdproto.Request{Type: nbdproto.CmdRead, Flags: nbdproto.CmdFlagFUA, Length: 1}, nil, nbdproto.EINVAL},
+				{nbdproto.Request{Type: nbdproto.CmdCache, Offset: 1<<20 - 1, Length: 2}, nil, nbdproto.EINVAL},
+				{nbdproto.Request{Type: nbdproto.CmdBlockStatus, Length: 512}, nil, nbdproto.EINVAL}, // no contexts
+				{nbdproto.Request{Type: 42}, nil, nbdproto.EINVAL},
+				{nbdproto.Request{Type: nbdproto.CmdFlush}, nil, 0},
+				{nbdproto.Request{Type: nbdproto.CmdCache, Length: 4096}, nil, 0},
 			}
 			for i, tc := range tests {
-				tc.req.cookie = uint64(100 + i)
-				rc.write(append(tc.req.append(nil, ext), tc.payload...))
+				tc.req.Cookie = uint64(100 + i)
+				rc.write(append(tc.req.Append(nil, ext), tc.payload...))
 				h, p := rc.reply()
-				errno := replyErrno(t, tc.req.typ, h, p)
-				if h.cookie != tc.req.cookie || errno != tc.errno {
-					t.Errorf("%v: cookie %d errno %v, want %d %v", tc.req.typ, h.cookie, errno, tc.req.cookie, tc.errno)
+				errno := replyErrno(t, tc.req.Type, h, p)
+				if h.Cookie != tc.req.Cookie || errno != tc.errno {
+					t.Errorf("%v: cookie %d errno %v, want %d %v", tc.req.Type, h.Cookie, errno, tc.req.Cookie, tc.errno)
 				}
 			}
 		})
@@ -305,55 +258,55 @@ func TestCommandErrors(t *testing.T) {
 func TestNegotiation(t *testing.T) {
 	img, _ := chainImage(t)
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Description: "first", Image: img}, {Name: "b", Image: img}}})
-	list := func(q ...string) []byte { return metaContextRequest{export: "a", queries: q}.append(nil) }
+	list := func(q ...string) []byte { return nbdproto.MetaContextRequest{Export: "a", Queries: q}.Append(nil) }
 	type step struct {
-		opt  Option
+		opt  nbdproto.Option
 		data []byte
-		want Reply
+		want nbdproto.Reply
 		ctxs []string // META_CONTEXT names expected before the ACK
 	}
 	tests := []struct {
 		name  string
 		steps []step
 	}{
-		{"unknown option", []step{{Option(99), []byte("xyz"), RepErrUnsup, nil}}},
-		{"peek export", []step{{OptPeekExport, nil, RepErrUnsup, nil}}},
-		{"structured twice", []step{{OptStructuredReply, nil, RepAck, nil}, {OptStructuredReply, nil, RepErrInvalid, nil}}},
-		{"structured after extended", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptStructuredReply, nil, RepErrExtHeaderReqd, nil}}},
-		{"extended twice", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptExtendedHeaders, nil, RepErrInvalid, nil}}},
-		{"extended after structured", []step{{OptStructuredReply, nil, RepAck, nil}, {OptExtendedHeaders, nil, RepAck, nil}}},
-		{"structured with data", []step{{OptStructuredReply, []byte{1}, RepErrInvalid, nil}}},
-		{"meta context before structured", []step{{OptSetMetaContext, list(metactx.BaseAllocation), RepErrInvalid, nil}}},
-		{"list all", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list(), RepAck, metactx.Names(img)}}},
-		{"list qemu:", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("qemu:"), RepAck, metactx.Names(img)[1:]}}},
-		{"list bitmaps", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("qemu:dirty-bitmap:"), RepAck, []string{"qemu:dirty-bitmap:b0"}}}},
-		{"list base:", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("base:"), RepAck, []string{metactx.BaseAllocation}}}},
-		{"list unknown", []step{{OptStructuredReply, nil, RepAck, nil}, {OptListMetaContext, list("x:y"), RepAck, nil}}},
-		{"set exact", []step{{OptExtendedHeaders, nil, RepAck, nil}, {OptSetMetaContext, list(metactx.JointAllocation, "qemu:", metactx.JointAllocation, "qemu:dirty-bitmap:b0"), RepAck, []string{metactx.JointAllocation, "qemu:dirty-bitmap:b0"}}}},
-		{"set unknown export", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, metaContextRequest{export: "zz"}.append(nil), RepErrUnknown, nil}}},
-		{"meta context garbage", []step{{OptStructuredReply, nil, RepAck, nil}, {OptSetMetaContext, []byte{0, 0, 0, 9, 1}, RepErrInvalid, nil}}},
-		{"info unknown export", []step{{OptInfo, infoRequest{export: "zz"}.append(nil), RepErrUnknown, nil}}},
-		{"info garbage", []step{{OptInfo, []byte{0, 0, 0, 1, 'a', 0, 3}, RepErrInvalid, nil}}},
-		{"info ok", []step{{OptInfo, infoRequest{export: "b", infos: []uint16{infoName, infoDescription}}.append(nil), RepAck, nil}}},
-		{"list with data", []step{{OptList, []byte{1}, RepErrInvalid, nil}}},
-		{"starttls without creds", []step{{OptStartTLS, nil, RepErrPolicy, nil}}},
-		{"too big", []step{{OptInfo, make([]byte, 100<<10), RepErrTooBig, nil}, {OptInfo, infoRequest{}.append(nil), RepAck, nil}}},
+		{"unknown option", []step{{nbdproto.Option(99), []byte("xyz"), nbdproto.RepErrUnsup, nil}}},
+		{"peek export", []step{{nbdproto.OptPeekExport, nil, nbdproto.RepErrUnsup, nil}}},
+		{"structured twice", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptStructuredReply, nil, nbdproto.RepErrInvalid, nil}}},
+		{"structured after extended", []step{{nbdproto.OptExtendedHeaders, nil, nbdproto.RepAck, nil}, {nbdproto.OptStructuredReply, nil, nbdproto.RepErrExtHeaderReqd, nil}}},
+		{"extended twice", []step{{nbdproto.OptExtendedHeaders, nil, nbdproto.RepAck, nil}, {nbdproto.OptExtendedHeaders, nil, nbdproto.RepErrInvalid, nil}}},
+		{"extended after structured", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptExtendedHeaders, nil, nbdproto.RepAck, nil}}},
+		{"structured with data", []step{{nbdproto.OptStructuredReply, []byte{1}, nbdproto.RepErrInvalid, nil}}},
+		{"meta context before structured", []step{{nbdproto.OptSetMetaContext, list(metactx.BaseAllocation), nbdproto.RepErrInvalid, nil}}},
+		{"list all", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptListMetaContext, list(), nbdproto.RepAck, metactx.Names(img)}}},
+		{"list qemu:", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptListMetaContext, list("qemu:"), nbdproto.RepAck, metactx.Names(img)[1:]}}},
+		{"list bitmaps", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptListMetaContext, list("qemu:dirty-bitmap:"), nbdproto.RepAck, []string{"qemu:dirty-bitmap:b0"}}}},
+		{"list base:", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptListMetaContext, list("base:"), nbdproto.RepAck, []string{metactx.BaseAllocation}}}},
+		{"list unknown", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptListMetaContext, list("x:y"), nbdproto.RepAck, nil}}},
+		{"set exact", []step{{nbdproto.OptExtendedHeaders, nil, nbdproto.RepAck, nil}, {nbdproto.OptSetMetaContext, list(metactx.JointAllocation, "qemu:", metactx.JointAllocation, "qemu:dirty-bitmap:b0"), nbdproto.RepAck, []string{metactx.JointAllocation, "qemu:dirty-bitmap:b0"}}}},
+		{"set unknown export", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptSetMetaContext, nbdproto.MetaContextRequest{Export: "zz"}.Append(nil), nbdproto.RepErrUnknown, nil}}},
+		{"meta context garbage", []step{{nbdproto.OptStructuredReply, nil, nbdproto.RepAck, nil}, {nbdproto.OptSetMetaContext, []byte{0, 0, 0, 9, 1}, nbdproto.RepErrInvalid, nil}}},
+		{"info unknown export", []step{{nbdproto.OptInfo, nbdproto.InfoRequest{Export: "zz"}.Append(nil), nbdproto.RepErrUnknown, nil}}},
+		{"info garbage", []step{{nbdproto.OptInfo, []byte{0, 0, 0, 1, 'a', 0, 3}, nbdproto.RepErrInvalid, nil}}},
+		{"info ok", []step{{nbdproto.OptInfo, nbdproto.InfoRequest{Export: "b", Infos: []nbdproto.Info{nbdproto.InfoName, nbdproto.InfoDescription}}.Append(nil), nbdproto.RepAck, nil}}},
+		{"list with data", []step{{nbdproto.OptList, []byte{1}, nbdproto.RepErrInvalid, nil}}},
+		{"starttls without creds", []step{{nbdproto.OptStartTLS, nil, nbdproto.RepErrPolicy, nil}}},
+		{"too big", []step{{nbdproto.OptInfo, make([]byte, 100<<10), nbdproto.RepErrTooBig, nil}, {nbdproto.OptInfo, nbdproto.InfoRequest{}.Append(nil), nbdproto.RepAck, nil}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			rc := dialRaw(t, uri)
 			for _, s := range tc.steps {
 				r, p := rc.option(s.opt, s.data)
-				if got := r[len(r)-1].typ; got != s.want {
+				if got := r[len(r)-1].Type; got != s.want {
 					t.Fatalf("%v: %v, want %v", s.opt, got, s.want)
 				}
 				var ctxs []string
 				for i, h := range r {
-					if h.typ == RepMetaContext {
+					if h.Type == nbdproto.RepMetaContext {
 						ctxs = append(ctxs, string(p[i][4:]))
 					}
 				}
-				if s.want == RepAck && !slices.Equal(ctxs, s.ctxs) {
+				if s.want == nbdproto.RepAck && !slices.Equal(ctxs, s.ctxs) {
 					t.Errorf("%v: contexts %q, want %q", s.opt, ctxs, s.ctxs)
 				}
 			}
@@ -368,11 +321,11 @@ func TestListAndInfo(t *testing.T) {
 	img := rawImage(t, 1<<20)
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Description: "first", Image: img}, {Name: "b", Image: img}}})
 	rc := dialRaw(t, uri)
-	r, p := rc.option(OptList, nil)
+	r, p := rc.option(nbdproto.OptList, nil)
 	var names []string
 	for i, h := range r {
-		if h.typ == RepServer {
-			n, _, err := cutString(p[i], 4096)
+		if h.Type == nbdproto.RepServer {
+			n, _, err := nbdproto.CutString(p[i], 4096)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -382,14 +335,14 @@ func TestListAndInfo(t *testing.T) {
 	if !slices.Equal(names, []string{"a", "b"}) {
 		t.Errorf("LIST: %q", names)
 	}
-	r, p = rc.option(OptInfo, infoRequest{export: "", infos: []uint16{infoName, infoDescription}}.append(nil))
-	got := map[uint16]string{}
+	r, p = rc.option(nbdproto.OptInfo, nbdproto.InfoRequest{Export: "", Infos: []nbdproto.Info{nbdproto.InfoName, nbdproto.InfoDescription}}.Append(nil))
+	got := map[nbdproto.Info]string{}
 	for i, h := range r {
-		if h.typ == RepInfo {
-			got[be.Uint16(p[i])] = string(p[i][2:])
+		if h.Type == nbdproto.RepInfo {
+			got[nbdproto.Info(be.Uint16(p[i]))] = string(p[i][2:])
 		}
 	}
-	if got[infoName] != "a" || got[infoDescription] != "first" || len(got[infoExport]) != 10 || len(got[infoBlockSize]) != 12 {
+	if got[nbdproto.InfoName] != "a" || got[nbdproto.InfoDescription] != "first" || len(got[nbdproto.InfoExport]) != 10 || len(got[nbdproto.InfoBlockSize]) != 12 {
 		t.Errorf("INFO replies %v", got)
 	}
 }
@@ -399,20 +352,20 @@ func TestExportName(t *testing.T) {
 	img := rawImage(t, 1<<20)
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "a", Image: img}}})
 	rc := dialRaw(t, uri)
-	rc.write(append(optHeader{opt: OptExportName, length: 1}.append(nil), 'a'))
+	rc.write(append(nbdproto.OptHeader{Opt: nbdproto.OptExportName, Length: 1}.Append(nil), 'a'))
 	var b [10]byte
 	rc.read(b[:])
-	if be.Uint64(b[:]) != 1<<20 || be.Uint16(b[8:])&FlagHasFlags == 0 {
+	if be.Uint64(b[:]) != 1<<20 || nbdproto.Flags(be.Uint16(b[8:]))&nbdproto.FlagHasFlags == 0 {
 		t.Fatalf("EXPORT_NAME reply %x", b)
 	}
-	rc.write(request{typ: CmdRead, cookie: 1, length: 16}.append(nil, false))
+	rc.write(nbdproto.Request{Type: nbdproto.CmdRead, Cookie: 1, Length: 16}.Append(nil, false))
 	h, _ := rc.reply()
-	if h.magic != simpleReplyMagic || h.errno != 0 {
+	if h.Magic != nbdproto.SimpleReplyMagic || h.Errno != 0 {
 		t.Fatalf("read reply %+v", h)
 	}
 	// An unknown name closes the connection without a reply.
 	rc = dialRaw(t, uri)
-	rc.write(append(optHeader{opt: OptExportName, length: 1}.append(nil), 'z'))
+	rc.write(append(nbdproto.OptHeader{Opt: nbdproto.OptExportName, Length: 1}.Append(nil), 'z'))
 	if _, err := rc.r.ReadByte(); !errors.Is(err, io.EOF) {
 		t.Fatalf("after unknown EXPORT_NAME: %v", err)
 	}
@@ -424,27 +377,27 @@ func TestPipelined(t *testing.T) {
 	img, _ := chainImage(t)
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, MaxInFlight: 4})
 	rc := dialRaw(t, uri)
-	rc.final(OptStructuredReply, nil)
+	rc.final(nbdproto.OptStructuredReply, nil)
 	rc.goExport()
 	const n = 64
 	go func() {
 		var b []byte
 		for i := range n {
-			b = request{typ: CmdRead, cookie: uint64(i), offset: uint64(i) * 64 << 10, length: 64 << 10, flags: CmdFlagDF}.append(b, false)
+			b = nbdproto.Request{Type: nbdproto.CmdRead, Cookie: uint64(i), Offset: uint64(i) * 64 << 10, Length: 64 << 10, Flags: nbdproto.CmdFlagDF}.Append(b, false)
 		}
 		rc.c.Write(b)
 	}()
 	seen := map[uint64]bool{}
 	for range n {
 		h, p := rc.reply()
-		if seen[h.cookie] || h.typ != replyTypeOffsetData {
-			t.Fatalf("reply %+v (seen %v)", h, seen[h.cookie])
+		if seen[h.Cookie] || h.Type != nbdproto.ReplyTypeOffsetData {
+			t.Fatalf("reply %+v (seen %v)", h, seen[h.Cookie])
 		}
-		seen[h.cookie] = true
+		seen[h.Cookie] = true
 		want := make([]byte, 64<<10)
-		img.ReadAt(want, int64(h.cookie)*64<<10)
+		img.ReadAt(want, int64(h.Cookie)*64<<10)
 		if !bytes.Equal(p[8:], want) {
-			t.Fatalf("cookie %d: wrong data", h.cookie)
+			t.Fatalf("cookie %d: wrong data", h.Cookie)
 		}
 	}
 }
@@ -453,7 +406,7 @@ func TestPipelined(t *testing.T) {
 func TestServerClose(t *testing.T) {
 	img := rawImage(t, 1<<20)
 	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
-	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -477,13 +430,15 @@ func TestReadPaths(t *testing.T) {
 	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
 	want := make([]byte, img.Size())
 	img.ReadAt(want, 0)
-	pipe := func(opts ClientOptions) (*Client, error) {
+	pipe := func(opts nbdclient.Options) (*nbdclient.Client, error) {
 		a, b := net.Pipe()
 		go srv.ServeConn(context.Background(), b)
-		return NewClient(context.Background(), a, opts)
+		return nbdclient.New(context.Background(), a, opts)
 	}
-	unix := func(opts ClientOptions) (*Client, error) { return Dial(context.Background(), uri, opts) }
-	for name, dial := range map[string]func(ClientOptions) (*Client, error){"unix": unix, "pipe": pipe} {
+	unix := func(opts nbdclient.Options) (*nbdclient.Client, error) {
+		return nbdclient.Dial(context.Background(), uri, opts)
+	}
+	for name, dial := range map[string]func(nbdclient.Options) (*nbdclient.Client, error){"unix": unix, "pipe": pipe} {
 		for _, m := range modes {
 			c, err := dial(m.opts)
 			if err != nil {
@@ -514,18 +469,18 @@ func TestCloseDrains(t *testing.T) {
 	img := rawImage(t, 32<<20)
 	srv, uri := startServer(t, Config{Exports: []*Export{{Image: img}}})
 	rc := dialRaw(t, uri)
-	rc.final(OptStructuredReply, nil)
+	rc.final(nbdproto.OptStructuredReply, nil)
 	rc.goExport()
 	var b []byte
 	for i := range 32 {
-		b = request{typ: CmdRead, flags: CmdFlagDF, cookie: uint64(i), offset: uint64(i) << 20, length: 1 << 20}.append(b, false)
+		b = nbdproto.Request{Type: nbdproto.CmdRead, Flags: nbdproto.CmdFlagDF, Cookie: uint64(i), Offset: uint64(i) << 20, Length: 1 << 20}.Append(b, false)
 	}
 	rc.write(b)
 	closed := make(chan error, 1)
 	got := 0
 	seen := map[uint64]bool{}
 	for {
-		var hb [structuredReplyLen]byte
+		var hb [nbdproto.StructuredReplyLen]byte
 		n, err := io.ReadFull(rc.r, hb[:])
 		// Unread requests make the close a reset rather than an EOF.
 		if n == 0 && got > 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
@@ -534,14 +489,14 @@ func TestCloseDrains(t *testing.T) {
 		if err != nil {
 			t.Fatalf("after %d replies: partial or missing header: %v", got, err)
 		}
-		h, err := decodeReplyHeader(hb[:])
+		h, err := nbdproto.DecodeReplyHeader(hb[:])
 		if err != nil {
 			t.Fatal(err)
 		}
-		if h.cookie >= 32 || seen[h.cookie] {
-			t.Fatalf("reply %d: cookie %d (seen before: %v)", got, h.cookie, seen[h.cookie])
+		if h.Cookie >= 32 || seen[h.Cookie] {
+			t.Fatalf("reply %d: cookie %d (seen before: %v)", got, h.Cookie, seen[h.Cookie])
 		}
-		seen[h.cookie] = true
+		seen[h.Cookie] = true
 		if got == 0 {
 			// The server is inside this reply's payload: close now.
 			go func() { closed <- srv.Close() }()
@@ -553,8 +508,8 @@ func TestCloseDrains(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 		}
-		if _, err := io.ReadFull(rc.r, make([]byte, h.length)); err != nil {
-			t.Fatalf("after %d replies: partial payload of the reply to %d: %v", got, h.cookie, err)
+		if _, err := io.ReadFull(rc.r, make([]byte, h.Length)); err != nil {
+			t.Fatalf("after %d replies: partial payload of the reply to %d: %v", got, h.Cookie, err)
 		}
 		got++
 	}
@@ -574,10 +529,10 @@ func TestCloseDrains(t *testing.T) {
 func TestPanicDropsOneClient(t *testing.T) {
 	good := rawImage(t, 1<<20)
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "good", Image: good}, {Name: "bad", Image: &qcow2.Image{}}}, Logf: func(string, ...any) {}})
-	if _, err := Dial(context.Background(), uri, ClientOptions{ExportName: "bad"}); err == nil {
+	if _, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{ExportName: "bad"}); err == nil {
 		t.Fatal("handshake with a broken export succeeded")
 	}
-	c, err := Dial(context.Background(), uri, ClientOptions{ExportName: "good", StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{ExportName: "good", StructuredReplies: true})
 	if err != nil {
 		t.Fatal(err)
 	}

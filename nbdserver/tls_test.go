@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 )
 
@@ -27,14 +29,14 @@ func TestTLS(t *testing.T) {
 		verifyPeer bool
 	}{{withClient, true}, {caOnly, false}} {
 		dir := c.dir
-		srvTLS, err := LoadServerTLS(dir, c.verifyPeer)
+		srvTLS, err := nbdproto.LoadServerTLS(dir, c.verifyPeer)
 		if err != nil {
 			t.Fatal(err)
 		}
 		_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS, TLSRequired: true})
 
-		c, err := Dial(context.Background(), "nbds+unix:///?tls-hostname=localhost&tls-certificates="+dir+"&socket="+uri[len("nbd+unix:///?socket="):],
-			ClientOptions{ExtendedHeaders: true, MetaContexts: []string{metactx.BaseAllocation}})
+		c, err := nbdclient.Dial(context.Background(), "nbds+unix:///?tls-hostname=localhost&tls-certificates="+dir+"&socket="+uri[len("nbd+unix:///?socket="):],
+			nbdclient.Options{ExtendedHeaders: true, MetaContexts: []string{metactx.BaseAllocation}})
 		if err != nil {
 			t.Fatalf("%s: %v", dir, err)
 		}
@@ -44,31 +46,31 @@ func TestTLS(t *testing.T) {
 		}
 		c.Close()
 
-		_, err = Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
-		var se *ServerError
-		if !errors.As(err, &se) || se.Reply != RepErrTLSReqd {
+		_, err = nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
+		var se *nbdproto.ServerError
+		if !errors.As(err, &se) || se.Reply != nbdproto.RepErrTLSReqd {
 			t.Errorf("plain client on TLS-only server: %v", err)
 		}
 		rc := dialRaw(t, uri)
-		for _, opt := range []Option{OptList, OptInfo, OptGo, OptStructuredReply} {
-			if got := rc.final(opt, nil); got != RepErrTLSReqd {
+		for _, opt := range []nbdproto.Option{nbdproto.OptList, nbdproto.OptInfo, nbdproto.OptGo, nbdproto.OptStructuredReply} {
+			if got := rc.final(opt, nil); got != nbdproto.RepErrTLSReqd {
 				t.Errorf("%v before STARTTLS: %v", opt, got)
 			}
 		}
 	}
 	// By default (verify-peer, as qemu-nbd) a client without a
 	// certificate is refused.
-	srvTLS, err := LoadServerTLS(withClient, true)
+	srvTLS, err := nbdproto.LoadServerTLS(withClient, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS})
-	noCert, err := LoadClientTLS(caOnly)
+	noCert, err := nbdproto.LoadClientTLS(caOnly)
 	if err != nil {
 		t.Fatal(err)
 	}
 	noCert.InsecureSkipVerify = true // caOnly's CA is not the server's: only the server's check is tested
-	if _, err := Dial(context.Background(), uri, ClientOptions{TLS: noCert}); err == nil {
+	if _, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{TLS: noCert}); err == nil {
 		t.Error("client without a certificate accepted with verify-peer")
 	}
 	// A client certificate from another CA is refused, verify-peer or not.
@@ -76,17 +78,17 @@ func TestTLS(t *testing.T) {
 	if err := testcerts.Write(other, true); err != nil {
 		t.Fatal(err)
 	}
-	srvTLS, err = LoadServerTLS(caOnly, false)
+	srvTLS, err = nbdproto.LoadServerTLS(caOnly, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, uri = startServer(t, Config{Exports: []*Export{{Image: img}}, TLS: srvTLS})
-	cliTLS, err := LoadClientTLS(other)
+	cliTLS, err := nbdproto.LoadClientTLS(other)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cliTLS.InsecureSkipVerify = true // only the server's check is tested
-	if _, err := Dial(context.Background(), uri, ClientOptions{TLS: cliTLS}); err == nil {
+	if _, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{TLS: cliTLS}); err == nil {
 		t.Error("client certificate from a foreign CA accepted")
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 // Reply size limits.
@@ -30,10 +31,10 @@ type session struct {
 	conn     net.Conn
 	r        *bufio.Reader
 	exp      *Export
-	mode     replyMode
-	contexts []string // negotiated meta contexts; the id is the index
-	flags    uint16   // transmission flags advertised
-	zeroCopy bool     // data may be sent from host files with sendfile
+	mode     nbdproto.ReplyMode
+	contexts []string       // negotiated meta contexts; the id is the index
+	flags    nbdproto.Flags // transmission flags advertised
+	zeroCopy bool           // data may be sent from host files with sendfile
 
 	slots chan struct{}  // one token per request in flight
 	mem   *connBudget    // this connection's share of buffer bytes
@@ -45,11 +46,20 @@ type session struct {
 
 // serve reads requests until NBD_CMD_DISC, EOF or a protocol violation,
 // then waits for the requests in flight.
+// request is a transmission request being served.
+type request struct {
+	nbdproto.Request
+
+	payload []byte // block status payload, read after the header
+	discard bool   // a payload was consumed that the command cannot take
+	mem     int64  // bytes of the server-wide buffer budget held
+}
+
 func (s *session) serve() error {
 	defer s.wg.Wait()
-	hdr := make([]byte, requestLen)
-	if s.mode == modeExtended {
-		hdr = make([]byte, extendedRequestLen)
+	hdr := make([]byte, nbdproto.RequestLen)
+	if s.mode == nbdproto.ModeExtended {
+		hdr = make([]byte, nbdproto.ExtendedRequestLen)
 	}
 	for {
 		if _, err := io.ReadFull(s.r, hdr); err != nil {
@@ -58,11 +68,12 @@ func (s *session) serve() error {
 			}
 			return err
 		}
-		req, err := decodeRequest(hdr, s.mode == modeExtended)
+		h, err := nbdproto.DecodeRequest(hdr, s.mode == nbdproto.ModeExtended)
 		if err != nil {
 			return err
 		}
-		if req.typ == CmdDisc {
+		req := request{Request: h}
+		if req.Type == nbdproto.CmdDisc {
 			return nil
 		}
 		// The slot is taken before a write's payload is read, so at most
@@ -74,8 +85,8 @@ func (s *session) serve() error {
 		// that stalls only throttles itself. Reads and block status take
 		// their buffers' budget in the handler, once they know what they
 		// hold (sendfile and zero runs hold none).
-		if req.typ == CmdWrite && s.exp.Writable {
-			req.mem = s.mem.acquire(int64(min(req.length, uint64(s.srv.cfg.MaxRequest))))
+		if req.Type == nbdproto.CmdWrite && s.exp.Writable {
+			req.mem = s.mem.acquire(int64(min(req.Length, uint64(s.srv.cfg.MaxRequest))))
 		}
 		if err := s.readPayload(&req); err != nil {
 			s.release(&req)
@@ -92,29 +103,29 @@ func (s *session) serve() error {
 // lengths within the limits are read; anything larger drops the
 // connection.
 func (s *session) readPayload(req *request) error {
-	hasPayload := req.typ == CmdWrite ||
-		(s.mode == modeExtended && req.flags&CmdFlagPayloadLen != 0)
+	hasPayload := req.Type == nbdproto.CmdWrite ||
+		(s.mode == nbdproto.ModeExtended && req.Flags&nbdproto.CmdFlagPayloadLen != 0)
 	if !hasPayload {
 		return nil
 	}
 	limit := uint64(s.srv.cfg.MaxRequest)
-	if req.length > limit {
-		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.typ, req.length, limit)
+	if req.Length > limit {
+		return fmt.Errorf("%v: payload of %d bytes exceeds %d", req.Type, req.Length, limit)
 	}
-	if req.typ == CmdWrite && s.exp.Writable {
-		req.payload = getBuf(int(req.length))
+	if req.Type == nbdproto.CmdWrite && s.exp.Writable {
+		req.payload = getBuf(int(req.Length))
 		_, err := io.ReadFull(s.r, req.payload)
 		return err
 	}
 	// A block status payload is an effect length and at most one id per
 	// negotiated context, like QEMU; anything else is thrown away and
 	// answered NBD_EINVAL.
-	if req.typ != CmdBlockStatus || req.length > bsPayloadHdrLen+4*uint64(len(s.contexts)) {
+	if req.Type != nbdproto.CmdBlockStatus || req.Length > nbdproto.BlockStatusPayloadHdrLen+4*uint64(len(s.contexts)) {
 		req.discard = true
-		_, err := io.CopyN(io.Discard, s.r, int64(req.length))
+		_, err := io.CopyN(io.Discard, s.r, int64(req.Length))
 		return err
 	}
-	req.payload = make([]byte, req.length)
+	req.payload = make([]byte, req.Length)
 	_, err := io.ReadFull(s.r, req.payload)
 	return err
 }
@@ -143,8 +154,8 @@ func (s *session) handle(req request) {
 func (s *session) safeDispatch(req *request) (r reply) {
 	defer func() {
 		if p := recover(); p != nil {
-			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.typ, p, debug.Stack())
-			r = s.errReply(req, EIO, "internal server error")
+			s.srv.cfg.Logf("nbd: panic serving %v: %v\n%s", req.Type, p, debug.Stack())
+			r = s.errReply(req, nbdproto.EIO, "internal server error")
 		}
 	}()
 	return s.dispatch(req)
@@ -153,52 +164,52 @@ func (s *session) safeDispatch(req *request) (r reply) {
 // dispatch validates the request flags common to all commands and calls
 // the command's handler. The reply it returns is complete.
 func (s *session) dispatch(req *request) reply {
-	allowed := uint16(0)
-	switch req.typ {
-	case CmdRead:
-		if s.mode >= modeStructured {
-			allowed = CmdFlagDF
+	allowed := nbdproto.CmdFlags(0)
+	switch req.Type {
+	case nbdproto.CmdRead:
+		if s.mode >= nbdproto.ModeStructured {
+			allowed = nbdproto.CmdFlagDF
 		}
-	case CmdBlockStatus:
-		allowed = CmdFlagReqOne
-		if s.mode == modeExtended {
-			allowed |= CmdFlagPayloadLen
+	case nbdproto.CmdBlockStatus:
+		allowed = nbdproto.CmdFlagReqOne
+		if s.mode == nbdproto.ModeExtended {
+			allowed |= nbdproto.CmdFlagPayloadLen
 		}
-	case CmdWrite, CmdWriteZeroes, CmdTrim:
+	case nbdproto.CmdWrite, nbdproto.CmdWriteZeroes, nbdproto.CmdTrim:
 		if !s.exp.Writable {
-			return s.errReply(req, EPERM, "export is read-only")
+			return s.errReply(req, nbdproto.EPERM, "export is read-only")
 		}
-		allowed = CmdFlagFUA
+		allowed = nbdproto.CmdFlagFUA
 		switch {
-		case req.typ == CmdWriteZeroes:
-			allowed |= CmdFlagNoHole | CmdFlagFastZero
-		case req.typ == CmdWrite && s.mode == modeExtended:
-			allowed |= CmdFlagPayloadLen
+		case req.Type == nbdproto.CmdWriteZeroes:
+			allowed |= nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero
+		case req.Type == nbdproto.CmdWrite && s.mode == nbdproto.ModeExtended:
+			allowed |= nbdproto.CmdFlagPayloadLen
 		}
 	}
 	if req.discard {
-		return s.errReply(req, EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.length, req.typ))
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("unexpected payload of %d bytes for %v", req.Length, req.Type))
 	}
-	if req.flags&^allowed != 0 {
-		return s.errReply(req, EINVAL, fmt.Sprintf("invalid flags %#x for %v", req.flags, req.typ))
+	if req.Flags&^allowed != 0 {
+		return s.errReply(req, nbdproto.EINVAL, fmt.Sprintf("invalid flags %#x for %v", uint16(req.Flags), req.Type))
 	}
-	switch req.typ {
-	case CmdRead:
+	switch req.Type {
+	case nbdproto.CmdRead:
 		return s.cmdRead(req)
-	case CmdFlush:
+	case nbdproto.CmdFlush:
 		return s.cmdFlush(req)
-	case CmdWrite:
+	case nbdproto.CmdWrite:
 		return s.cmdWrite(req)
-	case CmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		return s.cmdWriteZeroes(req)
-	case CmdTrim:
+	case nbdproto.CmdTrim:
 		return s.cmdTrim(req)
-	case CmdCache:
+	case nbdproto.CmdCache:
 		return s.cmdCache(req)
-	case CmdBlockStatus:
+	case nbdproto.CmdBlockStatus:
 		return s.cmdBlockStatus(req)
 	}
-	return s.errReply(req, EINVAL, "unsupported command "+req.typ.String())
+	return s.errReply(req, nbdproto.EINVAL, "unsupported command "+req.Type.String())
 }
 
 // inBounds checks [off, off+length) against the export size.
@@ -210,8 +221,8 @@ func (s *session) inBounds(off, length uint64) bool {
 // cmdCache answers NBD_CMD_CACHE: nothing to prefetch that the host page
 // cache would not, so it only validates the range.
 func (s *session) cmdCache(req *request) reply {
-	if !s.inBounds(req.offset, req.length) {
-		return s.errReply(req, EINVAL, "cache request beyond the end of the export")
+	if !s.inBounds(req.Offset, req.Length) {
+		return s.errReply(req, nbdproto.EINVAL, "cache request beyond the end of the export")
 	}
 	return s.okReply(req)
 }
@@ -288,8 +299,8 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 			if len(msg) > 4096 {
 				msg = msg[:4096]
 			}
-			h := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(errorPayloadHdrLen+len(msg)+8))
-			h = be.AppendUint32(h, uint32(EIO))
+			h := nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeErrorOffset, p.chunk.cookie, p.chunk.reqOff, uint64(nbdproto.ErrorPayloadHdrLen+len(msg)+8))
+			h = be.AppendUint32(h, uint32(nbdproto.EIO))
 			h = be.AppendUint16(h, uint16(len(msg)))
 			h = append(h, msg...)
 			h = be.AppendUint64(h, uint64(off))
@@ -301,9 +312,9 @@ func (s *session) sendImage(p replyPart) (done bool, err error) {
 		if p.chunk != nil {
 			var flags uint16
 			if p.chunk.last && pos == p.n {
-				flags = replyFlagDone
+				flags = nbdproto.ReplyFlagDone
 			}
-			h := appendChunkHeader(nil, s.mode, flags, replyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(offsetDataHdrLen+k))
+			h := nbdproto.AppendChunkHeader(nil, s.mode, flags, nbdproto.ReplyTypeOffsetData, p.chunk.cookie, p.chunk.reqOff, uint64(nbdproto.OffsetDataHdrLen+k))
 			bufs = net.Buffers{be.AppendUint64(h, uint64(off)), b}
 		}
 		if _, err := bufs.WriteTo(s.conn); err != nil {
@@ -330,22 +341,22 @@ func (s *session) fail(err error) {
 
 // okReply is a success without payload.
 func (s *session) okReply(req *request) reply {
-	if s.mode == modeExtended {
-		return bytesReply(appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeNone, req.cookie, req.offset, 0))
+	if s.mode == nbdproto.ModeExtended {
+		return bytesReply(nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeNone, req.Cookie, req.Offset, 0))
 	}
-	return bytesReply(appendSimpleReply(nil, 0, req.cookie))
+	return bytesReply(nbdproto.AppendSimpleReply(nil, 0, req.Cookie))
 }
 
 // errReply is an error reply: a simple reply without structured replies,
 // else an NBD_REPLY_TYPE_ERROR chunk carrying msg.
-func (s *session) errReply(req *request, errno Errno, msg string) reply {
-	if s.mode == modeSimple {
-		return bytesReply(appendSimpleReply(nil, errno, req.cookie))
+func (s *session) errReply(req *request, errno nbdproto.Errno, msg string) reply {
+	if s.mode == nbdproto.ModeSimple {
+		return bytesReply(nbdproto.AppendSimpleReply(nil, errno, req.Cookie))
 	}
 	if len(msg) > 4096 {
 		msg = msg[:4096]
 	}
-	b := appendChunkHeader(nil, s.mode, replyFlagDone, replyTypeError, req.cookie, req.offset, uint64(errorPayloadHdrLen+len(msg)))
+	b := nbdproto.AppendChunkHeader(nil, s.mode, nbdproto.ReplyFlagDone, nbdproto.ReplyTypeError, req.Cookie, req.Offset, uint64(nbdproto.ErrorPayloadHdrLen+len(msg)))
 	b = be.AppendUint32(b, uint32(errno))
 	b = be.AppendUint16(b, uint16(len(msg)))
 	return bytesReply(append(b, msg...))
@@ -358,14 +369,14 @@ var errStop = errors.New("stop")
 // selected context, each with at least one extent.
 func (s *session) cmdBlockStatus(req *request) reply {
 	if len(s.contexts) == 0 {
-		return s.errReply(req, EINVAL, "no metadata context negotiated")
+		return s.errReply(req, nbdproto.EINVAL, "no metadata context negotiated")
 	}
 	ids, length, err := s.statusSelection(req)
 	if err != nil {
-		return s.errReply(req, EINVAL, err.Error())
+		return s.errReply(req, nbdproto.EINVAL, err.Error())
 	}
-	if length == 0 || !s.inBounds(req.offset, length) {
-		return s.errReply(req, EINVAL, "block status range empty or beyond the end of the export")
+	if length == 0 || !s.inBounds(req.Offset, length) {
+		return s.errReply(req, nbdproto.EINVAL, "block status range empty or beyond the end of the export")
 	}
 	// Each chunk holds up to maxExtentBytes of descriptors until sent.
 	req.mem += s.mem.acquire(int64(len(ids)) * maxExtentBytes)
@@ -373,11 +384,11 @@ func (s *session) cmdBlockStatus(req *request) reply {
 	for i, id := range ids {
 		var flags uint16
 		if i == len(ids)-1 {
-			flags = replyFlagDone
+			flags = nbdproto.ReplyFlagDone
 		}
 		chunk, err := s.statusChunk(req, id, length, flags)
 		if err != nil {
-			return s.errReply(req, EIO, err.Error())
+			return s.errReply(req, nbdproto.EIO, err.Error())
 		}
 		out = append(out, replyPart{b: chunk})
 	}
@@ -388,23 +399,23 @@ func (s *session) cmdBlockStatus(req *request) reply {
 // every negotiated context and the request length, or those the block
 // status payload names and its effect length.
 func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
-	if req.flags&CmdFlagPayloadLen == 0 {
+	if req.Flags&nbdproto.CmdFlagPayloadLen == 0 {
 		ids := make([]uint32, len(s.contexts))
 		for i := range ids {
 			ids[i] = uint32(i)
 		}
-		return ids, req.length, nil
+		return ids, req.Length, nil
 	}
-	p, err := decodeBlockStatusPayload(req.payload)
+	p, err := nbdproto.DecodeBlockStatusPayload(req.payload)
 	if err != nil {
 		return nil, 0, err
 	}
-	if len(p.ids) == 0 {
+	if len(p.IDs) == 0 {
 		return nil, 0, errors.New("block status payload names no context")
 	}
 	var ids []uint32
 	seen := map[uint32]bool{}
-	for _, id := range p.ids {
+	for _, id := range p.IDs {
 		if int64(id) >= int64(len(s.contexts)) {
 			return nil, 0, fmt.Errorf("metadata context id %d was not negotiated", id)
 		}
@@ -414,7 +425,7 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 		seen[id] = true
 		ids = append(ids, id)
 	}
-	return ids, p.length, nil
+	return ids, p.Length, nil
 }
 
 // statusChunk builds the BLOCK_STATUS (32-bit) or BLOCK_STATUS_EXT
@@ -422,15 +433,15 @@ func (s *session) statusSelection(req *request) ([]uint32, uint64, error) {
 // stopping after one extent with NBD_CMD_FLAG_REQ_ONE or when the
 // descriptors reach maxExtentBytes.
 func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint16) ([]byte, error) {
-	ext := s.mode == modeExtended
-	hdr, desc, typ := blockStatusHdrLen, descriptorLen, uint16(replyTypeBlockStatus)
+	ext := s.mode == nbdproto.ModeExtended
+	hdr, desc, typ := nbdproto.BlockStatusHdrLen, nbdproto.DescriptorLen, nbdproto.ReplyTypeBlockStatus
 	maxLen := uint64(math.MaxUint32)
 	if ext {
-		hdr, desc, typ = blockStatusExtHdr, extDescriptorLen, replyTypeBlockStatusExt
+		hdr, desc, typ = nbdproto.BlockStatusExtHdrLen, nbdproto.ExtDescriptorLen, nbdproto.ReplyTypeBlockStatusExt
 		maxLen = math.MaxInt64
 	}
 	limit := maxExtentBytes / desc
-	if req.flags&CmdFlagReqOne != 0 {
+	if req.Flags&nbdproto.CmdFlagReqOne != 0 {
 		limit = 1
 	}
 	var body []byte
@@ -438,7 +449,7 @@ func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint
 	// The walk is bounded in work, not only in extents: a crafted image
 	// can make millions of lookups coalesce into one extent. What was
 	// walked is answered; the client asks again from there.
-	_, err := metactx.WalkLimit(s.exp.Image, s.contexts[id], int64(req.offset), int64(length), statusBudget, func(off, n int64, f uint32) error {
+	_, err := metactx.WalkLimit(s.exp.Image, s.contexts[id], int64(req.Offset), int64(length), statusBudget, func(off, n int64, f uint32) error {
 		if uint64(n) > maxLen {
 			n = int64(maxLen &^ 0xfff)
 			count = limit - 1 // a clipped extent ends the chunk
@@ -461,7 +472,7 @@ func (s *session) statusChunk(req *request, id uint32, length uint64, flags uint
 	if len(body) == 0 {
 		return nil, fmt.Errorf("block status of %s: no extents", s.contexts[id])
 	}
-	b := appendChunkHeader(make([]byte, 0, extendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.cookie, req.offset, uint64(hdr+len(body)))
+	b := nbdproto.AppendChunkHeader(make([]byte, 0, nbdproto.ExtendedReplyLen+hdr+len(body)), s.mode, flags, typ, req.Cookie, req.Offset, uint64(hdr+len(body)))
 	b = be.AppendUint32(b, id)
 	if ext {
 		b = be.AppendUint32(b, uint32(len(body)/desc))

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -30,27 +32,27 @@ func writableImage(t testing.TB, size string) (*qcow2.Image, string) {
 func TestWritableFlags(t *testing.T) {
 	img, _ := writableImage(t, "1M")
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "rw", Image: img, Writable: true}, {Name: "ro", Image: img}}})
-	writeFlags := uint16(FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero | FlagCanMultiConn)
+	writeFlags := nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagSendFastZero | nbdproto.FlagCanMultiConn
 	for _, tc := range []struct {
 		export string
 		ro     bool
 	}{{"rw", false}, {"ro", true}} {
 		for _, m := range modes {
-			c, err := Dial(context.Background(), uri, ClientOptions{ExportName: tc.export, StructuredReplies: m.want >= modeStructured, ExtendedHeaders: m.want == modeExtended})
+			c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{ExportName: tc.export, StructuredReplies: m.want >= nbdproto.ModeStructured, ExtendedHeaders: m.want == nbdproto.ModeExtended})
 			if err != nil {
 				t.Fatal(err)
 			}
 			f := c.TransmissionFlags()
 			c.Close()
-			if got := f&FlagReadOnly != 0; got != tc.ro {
-				t.Errorf("%s/%s: READ_ONLY %v, want %v (flags %#x)", tc.export, m.name, got, tc.ro, f)
+			if got := f&nbdproto.FlagReadOnly != 0; got != tc.ro {
+				t.Errorf("%s/%s: READ_ONLY %v, want %v (flags %v)", tc.export, m.name, got, tc.ro, f)
 			}
 			want := writeFlags
 			if tc.ro {
-				want = FlagSendFlush | FlagCanMultiConn
+				want = nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn
 			}
 			if f&writeFlags != want {
-				t.Errorf("%s/%s: flags %#x, want %#x among %#x", tc.export, m.name, f&writeFlags, want, writeFlags)
+				t.Errorf("%s/%s: flags %v, want %v among %v", tc.export, m.name, f&writeFlags, want, writeFlags)
 			}
 		}
 	}
@@ -66,53 +68,53 @@ func TestWriteCommands(t *testing.T) {
 			_, uri := startServer(t, Config{Exports: []*Export{{Image: img, Writable: true}}})
 			rc := dialRaw(t, uri)
 			switch m.want {
-			case modeStructured:
-				rc.final(OptStructuredReply, nil)
-			case modeExtended:
-				rc.final(OptExtendedHeaders, nil)
+			case nbdproto.ModeStructured:
+				rc.final(nbdproto.OptStructuredReply, nil)
+			case nbdproto.ModeExtended:
+				rc.final(nbdproto.OptExtendedHeaders, nil)
 			}
 			rc.goExport()
-			ext := m.want == modeExtended
+			ext := m.want == nbdproto.ModeExtended
 			shadow := make([]byte, size)
 			data := func(n int, v byte) []byte { return bytes.Repeat([]byte{v}, n) }
 			tests := []struct {
-				req     request
+				req     nbdproto.Request
 				payload []byte
-				errno   Errno
+				errno   nbdproto.Errno
 				apply   func() // the change to the shadow on success
 			}{
-				{request{typ: CmdWrite, offset: 100, length: 3000}, data(3000, 0xa1), 0, func() { copy(shadow[100:], data(3000, 0xa1)) }},
-				{request{typ: CmdWrite, flags: CmdFlagFUA, offset: 65530, length: 70000}, data(70000, 0xa2), 0, func() { copy(shadow[65530:], data(70000, 0xa2)) }},
-				{request{typ: CmdWrite, offset: size - 10, length: 10}, data(10, 0xa3), 0, func() { copy(shadow[size-10:], data(10, 0xa3)) }},
-				{request{typ: CmdWrite, offset: size - 10, length: 11}, data(11, 0xee), ENOSPC, nil},
-				{request{typ: CmdWrite, offset: size + 512, length: 512}, data(512, 0xee), ENOSPC, nil},
-				{request{typ: CmdWrite, flags: CmdFlagDF, length: 512}, data(512, 0xee), EINVAL, nil},
-				{request{typ: CmdWrite, flags: CmdFlagNoHole, length: 512}, data(512, 0xee), EINVAL, nil},
-				{request{typ: CmdWrite, length: 0}, nil, 0, nil},
-				{request{typ: CmdWriteZeroes, offset: 200, length: 100}, nil, 0, func() { clear(shadow[200:300]) }},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagNoHole | CmdFlagFUA, offset: 66000, length: 1000}, nil, 0, func() { clear(shadow[66000:67000]) }},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Offset: 100, Length: 3000}, data(3000, 0xa1), 0, func() { copy(shadow[100:], data(3000, 0xa1)) }},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Flags: nbdproto.CmdFlagFUA, Offset: 65530, Length: 70000}, data(70000, 0xa2), 0, func() { copy(shadow[65530:], data(70000, 0xa2)) }},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Offset: size - 10, Length: 10}, data(10, 0xa3), 0, func() { copy(shadow[size-10:], data(10, 0xa3)) }},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Offset: size - 10, Length: 11}, data(11, 0xee), nbdproto.ENOSPC, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Offset: size + 512, Length: 512}, data(512, 0xee), nbdproto.ENOSPC, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Flags: nbdproto.CmdFlagDF, Length: 512}, data(512, 0xee), nbdproto.EINVAL, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Flags: nbdproto.CmdFlagNoHole, Length: 512}, data(512, 0xee), nbdproto.EINVAL, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Length: 0}, nil, 0, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Offset: 200, Length: 100}, nil, 0, func() { clear(shadow[200:300]) }},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Flags: nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFUA, Offset: 66000, Length: 1000}, nil, 0, func() { clear(shadow[66000:67000]) }},
 				// Unaligned: zeroing would write bytes, so FAST_ZERO refuses
 				// without changing anything.
-				{request{typ: CmdWrite, offset: 300000, length: 1000}, data(1000, 0xa4), 0, func() { copy(shadow[300000:], data(1000, 0xa4)) }},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagFastZero, offset: 300100, length: 10}, nil, ENOTSUP, nil},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagFastZero, offset: 0, length: 128 << 10}, nil, 0, func() { clear(shadow[:128<<10]) }},
-				{request{typ: CmdWriteZeroes, offset: size - 1, length: 2}, nil, ENOSPC, nil},
-				{request{typ: CmdWriteZeroes, flags: CmdFlagDF, length: 2}, nil, EINVAL, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Offset: 300000, Length: 1000}, data(1000, 0xa4), 0, func() { copy(shadow[300000:], data(1000, 0xa4)) }},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Flags: nbdproto.CmdFlagFastZero, Offset: 300100, Length: 10}, nil, nbdproto.ENOTSUP, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Flags: nbdproto.CmdFlagFastZero, Offset: 0, Length: 128 << 10}, nil, 0, func() { clear(shadow[:128<<10]) }},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Offset: size - 1, Length: 2}, nil, nbdproto.ENOSPC, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Flags: nbdproto.CmdFlagDF, Length: 2}, nil, nbdproto.EINVAL, nil},
 				// Trim releases whole clusters only (then reading zeroes).
-				{request{typ: CmdWrite, offset: 512 << 10, length: 256 << 10}, data(256<<10, 0xa5), 0, func() { copy(shadow[512<<10:], data(256<<10, 0xa5)) }},
-				{request{typ: CmdTrim, flags: CmdFlagFUA, offset: 512<<10 + 1, length: 192 << 10}, nil, 0, func() { clear(shadow[576<<10 : 704<<10]) }},
-				{request{typ: CmdTrim, offset: size - 1, length: 2}, nil, EINVAL, nil},
-				{request{typ: CmdTrim, flags: CmdFlagNoHole, length: 2}, nil, EINVAL, nil},
-				{request{typ: CmdFlush}, nil, 0, nil},
-				{request{typ: CmdFlush, flags: CmdFlagFUA}, nil, EINVAL, nil},
+				{nbdproto.Request{Type: nbdproto.CmdWrite, Offset: 512 << 10, Length: 256 << 10}, data(256<<10, 0xa5), 0, func() { copy(shadow[512<<10:], data(256<<10, 0xa5)) }},
+				{nbdproto.Request{Type: nbdproto.CmdTrim, Flags: nbdproto.CmdFlagFUA, Offset: 512<<10 + 1, Length: 192 << 10}, nil, 0, func() { clear(shadow[576<<10 : 704<<10]) }},
+				{nbdproto.Request{Type: nbdproto.CmdTrim, Offset: size - 1, Length: 2}, nil, nbdproto.EINVAL, nil},
+				{nbdproto.Request{Type: nbdproto.CmdTrim, Flags: nbdproto.CmdFlagNoHole, Length: 2}, nil, nbdproto.EINVAL, nil},
+				{nbdproto.Request{Type: nbdproto.CmdFlush}, nil, 0, nil},
+				{nbdproto.Request{Type: nbdproto.CmdFlush, Flags: nbdproto.CmdFlagFUA}, nil, nbdproto.EINVAL, nil},
 			}
 			for i, tc := range tests {
-				tc.req.cookie = uint64(100 + i)
-				rc.write(append(tc.req.append(nil, ext), tc.payload...))
+				tc.req.Cookie = uint64(100 + i)
+				rc.write(append(tc.req.Append(nil, ext), tc.payload...))
 				h, p := rc.reply()
-				errno := replyErrno(t, tc.req.typ, h, p)
-				if h.cookie != tc.req.cookie || errno != tc.errno {
-					t.Errorf("#%d %v flags %#x at %d+%d: cookie %d errno %v, want %d %v", i, tc.req.typ, tc.req.flags, tc.req.offset, tc.req.length, h.cookie, errno, tc.req.cookie, tc.errno)
+				errno := replyErrno(t, tc.req.Type, h, p)
+				if h.Cookie != tc.req.Cookie || errno != tc.errno {
+					t.Errorf("#%d %v flags %#x at %d+%d: cookie %d errno %v, want %d %v", i, tc.req.Type, tc.req.Flags, tc.req.Offset, tc.req.Length, h.Cookie, errno, tc.req.Cookie, tc.errno)
 				}
 				if errno == 0 && tc.apply != nil {
 					tc.apply()
@@ -144,7 +146,7 @@ func diffAt(a, b []byte) string {
 func TestClientWrites(t *testing.T) {
 	img, _ := writableImage(t, "4M")
 	_, uri := startServer(t, Config{Exports: []*Export{{Name: "rw", Image: img, Writable: true}, {Name: "ro", Image: img}}})
-	c, err := Dial(context.Background(), uri, ClientOptions{ExportName: "rw", StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{ExportName: "rw", StructuredReplies: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,11 +157,11 @@ func TestClientWrites(t *testing.T) {
 		t.Fatalf("WriteAt: %d, %v", n, err)
 	}
 	copy(shadow[12345:], big)
-	if err := c.WriteFlags([]byte("fua"), 7, CmdFlagFUA); err != nil {
+	if err := c.WriteFlags([]byte("fua"), 7, nbdproto.CmdFlagFUA); err != nil {
 		t.Fatal(err)
 	}
 	copy(shadow[7:], "fua")
-	if err := c.WriteZeroes(1<<20, 1<<20, CmdFlagNoHole); err != nil {
+	if err := c.WriteZeroes(1<<20, 1<<20, nbdproto.CmdFlagNoHole); err != nil {
 		t.Fatal(err)
 	}
 	clear(shadow[1<<20 : 2<<20])
@@ -167,8 +169,8 @@ func TestClientWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	clear(shadow[3<<20:])
-	var se *ServerError
-	if err := c.WriteZeroes(5, 5, CmdFlagFastZero); !errors.As(err, &se) || se.Errno != ENOTSUP {
+	var se *nbdproto.ServerError
+	if err := c.WriteZeroes(5, 5, nbdproto.CmdFlagFastZero); !errors.As(err, &se) || se.Errno != nbdproto.ENOTSUP {
 		t.Errorf("unaligned fast zero: %v, want ENOTSUP", err)
 	}
 	if err := c.Flush(); err != nil {
@@ -185,7 +187,7 @@ func TestClientWrites(t *testing.T) {
 		t.Errorf("read back differs at %s", diffAt(got, shadow))
 	}
 
-	ro, err := Dial(context.Background(), uri, ClientOptions{ExportName: "ro"})
+	ro, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{ExportName: "ro"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +197,7 @@ func TestClientWrites(t *testing.T) {
 		"write-zeroes": func() error { return ro.WriteZeroes(0, 4096, 0) },
 		"trim":         func() error { return ro.Trim(0, 65536, 0) },
 	} {
-		if err := f(); !errors.As(err, &se) || se.Errno != EPERM {
+		if err := f(); !errors.As(err, &se) || se.Errno != nbdproto.EPERM {
 			t.Errorf("read-only %s: %v, want EPERM", name, err)
 		}
 	}
@@ -217,8 +219,8 @@ func TestReadsAreSnapshots(t *testing.T) {
 	_, uri := startServer(t, Config{Exports: []*Export{{Image: img, Writable: true}}})
 	const span = 128 << 10
 	const rounds = 300
-	dial := func(structured bool) *Client {
-		c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: structured})
+	dial := func(structured bool) *nbdclient.Client {
+		c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: structured})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -226,7 +228,7 @@ func TestReadsAreSnapshots(t *testing.T) {
 		return c
 	}
 	w := dial(false)
-	readers := []*Client{dial(true), dial(false)}
+	readers := []*nbdclient.Client{dial(true), dial(false)}
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)
@@ -301,25 +303,25 @@ func TestHostileWrites(t *testing.T) {
 	}
 	for _, tc := range map[string]struct {
 		ext  bool
-		req  request
+		req  nbdproto.Request
 		data []byte
 	}{
-		"huge write":          {true, request{typ: CmdWrite, length: 1 << 40}, nil},
-		"write above limit":   {false, request{typ: CmdWrite, length: 32<<20 + 1}, make([]byte, 1<<20)},
-		"half a write":        {false, request{typ: CmdWrite, length: 1 << 20}, make([]byte, 4096)},
-		"half a write (ext)":  {true, request{typ: CmdWrite, length: 1 << 20}, bytes.Repeat([]byte{7}, 65536)},
-		"write then hang up":  {false, request{typ: CmdWrite, offset: 1 << 20, length: 8}, nil},
-		"zeroes past the end": {true, request{typ: CmdWriteZeroes, offset: 1 << 62, length: 1 << 62}, nil},
+		"huge write":          {true, nbdproto.Request{Type: nbdproto.CmdWrite, Length: 1 << 40}, nil},
+		"write above limit":   {false, nbdproto.Request{Type: nbdproto.CmdWrite, Length: 32<<20 + 1}, make([]byte, 1<<20)},
+		"half a write":        {false, nbdproto.Request{Type: nbdproto.CmdWrite, Length: 1 << 20}, make([]byte, 4096)},
+		"half a write (ext)":  {true, nbdproto.Request{Type: nbdproto.CmdWrite, Length: 1 << 20}, bytes.Repeat([]byte{7}, 65536)},
+		"write then hang up":  {false, nbdproto.Request{Type: nbdproto.CmdWrite, Offset: 1 << 20, Length: 8}, nil},
+		"zeroes past the end": {true, nbdproto.Request{Type: nbdproto.CmdWriteZeroes, Offset: 1 << 62, Length: 1 << 62}, nil},
 	} {
 		rc := dialRaw(t, uri)
 		if tc.ext {
-			rc.final(OptExtendedHeaders, nil)
+			rc.final(nbdproto.OptExtendedHeaders, nil)
 		}
 		rc.goExport()
-		rc.c.Write(append(tc.req.append(nil, tc.ext), tc.data...)) // may fail: the server hangs up
+		rc.c.Write(append(tc.req.Append(nil, tc.ext), tc.data...)) // may fail: the server hangs up
 		rc.c.Close()
 	}
-	c, err := Dial(context.Background(), uri, ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		t.Fatal(err)
 	}

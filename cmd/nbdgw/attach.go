@@ -12,7 +12,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/nbdgw/nbdgw/kernel"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -53,7 +53,7 @@ func cmdAttach(args []string) (err error) {
 	// final flush short.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if nbdserver.IsURI(target) {
+	if nbdproto.IsURI(target) {
 		cfg.URI, cfg.Name = target, target
 	} else {
 		// Without --writable no file of the chain is opened for writing.

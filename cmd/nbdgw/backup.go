@@ -11,7 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdgw/nbdgw/internal/backup"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 func cmdBackup(args []string) error {
@@ -55,7 +55,7 @@ func cmdBackup(args []string) error {
 	case *bitmap != "":
 		o.Mode = backup.Incremental
 	}
-	if nbdserver.IsURI(pos[0]) && (imgFlags.noBacking || imgFlags.format != "") {
+	if nbdproto.IsURI(pos[0]) && (imgFlags.noBacking || imgFlags.format != "") {
 		return usagef("--no-backing and -f apply to image files; serve the image with --no-backing instead")
 	}
 	if o.ClusterSize, o.ExtendedL2, err = backup.ParseCreateOptions(*opts); err != nil {

@@ -6,7 +6,8 @@ import (
 	"io"
 	"os"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -30,7 +31,7 @@ func cmdInfo(args []string) error {
 	}
 	target := pos[0]
 	var ci qcow2.ChainInfo
-	if nbdserver.IsURI(target) {
+	if nbdproto.IsURI(target) {
 		if f := imgFlags; f.forceShare || f.confine.set || f.noBacking || (f.format != "" && f.format != qcow2.FormatRaw) {
 			return usagef("%s: an NBD export is read as raw; -f qcow2, -U, --confine and --no-backing apply to image files", target)
 		}
@@ -65,11 +66,11 @@ func cmdInfo(args []string) error {
 
 // nbdInfo asks the NBD server at uri for its export's size.
 func nbdInfo(uri string) (qcow2.ChainInfo, error) {
-	u, err := nbdserver.ParseURI(uri)
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		return qcow2.ChainInfo{}, err
 	}
-	c, err := nbdserver.Dial(context.Background(), uri, nbdserver.ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(context.Background(), uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		return qcow2.ChainInfo{}, err
 	}

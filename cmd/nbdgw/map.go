@@ -7,7 +7,7 @@ import (
 	"strings"
 
 	"github.com/nbdgw/nbdgw/metactx"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 	"github.com/nbdgw/nbdgw/qemumap"
 )
@@ -34,7 +34,7 @@ func cmdMap(args []string) error {
 	format := metactx.Format{JSON: *output == "json", Totals: *totals}
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer w.Flush()
-	if nbdserver.IsURI(pos[0]) {
+	if nbdproto.IsURI(pos[0]) {
 		if imgFlags.noBacking {
 			return usagef("--no-backing applies to image files, not NBD URIs")
 		}

@@ -7,7 +7,8 @@ import (
 	"strings"
 
 	"github.com/nbdgw/nbdgw/metactx"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qemumap"
 )
 
@@ -21,7 +22,7 @@ func mapURI(w io.Writer, uri, ctxName string, f metactx.Format) error {
 	if name == "" {
 		name = metactx.BaseAllocation
 	}
-	c, err := nbdserver.Dial(ctx, uri, nbdserver.ClientOptions{
+	c, err := nbdclient.Dial(ctx, uri, nbdclient.Options{
 		StructuredReplies: true,
 		ExtendedHeaders:   true,
 		MetaContexts:      []string{name},
@@ -31,7 +32,7 @@ func mapURI(w io.Writer, uri, ctxName string, f metactx.Format) error {
 	}
 	defer c.Close()
 	if ctxName == "" {
-		u, err := nbdserver.ParseURI(uri)
+		u, err := nbdproto.ParseURI(uri)
 		if err != nil {
 			return err
 		}
@@ -42,7 +43,7 @@ func mapURI(w io.Writer, uri, ctxName string, f metactx.Format) error {
 
 // contextMap prints what nbdinfo --map=NAME prints for the server c is
 // connected to, through the one writer of nbdinfo maps, metactx.Map.
-func contextMap(ctx context.Context, w io.Writer, c *nbdserver.Client, name string, f metactx.Format) error {
+func contextMap(ctx context.Context, w io.Writer, c *nbdclient.Client, name string, f metactx.Format) error {
 	src := func(off int64, fn func(off, length int64, flags uint32) error) error {
 		return c.BlockStatus(ctx, name, off, c.Size()-off, fn)
 	}
@@ -55,7 +56,7 @@ func contextMap(ctx context.Context, w io.Writer, c *nbdserver.Client, name stri
 // with a valid offset equal to the guest offset; the block layer calls a
 // range allocated ("present") when it is DATA or ZERO; depth is 0 (the
 // NBD node has no backing file).
-func qemuMap(ctx context.Context, w io.Writer, c *nbdserver.Client, filename string, asJSON bool) error {
+func qemuMap(ctx context.Context, w io.Writer, c *nbdclient.Client, filename string, asJSON bool) error {
 	m, err := qemumap.NewWriter(w, asJSON)
 	if err != nil {
 		return err
@@ -79,7 +80,7 @@ func qemuMap(ctx context.Context, w io.Writer, c *nbdserver.Client, filename str
 // qemuFilename is the file name QEMU 7.2's NBD driver gives its node
 // (nbd_refresh_filename), printed by qemu-img map's human output. QEMU
 // leaves it empty for IPv6 hosts.
-func qemuFilename(u *nbdserver.URI) string {
+func qemuFilename(u *nbdproto.URI) string {
 	if u.Network == "unix" {
 		if u.Export == "" {
 			return "nbd+unix://?socket=" + u.Address

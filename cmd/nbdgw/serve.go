@@ -14,6 +14,7 @@ import (
 
 	"github.com/nbdgw/nbdgw/internal/gnutlspsk"
 	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -61,7 +62,7 @@ func cmdServe(args []string) error {
 		return usagef("--listen HOST:PORT excludes --bind and --port")
 	}
 	if bind != "" || port != "" {
-		*listen = net.JoinHostPort(cmp.Or(bind, "127.0.0.1"), cmp.Or(port, nbdserver.DefaultPort))
+		*listen = net.JoinHostPort(cmp.Or(bind, "127.0.0.1"), cmp.Or(port, nbdproto.DefaultPort))
 	}
 	if *writable && *snapshot {
 		return usagef("--writable and --snapshot exclude each other")
@@ -91,7 +92,7 @@ func cmdServe(args []string) error {
 		return err
 	}
 	if *tlsCreds != "" {
-		if cfg.TLS, err = nbdserver.LoadServerTLS(*tlsCreds, *tlsVerifyPeer); err != nil {
+		if cfg.TLS, err = nbdproto.LoadServerTLS(*tlsCreds, *tlsVerifyPeer); err != nil {
 			return err
 		}
 	}
@@ -176,7 +177,7 @@ func serveListener(socket, listen string) (net.Listener, func(), error) {
 		return l, func() { os.Remove(socket) }, nil
 	}
 	if listen == "" {
-		listen = net.JoinHostPort("127.0.0.1", nbdserver.DefaultPort)
+		listen = net.JoinHostPort("127.0.0.1", nbdproto.DefaultPort)
 	}
 	l, err := net.Listen("tcp", listen)
 	return l, nop, err

@@ -29,7 +29,8 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/internal/hostile"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
 func main() {
@@ -55,7 +56,7 @@ func main() {
 }
 
 func run(uri string, rounds, parallel, slow, good int, verify string, contexts []string) error {
-	u, err := nbdserver.ParseURI(uri)
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		return err
 	}
@@ -63,7 +64,7 @@ func run(uri string, rounds, parallel, slow, good int, verify string, contexts [
 		return errors.New("TLS URIs are not supported: the hostile sessions speak plaintext")
 	}
 	ctx := context.Background()
-	probe, err := nbdserver.Dial(ctx, uri, nbdserver.ClientOptions{StructuredReplies: true, MetaContexts: contexts})
+	probe, err := nbdclient.Dial(ctx, uri, nbdclient.Options{StructuredReplies: true, MetaContexts: contexts})
 	if err != nil {
 		return fmt.Errorf("first connection: %w", err)
 	}
@@ -138,7 +139,7 @@ func run(uri string, rounds, parallel, slow, good int, verify string, contexts [
 		return fmt.Errorf("%d sessions could not connect or negotiate", failed.Load())
 	}
 	// Still serving.
-	c, err := nbdserver.Dial(ctx, uri, nbdserver.ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(ctx, uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		return fmt.Errorf("after the attack: %w", err)
 	}
@@ -148,7 +149,7 @@ func run(uri string, rounds, parallel, slow, good int, verify string, contexts [
 // goodClient reads random ranges (checking them against want if given)
 // and asks block status on every context until stop is closed.
 func goodClient(ctx context.Context, uri string, contexts []string, size int64, want []byte, seed uint64, stop <-chan struct{}, n *atomic.Int64) error {
-	c, err := nbdserver.Dial(ctx, uri, nbdserver.ClientOptions{StructuredReplies: true, ExtendedHeaders: seed%2 == 1, MetaContexts: contexts})
+	c, err := nbdclient.Dial(ctx, uri, nbdclient.Options{StructuredReplies: true, ExtendedHeaders: seed%2 == 1, MetaContexts: contexts})
 	if err != nil {
 		return err
 	}

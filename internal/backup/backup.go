@@ -33,7 +33,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -181,7 +182,7 @@ func Run(ctx context.Context, src, out string, o Options) (Stats, error) {
 	}
 	var s source
 	var err error
-	if nbdserver.IsURI(src) {
+	if nbdproto.IsURI(src) {
 		s, err = dialNBD(ctx, src, o.Mode, o.Bitmap, o.Connections, o.Note)
 	} else {
 		s, err = openLocal(src, o.Image, o.Mode, o.Bitmap, o.Connections)
@@ -273,7 +274,7 @@ func notTheSame(out string, others ...string) error {
 		return nil // OUT does not exist yet
 	}
 	for _, p := range others {
-		if nbdserver.IsURI(p) || p == "" {
+		if nbdproto.IsURI(p) || p == "" {
 			continue
 		}
 		if fp, err := os.Stat(p); err == nil && os.SameFile(fo, fp) {
@@ -559,16 +560,16 @@ const maxBatch = 64
 
 // batchReader is a source that can have several reads in flight at once.
 type batchReader interface {
-	ReadBatch([]nbdserver.ReadRequest) error
+	ReadBatch([]nbdclient.ReadRequest) error
 }
 
 // copyBatch reads the batch's ranges into buf (which holds them all) and
 // stores them.
 func (c *copier) copyBatch(r io.ReaderAt, buf []byte, batch []seg) error {
-	reqs := make([]nbdserver.ReadRequest, len(batch))
+	reqs := make([]nbdclient.ReadRequest, len(batch))
 	at := int64(0)
 	for i, j := range batch {
-		reqs[i] = nbdserver.ReadRequest{P: buf[at : at+j.n], Off: j.off}
+		reqs[i] = nbdclient.ReadRequest{P: buf[at : at+j.n], Off: j.off}
 		at += j.n
 	}
 	if br, ok := r.(batchReader); ok {

@@ -9,7 +9,8 @@ import (
 	"time"
 
 	"github.com/nbdgw/nbdgw/metactx"
-	"github.com/nbdgw/nbdgw/nbdserver"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 
@@ -72,7 +73,7 @@ func merge(a, b []ext, fn func(off, n int64, fa, fb uint32) error) error {
 // nbdSource reads an NBD export over one or more connections.
 type nbdSource struct {
 	mu      sync.Mutex // guards conns against interrupt while they close
-	conns   []*nbdserver.Client
+	conns   []*nbdclient.Client
 	mode    Mode
 	ctxs    []string // negotiated on conns[0], in the order facts reads them
 	sz      int64
@@ -84,7 +85,7 @@ type nbdSource struct {
 // up to want-1 more connections for reads if the server allows
 // multi-connection.
 func dialNBD(ctx context.Context, uri string, mode Mode, bitmap string, want int, note func(string)) (*nbdSource, error) {
-	opts := nbdserver.ClientOptions{StructuredReplies: true, ExtendedHeaders: true}
+	opts := nbdclient.Options{StructuredReplies: true, ExtendedHeaders: true}
 	var choices [][]string
 	switch mode {
 	case Full:
@@ -97,18 +98,18 @@ func dialNBD(ctx context.Context, uri string, mode Mode, bitmap string, want int
 	case Incremental:
 		choices = [][]string{{metactx.DirtyBitmapPrefix + bitmap, metactx.BaseAllocation}}
 	}
-	var c *nbdserver.Client
+	var c *nbdclient.Client
 	var err error
 	var got []string
 	for _, names := range choices {
 		o := opts
 		o.MetaContexts = names
-		c, err = nbdserver.Dial(ctx, uri, o)
+		c, err = nbdclient.Dial(ctx, uri, o)
 		if err == nil {
 			got = names
 			break
 		}
-		if !errors.Is(err, nbdserver.ErrContextNotOffered) {
+		if !errors.Is(err, nbdclient.ErrContextNotOffered) {
 			return nil, err
 		}
 	}
@@ -121,20 +122,20 @@ func dialNBD(ctx context.Context, uri string, mode Mode, bitmap string, want int
 		}
 		return nil, err
 	}
-	s := &nbdSource{conns: []*nbdserver.Client{c}, mode: mode, ctxs: got, sz: c.Size(), uri: uri}
+	s := &nbdSource{conns: []*nbdclient.Client{c}, mode: mode, ctxs: got, sz: c.Size(), uri: uri}
 	switch {
 	case len(got) == 0:
 		s.usedMsg = "no block status (server offers no base:allocation): every byte read"
 	default:
 		s.usedMsg = joinNames(got)
 	}
-	if want > 1 && c.TransmissionFlags()&nbdserver.FlagCanMultiConn == 0 {
+	if want > 1 && c.TransmissionFlags()&nbdproto.FlagCanMultiConn == 0 {
 		note(fmt.Sprintf("server does not allow multiple connections (no NBD_FLAG_CAN_MULTI_CONN): using 1 of %d", want))
 		want = 1
 	}
 	for len(s.conns) < want {
 		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		extra, err := nbdserver.Dial(dctx, uri, opts)
+		extra, err := nbdclient.Dial(dctx, uri, opts)
 		cancel()
 		if err != nil {
 			note(fmt.Sprintf("connection %d of %d refused (%v): going on with %d", len(s.conns)+1, want, err, len(s.conns)))
@@ -205,7 +206,7 @@ func (s *nbdSource) unchanged(ctx context.Context) error {
 	s.close()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	c, err := nbdserver.Dial(ctx, s.uri, nbdserver.ClientOptions{StructuredReplies: true})
+	c, err := nbdclient.Dial(ctx, s.uri, nbdclient.Options{StructuredReplies: true})
 	if err != nil {
 		return fmt.Errorf("checking the export's size after the copy: %w", err)
 	}

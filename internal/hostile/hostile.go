@@ -18,83 +18,39 @@ import (
 	"net"
 	"slices"
 	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
-// Protocol constants (nbd-proto.md).
-const (
-	nbdMagic    = 0x4e42444d41474943 // "NBDMAGIC"
-	optsMagic   = 0x49484156454f5054 // "IHAVEOPT"
-	replyMagic  = 0x0003e889045565a9
-	reqMagic    = 0x25609513
-	extReqMagic = 0x21e41c71
-
-	OptExportName   = 1
-	OptAbort        = 2
-	OptList         = 3
-	OptStartTLS     = 5
-	OptGo           = 7
-	OptStructured   = 8
-	OptSetMeta      = 10
-	OptExtended     = 11
-	RepAck          = 1
-	CmdRead         = 0
-	CmdWrite        = 1
-	CmdDisc         = 2
-	CmdFlush        = 3
-	CmdTrim         = 4
-	CmdCache        = 5
-	CmdWriteZeroes  = 6
-	CmdBlockStatus  = 7
-	ClientFixed     = 1
-	ClientNoZeroes  = 2
-	maxOptReplySize = 64 << 10
-)
+// maxOptReplySize bounds the option replies Handshake reads.
+const maxOptReplySize = 64 << 10
 
 var be = binary.BigEndian
 
 // Opt encodes an option request.
-func Opt(opt uint32, data []byte) []byte {
-	b := be.AppendUint64(nil, optsMagic)
-	b = be.AppendUint32(b, opt)
-	b = be.AppendUint32(b, uint32(len(data)))
+func Opt(opt nbdproto.Option, data []byte) []byte {
+	b := nbdproto.OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil)
 	return append(b, data...)
 }
 
 // Req encodes a transmission request header (extended: 64-bit length).
-func Req(ext bool, flags, typ uint16, cookie, off, length uint64) []byte {
-	magic := uint32(reqMagic)
-	if ext {
-		magic = extReqMagic
-	}
-	b := be.AppendUint32(nil, magic)
-	b = be.AppendUint16(b, flags)
-	b = be.AppendUint16(b, typ)
-	b = be.AppendUint64(b, cookie)
-	b = be.AppendUint64(b, off)
-	if ext {
-		return be.AppendUint64(b, length)
-	}
-	return be.AppendUint32(b, uint32(length))
+func Req(ext bool, flags nbdproto.CmdFlags, typ nbdproto.Command, cookie, off, length uint64) []byte {
+	return nbdproto.Request{Flags: flags, Type: typ, Cookie: cookie, Offset: off, Length: length}.Append(nil, ext)
 }
 
 // GoData is NBD_OPT_GO's data for the default export, no info requests.
-func GoData() []byte { return []byte{0, 0, 0, 0, 0, 0} }
+func GoData() []byte { return nbdproto.InfoRequest{}.Append(nil) }
 
 // MetaData is NBD_OPT_SET_META_CONTEXT's data for the default export.
 func MetaData(names ...string) []byte {
-	b := be.AppendUint32(nil, 0)
-	b = be.AppendUint32(b, uint32(len(names)))
-	for _, n := range names {
-		b = be.AppendUint32(b, uint32(len(n)))
-		b = append(b, n...)
-	}
-	return b
+	return nbdproto.MetaContextRequest{Queries: names}.Append(nil)
 }
 
 // Handshake connects, negotiates fixed newstyle without zeroes, the mode
-// option (0, OptStructured or OptExtended) and contexts, then NBD_OPT_GO
+// option (0, nbdproto.OptStructuredReply or nbdproto.OptExtendedHeaders)
+// and contexts, then NBD_OPT_GO
 // for the default export. It returns the connection in transmission.
-func Handshake(network, addr string, mode uint32, contexts ...string) (net.Conn, error) {
+func Handshake(network, addr string, mode nbdproto.Option, contexts ...string) (net.Conn, error) {
 	c, err := net.DialTimeout(network, addr, 5*time.Second)
 	if err != nil {
 		return nil, err
@@ -106,36 +62,37 @@ func Handshake(network, addr string, mode uint32, contexts ...string) (net.Conn,
 		c.Close()
 		return nil, fmt.Errorf("greeting: %w", err)
 	}
-	if be.Uint64(hello[:]) != nbdMagic || be.Uint64(hello[8:]) != optsMagic {
+	if be.Uint64(hello[:]) != nbdproto.NBDMagic || be.Uint64(hello[8:]) != nbdproto.OptsMagic {
 		c.Close()
 		return nil, errors.New("bad greeting")
 	}
-	b := be.AppendUint32(nil, ClientFixed|ClientNoZeroes)
+	b := be.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
 	n := 1
 	if mode != 0 {
 		b = append(b, Opt(mode, nil)...)
 		n++
 	}
 	if len(contexts) > 0 {
-		b = append(b, Opt(OptSetMeta, MetaData(contexts...))...)
+		b = append(b, Opt(nbdproto.OptSetMetaContext, MetaData(contexts...))...)
 		n++
 	}
-	b = append(b, Opt(OptGo, GoData())...)
+	b = append(b, Opt(nbdproto.OptGo, GoData())...)
 	if _, err := c.Write(b); err != nil {
 		c.Close()
 		return nil, err
 	}
 	for i := 0; i < n; {
-		var h [20]byte
-		if _, err := io.ReadFull(r, h[:]); err != nil {
+		var hb [nbdproto.OptReplyHeaderLen]byte
+		if _, err := io.ReadFull(r, hb[:]); err != nil {
 			c.Close()
 			return nil, err
 		}
-		if be.Uint64(h[:]) != replyMagic {
+		h, err := nbdproto.DecodeOptReply(hb[:])
+		if err != nil {
 			c.Close()
 			return nil, errors.New("bad option reply magic")
 		}
-		typ, length := be.Uint32(h[12:]), be.Uint32(h[16:])
+		typ, length := h.Type, h.Length
 		if length > maxOptReplySize {
 			c.Close()
 			return nil, fmt.Errorf("option reply of %d bytes", length)
@@ -145,13 +102,13 @@ func Handshake(network, addr string, mode uint32, contexts ...string) (net.Conn,
 			return nil, err
 		}
 		switch typ {
-		case 2, 3, 4: // INFO, SERVER, META_CONTEXT: more to come
+		case nbdproto.RepServer, nbdproto.RepInfo, nbdproto.RepMetaContext: // more to come
 			continue
-		case RepAck:
+		case nbdproto.RepAck:
 			i++
 		default:
 			c.Close()
-			return nil, fmt.Errorf("option %d refused: reply %#x", i, typ)
+			return nil, fmt.Errorf("option %d refused: reply %#x", i, uint32(typ))
 		}
 	}
 	if r.Buffered() > 0 {
@@ -184,7 +141,7 @@ func Sessions(size int64, contexts []string) []Session {
 	for i := range garbage {
 		garbage[i] = byte(rng.Uint32())
 	}
-	flags := be.AppendUint32(nil, ClientFixed|ClientNoZeroes)
+	flags := be.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
 	cat := func(b ...[]byte) []byte {
 		var out []byte
 		for _, x := range b {
@@ -192,7 +149,9 @@ func Sessions(size int64, contexts []string) []Session {
 		}
 		return out
 	}
-	req := func(flags, typ uint16, off, n uint64) []byte { return Req(false, flags, typ, 7, off, n) }
+	req := func(flags nbdproto.CmdFlags, typ nbdproto.Command, off, n uint64) []byte {
+		return Req(false, flags, typ, 7, off, n)
+	}
 	end := uint64(size)
 	ss := []Session{
 		{Name: "garbage", Bytes: garbage},
@@ -201,28 +160,28 @@ func Sessions(size int64, contexts []string) []Session {
 		{Name: "unknown client flags", Bytes: be.AppendUint32(nil, 0xfffffff0)},
 		{Name: "oldstyle zero flags", Bytes: be.AppendUint32(nil, 0)},
 		{Name: "bad option magic", Bytes: cat(flags, garbage[:64])},
-		{Name: "option length 4 GiB", Bytes: cat(flags, Opt(OptGo, nil)[:12], be.AppendUint32(nil, 0xffffffff))},
-		{Name: "export name 1 GiB", Bytes: cat(flags, Opt(OptExportName, nil)[:12], be.AppendUint32(nil, 1<<30), garbage)},
-		{Name: "option 900 KiB (too big, discarded)", Bytes: cat(flags, Opt(OptList, make([]byte, 900<<10)))},
-		{Name: "unknown options", Bytes: cat(flags, Opt(0x7fff, garbage[:100]), Opt(0xffffffff, nil), Opt(OptAbort, nil))},
-		{Name: "meta context query count 4 G", Bytes: cat(flags, Opt(OptStructured, nil), Opt(OptSetMeta, cat(be.AppendUint32(nil, 0), be.AppendUint32(nil, 0xffffffff), garbage[:64])))},
-		{Name: "meta context name length 4 GiB", Bytes: cat(flags, Opt(OptStructured, nil), Opt(OptSetMeta, cat(be.AppendUint32(nil, 0), be.AppendUint32(nil, 1), be.AppendUint32(nil, 0xffffffff))))},
-		{Name: "1024 meta context queries", Bytes: cat(flags, Opt(OptStructured, nil), Opt(OptSetMeta, MetaData(slices.Repeat([]string{string(bytes.Repeat([]byte("q"), 60))}, 1024)...)))},
-		{Name: "go with info count 65535", Bytes: cat(flags, Opt(OptGo, cat(be.AppendUint32(nil, 0), be.AppendUint16(nil, 0xffff))))},
-		{Name: "starttls then garbage", Bytes: cat(flags, Opt(OptStartTLS, nil), garbage[:300])},
-		{Name: "disconnect mid-option", Bytes: cat(flags, Opt(OptList, nil)[:10])},
+		{Name: "option length 4 GiB", Bytes: cat(flags, Opt(nbdproto.OptGo, nil)[:12], be.AppendUint32(nil, 0xffffffff))},
+		{Name: "export name 1 GiB", Bytes: cat(flags, Opt(nbdproto.OptExportName, nil)[:12], be.AppendUint32(nil, 1<<30), garbage)},
+		{Name: "option 900 KiB (too big, discarded)", Bytes: cat(flags, Opt(nbdproto.OptList, make([]byte, 900<<10)))},
+		{Name: "unknown options", Bytes: cat(flags, Opt(0x7fff, garbage[:100]), Opt(0xffffffff, nil), Opt(nbdproto.OptAbort, nil))},
+		{Name: "meta context query count 4 G", Bytes: cat(flags, Opt(nbdproto.OptStructuredReply, nil), Opt(nbdproto.OptSetMetaContext, cat(be.AppendUint32(nil, 0), be.AppendUint32(nil, 0xffffffff), garbage[:64])))},
+		{Name: "meta context name length 4 GiB", Bytes: cat(flags, Opt(nbdproto.OptStructuredReply, nil), Opt(nbdproto.OptSetMetaContext, cat(be.AppendUint32(nil, 0), be.AppendUint32(nil, 1), be.AppendUint32(nil, 0xffffffff))))},
+		{Name: "1024 meta context queries", Bytes: cat(flags, Opt(nbdproto.OptStructuredReply, nil), Opt(nbdproto.OptSetMetaContext, MetaData(slices.Repeat([]string{string(bytes.Repeat([]byte("q"), 60))}, 1024)...)))},
+		{Name: "go with info count 65535", Bytes: cat(flags, Opt(nbdproto.OptGo, cat(be.AppendUint32(nil, 0), be.AppendUint16(nil, 0xffff))))},
+		{Name: "starttls then garbage", Bytes: cat(flags, Opt(nbdproto.OptStartTLS, nil), garbage[:300])},
+		{Name: "disconnect mid-option", Bytes: cat(flags, Opt(nbdproto.OptList, nil)[:10])},
 		{Name: "bad request magic", Handshake: true, Bytes: garbage[:28]},
-		{Name: "read 4 GiB", Handshake: true, Bytes: req(0, CmdRead, 0, 0xffffffff)},
-		{Name: "read past the end", Handshake: true, Bytes: req(0, CmdRead, 1<<62, 4096)},
-		{Name: "read offset overflow", Handshake: true, Bytes: req(0, CmdRead, 0xfffffffffffff000, 0x2000)},
-		{Name: "unknown commands and flags", Handshake: true, Bytes: cat(req(0, 99, 0, 1), req(0xffff, 0xffff, 0, 0), req(0x8000, CmdRead, 0, 512))},
-		{Name: "writes", Handshake: true, Bytes: cat(req(0, CmdWrite, 0, 512), make([]byte, 512), req(0, CmdTrim, 0, 1<<20), req(0, CmdWriteZeroes, 0, 1<<20))},
-		{Name: "write claiming 4 GiB payload", Handshake: true, Bytes: cat(req(0, CmdWrite, 0, 0xffffffff), garbage)},
-		{Name: "half a request", Handshake: true, Bytes: req(0, CmdRead, 0, 512)[:13]},
-		{Name: "block status of 4 GiB at the end", Handshake: true, Bytes: req(0, CmdBlockStatus, end-1, 0xffffffff)},
-		{Name: "abrupt close mid-reply", Handshake: true, Bytes: bytes.Repeat(req(0, CmdRead, 0, uint64(min(size, 32<<20))), 16), ReadSome: 100 << 10},
-		{Name: "close with reads in flight", Handshake: true, Bytes: bytes.Repeat(req(0, CmdRead, 0, uint64(min(size, 1<<20))), 64)},
-		{Name: "many block status then close", Handshake: true, Bytes: bytes.Repeat(req(0, CmdBlockStatus, 0, uint64(min(size, 1<<30))), 200)},
+		{Name: "read 4 GiB", Handshake: true, Bytes: req(0, nbdproto.CmdRead, 0, 0xffffffff)},
+		{Name: "read past the end", Handshake: true, Bytes: req(0, nbdproto.CmdRead, 1<<62, 4096)},
+		{Name: "read offset overflow", Handshake: true, Bytes: req(0, nbdproto.CmdRead, 0xfffffffffffff000, 0x2000)},
+		{Name: "unknown commands and flags", Handshake: true, Bytes: cat(req(0, 99, 0, 1), req(0xffff, 0xffff, 0, 0), req(0x8000, nbdproto.CmdRead, 0, 512))},
+		{Name: "writes", Handshake: true, Bytes: cat(req(0, nbdproto.CmdWrite, 0, 512), make([]byte, 512), req(0, nbdproto.CmdTrim, 0, 1<<20), req(0, nbdproto.CmdWriteZeroes, 0, 1<<20))},
+		{Name: "write claiming 4 GiB payload", Handshake: true, Bytes: cat(req(0, nbdproto.CmdWrite, 0, 0xffffffff), garbage)},
+		{Name: "half a request", Handshake: true, Bytes: req(0, nbdproto.CmdRead, 0, 512)[:13]},
+		{Name: "block status of 4 GiB at the end", Handshake: true, Bytes: req(0, nbdproto.CmdBlockStatus, end-1, 0xffffffff)},
+		{Name: "abrupt close mid-reply", Handshake: true, Bytes: bytes.Repeat(req(0, nbdproto.CmdRead, 0, uint64(min(size, 32<<20))), 16), ReadSome: 100 << 10},
+		{Name: "close with reads in flight", Handshake: true, Bytes: bytes.Repeat(req(0, nbdproto.CmdRead, 0, uint64(min(size, 1<<20))), 64)},
+		{Name: "many block status then close", Handshake: true, Bytes: bytes.Repeat(req(0, nbdproto.CmdBlockStatus, 0, uint64(min(size, 1<<30))), 200)},
 	}
 	for i := range ss {
 		if ss[i].Handshake {
@@ -240,7 +199,7 @@ func Play(network, addr string, s Session, linger time.Duration) error {
 	var c net.Conn
 	var err error
 	if s.Handshake {
-		c, err = Handshake(network, addr, OptStructured, s.Contexts...)
+		c, err = Handshake(network, addr, nbdproto.OptStructuredReply, s.Contexts...)
 	} else {
 		c, err = net.DialTimeout(network, addr, 5*time.Second)
 	}
@@ -278,13 +237,13 @@ func Play(network, addr string, s Session, linger time.Duration) error {
 // length bytes and never reads a reply: a slow reader. Close the
 // connection to let the server go.
 func Stall(network, addr string, n int, length uint64) (net.Conn, error) {
-	c, err := Handshake(network, addr, OptStructured)
+	c, err := Handshake(network, addr, nbdproto.OptStructuredReply)
 	if err != nil {
 		return nil, err
 	}
 	go func() {
 		for j := 0; j < n; j++ {
-			if _, err := c.Write(Req(false, 0, CmdRead, uint64(j), 0, length)); err != nil {
+			if _, err := c.Write(Req(false, 0, nbdproto.CmdRead, uint64(j), 0, length)); err != nil {
 				return
 			}
 		}

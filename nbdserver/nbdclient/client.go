@@ -1,10 +1,16 @@
-package nbdserver
+// Package nbdclient is a small synchronous NBD client: one request at a
+// time under its mutex, the fixed newstyle handshake with TLS, structured
+// replies or extended headers and metadata contexts. nbdgw map NBD-URI and
+// nbdgw attach use it. It bounds option replies to 64 KiB and reply chunks
+// to 64 MiB.
+package nbdclient
 
 import (
 	"bufio"
 	"cmp"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -12,10 +18,14 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 
-// ClientOptions control the client handshake.
-type ClientOptions struct {
+var be = binary.BigEndian
+
+// Options control the client handshake.
+type Options struct {
 	ExportName        string
 	StructuredReplies bool // false for connections handed to the kernel
 	ExtendedHeaders   bool // implies StructuredReplies; falls back to them if refused
@@ -35,27 +45,6 @@ const (
 // not offer a metadata context the client asked for.
 var ErrContextNotOffered = errors.New("nbd: server does not offer metadata context")
 
-// ServerError is an error reply from the server.
-type ServerError struct {
-	Op    string
-	Reply Reply  // option reply error, during the handshake
-	Errno Errno  // transmission error
-	Msg   string // the server's message, if any
-}
-
-func (e *ServerError) Error() string {
-	s := "nbd: " + e.Op + ": "
-	if e.Reply != 0 {
-		s += e.Reply.String()
-	} else {
-		s += e.Errno.String()
-	}
-	if e.Msg != "" {
-		s += ": " + e.Msg
-	}
-	return s
-}
-
 // Client is a synchronous NBD client: one request at a time.
 type Client struct {
 	mu     sync.Mutex // guards conn, r, cookie and requests on the wire
@@ -64,15 +53,15 @@ type Client struct {
 	cookie uint64
 
 	size     int64
-	flags    uint16
-	mode     replyMode
+	flags    nbdproto.Flags
+	mode     nbdproto.ReplyMode
 	contexts map[string]uint32 // negotiated meta contexts by name
 	maxBlock uint32
 }
 
-// NewClient performs the fixed newstyle handshake (ending with NBD_OPT_GO)
+// New performs the fixed newstyle handshake (ending with NBD_OPT_GO)
 // on c. On failure c is closed.
-func NewClient(ctx context.Context, c net.Conn, opts ClientOptions) (*Client, error) {
+func New(ctx context.Context, c net.Conn, opts Options) (*Client, error) {
 	cl := &Client{conn: c, r: bufio.NewReader(c), contexts: map[string]uint32{}}
 	if d, ok := ctx.Deadline(); ok {
 		c.SetDeadline(d)
@@ -92,8 +81,8 @@ func NewClient(ctx context.Context, c net.Conn, opts ClientOptions) (*Client, er
 
 // Dial connects to an NBD URI and performs the handshake. Options in the
 // URI (export name, TLS) fill the fields left zero in opts.
-func Dial(ctx context.Context, uri string, opts ClientOptions) (*Client, error) {
-	u, err := ParseURI(uri)
+func Dial(ctx context.Context, uri string, opts Options) (*Client, error) {
+	u, err := nbdproto.ParseURI(uri)
 	if err != nil {
 		return nil, err
 	}
@@ -110,25 +99,25 @@ func Dial(ctx context.Context, uri string, opts ClientOptions) (*Client, error) 
 	if err != nil {
 		return nil, err
 	}
-	return NewClient(ctx, c, opts)
+	return New(ctx, c, opts)
 }
 
-func (c *Client) handshake(opts ClientOptions) error {
+func (c *Client) handshake(opts Options) error {
 	var hello [18]byte
 	if _, err := io.ReadFull(c.r, hello[:]); err != nil {
 		return fmt.Errorf("nbd: reading server greeting: %w", err)
 	}
-	if be.Uint64(hello[:]) != nbdMagic || be.Uint64(hello[8:]) != optsMagic {
-		return fmt.Errorf("%w: not a newstyle NBD server", errBadMagic)
+	if be.Uint64(hello[:]) != nbdproto.NBDMagic || be.Uint64(hello[8:]) != nbdproto.OptsMagic {
+		return fmt.Errorf("%w: not a newstyle NBD server", nbdproto.ErrBadMagic)
 	}
 	sflags := be.Uint16(hello[16:])
-	if sflags&flagFixedNewstyle == 0 {
+	if sflags&nbdproto.HandshakeFixedNewstyle == 0 {
 		return errors.New("nbd: server does not support fixed newstyle negotiation")
 	}
-	cflags := uint32(clientFlagFixedNewstyle)
-	noZeroes := sflags&flagNoZeroes != 0
+	cflags := uint32(nbdproto.ClientFixedNewstyle)
+	noZeroes := sflags&nbdproto.HandshakeNoZeroes != 0
 	if noZeroes {
-		cflags |= clientFlagNoZeroes
+		cflags |= nbdproto.ClientNoZeroes
 	}
 	if _, err := c.conn.Write(be.AppendUint32(nil, cflags)); err != nil {
 		return err
@@ -142,7 +131,7 @@ func (c *Client) handshake(opts ClientOptions) error {
 		return err
 	}
 	if len(opts.MetaContexts) > 0 {
-		if c.mode == modeSimple {
+		if c.mode == nbdproto.ModeSimple {
 			return errors.New("nbd: meta contexts need structured replies")
 		}
 		if err := c.setMetaContexts(opts.ExportName, opts.MetaContexts); err != nil {
@@ -153,40 +142,40 @@ func (c *Client) handshake(opts ClientOptions) error {
 }
 
 // sendOption sends one option with data.
-func (c *Client) sendOption(opt Option, data []byte) error {
-	b := optHeader{opt: opt, length: uint32(len(data))}.append(nil)
+func (c *Client) sendOption(opt nbdproto.Option, data []byte) error {
+	b := nbdproto.OptHeader{Opt: opt, Length: uint32(len(data))}.Append(nil)
 	_, err := c.conn.Write(append(b, data...))
 	return err
 }
 
 // readOptReply reads one option reply to opt, bounding its length.
-func (c *Client) readOptReply(opt Option) (optReply, []byte, error) {
-	var hb [optReplyHeaderLen]byte
+func (c *Client) readOptReply(opt nbdproto.Option) (nbdproto.OptReply, []byte, error) {
+	var hb [nbdproto.OptReplyHeaderLen]byte
 	if _, err := io.ReadFull(c.r, hb[:]); err != nil {
-		return optReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
+		return nbdproto.OptReply{}, nil, fmt.Errorf("nbd: reading reply to %v: %w", opt, err)
 	}
-	h, err := decodeOptReply(hb[:])
+	h, err := nbdproto.DecodeOptReply(hb[:])
 	if err != nil {
 		return h, nil, err
 	}
-	if h.opt != opt {
-		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", errBadReply, h.opt, opt)
+	if h.Opt != opt {
+		return h, nil, fmt.Errorf("%w: reply to %v while waiting for %v", nbdproto.ErrBadReply, h.Opt, opt)
 	}
-	if h.length > maxOptReplyLen {
-		return h, nil, fmt.Errorf("%w: option reply of %d bytes", errTooLong, h.length)
+	if h.Length > maxOptReplyLen {
+		return h, nil, fmt.Errorf("%w: option reply of %d bytes", nbdproto.ErrTooLong, h.Length)
 	}
-	data := make([]byte, h.length)
+	data := make([]byte, h.Length)
 	if _, err := io.ReadFull(c.r, data); err != nil {
 		return h, nil, err
 	}
-	if h.typ.IsError() {
-		return h, data, &ServerError{Op: opt.String(), Reply: h.typ, Msg: string(data)}
+	if h.Type.IsError() {
+		return h, data, &nbdproto.ServerError{Op: opt.String(), Reply: h.Type, Msg: string(data)}
 	}
 	return h, data, nil
 }
 
 // simpleOption sends an option without data that expects NBD_REP_ACK.
-func (c *Client) simpleOption(opt Option) error {
+func (c *Client) simpleOption(opt nbdproto.Option) error {
 	if err := c.sendOption(opt, nil); err != nil {
 		return err
 	}
@@ -194,14 +183,14 @@ func (c *Client) simpleOption(opt Option) error {
 	if err != nil {
 		return err
 	}
-	if h.typ != RepAck {
-		return fmt.Errorf("%w: %v answered %v", errBadReply, opt, h.typ)
+	if h.Type != nbdproto.RepAck {
+		return fmt.Errorf("%w: %v answered %v", nbdproto.ErrBadReply, opt, h.Type)
 	}
 	return nil
 }
 
 func (c *Client) startTLS(cfg *tls.Config) error {
-	if err := c.simpleOption(OptStartTLS); err != nil {
+	if err := c.simpleOption(nbdproto.OptStartTLS); err != nil {
 		return err
 	}
 	tc := tls.Client(c.conn, cfg)
@@ -213,13 +202,13 @@ func (c *Client) startTLS(cfg *tls.Config) error {
 }
 
 // negotiateMode asks for extended headers and/or structured replies.
-func (c *Client) negotiateMode(opts ClientOptions) error {
+func (c *Client) negotiateMode(opts Options) error {
 	if opts.ExtendedHeaders {
-		err := c.simpleOption(OptExtendedHeaders)
-		var se *ServerError
+		err := c.simpleOption(nbdproto.OptExtendedHeaders)
+		var se *nbdproto.ServerError
 		switch {
 		case err == nil:
-			c.mode = modeExtended
+			c.mode = nbdproto.ModeExtended
 			return nil
 		case !errors.As(err, &se):
 			return err
@@ -227,38 +216,38 @@ func (c *Client) negotiateMode(opts ClientOptions) error {
 		opts.StructuredReplies = true
 	}
 	if opts.StructuredReplies {
-		if err := c.simpleOption(OptStructuredReply); err != nil {
+		if err := c.simpleOption(nbdproto.OptStructuredReply); err != nil {
 			return err
 		}
-		c.mode = modeStructured
+		c.mode = nbdproto.ModeStructured
 	}
 	return nil
 }
 
 func (c *Client) setMetaContexts(export string, names []string) error {
-	data := metaContextRequest{export: export, queries: names}.append(nil)
-	if err := c.sendOption(OptSetMetaContext, data); err != nil {
+	data := nbdproto.MetaContextRequest{Export: export, Queries: names}.Append(nil)
+	if err := c.sendOption(nbdproto.OptSetMetaContext, data); err != nil {
 		return err
 	}
 	for {
-		h, data, err := c.readOptReply(OptSetMetaContext)
+		h, data, err := c.readOptReply(nbdproto.OptSetMetaContext)
 		if err != nil {
 			return err
 		}
-		switch h.typ {
-		case RepAck:
+		switch h.Type {
+		case nbdproto.RepAck:
 			for _, n := range names {
 				if _, ok := c.contexts[n]; !ok {
 					// Leave politely: the caller may well retry with
 					// other contexts.
-					c.sendOption(OptAbort, nil)
+					c.sendOption(nbdproto.OptAbort, nil)
 					return fmt.Errorf("%w %q", ErrContextNotOffered, n)
 				}
 			}
 			return nil
-		case RepMetaContext:
+		case nbdproto.RepMetaContext:
 			if len(data) < 4 {
-				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", errBadReply)
+				return fmt.Errorf("%w: short NBD_REP_META_CONTEXT", nbdproto.ErrBadReply)
 			}
 			c.contexts[string(data[4:])] = be.Uint32(data)
 		}
@@ -268,27 +257,27 @@ func (c *Client) setMetaContexts(export string, names []string) error {
 // optGo enters transmission with NBD_OPT_GO, or NBD_OPT_EXPORT_NAME when
 // the server does not know NBD_OPT_GO.
 func (c *Client) optGo(export string, noZeroes bool) error {
-	data := infoRequest{export: export, infos: []uint16{infoBlockSize}}.append(nil)
-	if err := c.sendOption(OptGo, data); err != nil {
+	data := nbdproto.InfoRequest{Export: export, Infos: []nbdproto.Info{nbdproto.InfoBlockSize}}.Append(nil)
+	if err := c.sendOption(nbdproto.OptGo, data); err != nil {
 		return err
 	}
 	gotExport := false
 	for {
-		h, data, err := c.readOptReply(OptGo)
-		var se *ServerError
-		if errors.As(err, &se) && se.Reply == RepErrUnsup {
+		h, data, err := c.readOptReply(nbdproto.OptGo)
+		var se *nbdproto.ServerError
+		if errors.As(err, &se) && se.Reply == nbdproto.RepErrUnsup {
 			return c.exportName(export, noZeroes)
 		}
 		if err != nil {
 			return err
 		}
-		switch h.typ {
-		case RepAck:
+		switch h.Type {
+		case nbdproto.RepAck:
 			if !gotExport {
-				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", errBadReply)
+				return fmt.Errorf("%w: NBD_OPT_GO without NBD_INFO_EXPORT", nbdproto.ErrBadReply)
 			}
 			return nil
-		case RepInfo:
+		case nbdproto.RepInfo:
 			gotExport = c.parseInfo(data) || gotExport
 		}
 	}
@@ -300,13 +289,13 @@ func (c *Client) parseInfo(b []byte) bool {
 	if len(b) < 2 {
 		return false
 	}
-	switch be.Uint16(b) {
-	case infoExport:
+	switch nbdproto.Info(be.Uint16(b)) {
+	case nbdproto.InfoExport:
 		if len(b) >= 12 {
-			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), be.Uint16(b[10:])
+			c.size, c.flags = int64(be.Uint64(b[2:])&math.MaxInt64), nbdproto.Flags(be.Uint16(b[10:]))
 			return true
 		}
-	case infoBlockSize:
+	case nbdproto.InfoBlockSize:
 		if len(b) >= 14 {
 			c.maxBlock = be.Uint32(b[10:])
 		}
@@ -315,7 +304,7 @@ func (c *Client) parseInfo(b []byte) bool {
 }
 
 func (c *Client) exportName(export string, noZeroes bool) error {
-	if err := c.sendOption(OptExportName, []byte(export)); err != nil {
+	if err := c.sendOption(nbdproto.OptExportName, []byte(export)); err != nil {
 		return err
 	}
 	n := 10
@@ -326,7 +315,7 @@ func (c *Client) exportName(export string, noZeroes bool) error {
 	if _, err := io.ReadFull(c.r, b); err != nil {
 		return fmt.Errorf("nbd: NBD_OPT_EXPORT_NAME %q: %w", export, err)
 	}
-	c.size, c.flags = int64(be.Uint64(b)&math.MaxInt64), be.Uint16(b[8:])
+	c.size, c.flags = int64(be.Uint64(b)&math.MaxInt64), nbdproto.Flags(be.Uint16(b[8:]))
 	return nil
 }
 
@@ -338,7 +327,10 @@ func (c *Client) Size() int64 { return c.size }
 func (c *Client) MaxBlock() int64 { return int64(c.maxBlock) }
 
 // TransmissionFlags are the flags the server advertised.
-func (c *Client) TransmissionFlags() uint16 { return c.flags }
+func (c *Client) TransmissionFlags() nbdproto.Flags { return c.flags }
+
+// Mode is how replies are framed, as negotiated.
+func (c *Client) Mode() nbdproto.ReplyMode { return c.mode }
 
 // Conn is the connection after the handshake.
 func (c *Client) Conn() net.Conn { return c.conn }
@@ -348,17 +340,17 @@ func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cookie++
-	c.conn.Write(request{typ: CmdDisc, cookie: c.cookie}.append(nil, c.mode == modeExtended))
+	c.conn.Write(nbdproto.Request{Type: nbdproto.CmdDisc, Cookie: c.cookie}.Append(nil, c.mode == nbdproto.ModeExtended))
 	return c.conn.Close()
 }
 
 // request sends one request and calls chunk for each reply chunk (or once
 // with the simple reply's header) until the reply is done. Caller holds mu.
-func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader) error) error {
+func (c *Client) roundTrip(req nbdproto.Request, payload []byte, chunk func(h nbdproto.ReplyHeader) error) error {
 	c.cookie++
-	req.cookie = c.cookie
-	ext := c.mode == modeExtended
-	bufs := net.Buffers{req.append(nil, ext)}
+	req.Cookie = c.cookie
+	ext := c.mode == nbdproto.ModeExtended
+	bufs := net.Buffers{req.Append(nil, ext)}
 	if len(payload) > 0 {
 		bufs = append(bufs, payload)
 	}
@@ -371,58 +363,58 @@ func (c *Client) roundTrip(req request, payload []byte, chunk func(h replyHeader
 		if err != nil {
 			return err
 		}
-		if h.cookie != req.cookie {
-			return fmt.Errorf("%w: cookie %d, want %d", errBadReply, h.cookie, req.cookie)
+		if h.Cookie != req.Cookie {
+			return fmt.Errorf("%w: cookie %d, want %d", nbdproto.ErrBadReply, h.Cookie, req.Cookie)
 		}
-		if h.magic != simpleReplyMagic && h.length > maxClientChunk {
-			return fmt.Errorf("%w: chunk of %d bytes", errTooLong, h.length)
+		if h.Magic != nbdproto.SimpleReplyMagic && h.Length > maxClientChunk {
+			return fmt.Errorf("%w: chunk of %d bytes", nbdproto.ErrTooLong, h.Length)
 		}
 		if err := chunk(h); err != nil {
-			var se *ServerError
+			var se *nbdproto.ServerError
 			if !errors.As(err, &se) {
 				return err // the stream is out of sync
 			}
 			failure = err
 		}
-		if h.magic == simpleReplyMagic || h.flags&replyFlagDone != 0 {
+		if h.Magic == nbdproto.SimpleReplyMagic || h.Flags&nbdproto.ReplyFlagDone != 0 {
 			return failure
 		}
 	}
 }
 
-func (c *Client) readReplyHeader() (replyHeader, error) {
-	var b [extendedReplyLen]byte
+func (c *Client) readReplyHeader() (nbdproto.ReplyHeader, error) {
+	var b [nbdproto.ExtendedReplyLen]byte
 	if _, err := io.ReadFull(c.r, b[:4]); err != nil {
-		return replyHeader{}, err
+		return nbdproto.ReplyHeader{}, err
 	}
-	n := replyHeaderLen(be.Uint32(b[:]))
+	n := nbdproto.ReplyHeaderLen(be.Uint32(b[:]))
 	if n == 0 {
-		return replyHeader{}, fmt.Errorf("%w: reply magic %#x", errBadMagic, be.Uint32(b[:]))
+		return nbdproto.ReplyHeader{}, fmt.Errorf("%w: reply magic %#x", nbdproto.ErrBadMagic, be.Uint32(b[:]))
 	}
 	if _, err := io.ReadFull(c.r, b[4:n]); err != nil {
-		return replyHeader{}, err
+		return nbdproto.ReplyHeader{}, err
 	}
-	return decodeReplyHeader(b[:n])
+	return nbdproto.DecodeReplyHeader(b[:n])
 }
 
 // readPayload reads a chunk's payload (bounded by roundTrip).
-func (c *Client) readPayload(h replyHeader) ([]byte, error) {
-	b := make([]byte, h.length)
+func (c *Client) readPayload(h nbdproto.ReplyHeader) ([]byte, error) {
+	b := make([]byte, h.Length)
 	_, err := io.ReadFull(c.r, b)
 	return b, err
 }
 
 // errorChunk turns an error chunk into a ServerError.
-func (c *Client) errorChunk(op string, h replyHeader) error {
+func (c *Client) errorChunk(op string, h nbdproto.ReplyHeader) error {
 	b, err := c.readPayload(h)
 	if err != nil {
 		return err
 	}
-	errno, msg, err := decodeErrorPayload(b)
+	errno, msg, err := nbdproto.DecodeErrorPayload(b)
 	if err != nil {
 		return err
 	}
-	return &ServerError{Op: op, Errno: errno, Msg: msg}
+	return &nbdproto.ServerError{Op: op, Errno: errno, Msg: msg}
 }
 
 // ReadAt reads len(p) bytes at off, in requests no larger than the
@@ -467,12 +459,12 @@ func (c *Client) inChunks(length int, fn func(at, n int) error) (int, error) {
 
 // read issues one NBD_CMD_READ.
 func (c *Client) read(p []byte, off int64) error {
-	req := request{typ: CmdRead, offset: uint64(off), length: uint64(len(p))}
+	req := nbdproto.Request{Type: nbdproto.CmdRead, Offset: uint64(off), Length: uint64(len(p))}
 	var got int64
-	err := c.roundTrip(req, nil, func(h replyHeader) error {
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				return &ServerError{Op: "NBD_CMD_READ", Errno: h.errno}
+	err := c.roundTrip(req, nil, func(h nbdproto.ReplyHeader) error {
+		if h.Magic == nbdproto.SimpleReplyMagic {
+			if h.Errno != 0 {
+				return &nbdproto.ServerError{Op: "NBD_CMD_READ", Errno: h.Errno}
 			}
 			got = int64(len(p))
 			_, err := io.ReadFull(c.r, p)
@@ -481,7 +473,7 @@ func (c *Client) read(p []byte, off int64) error {
 		return c.readChunk(h, p, off, &got)
 	})
 	if err == nil && got != int64(len(p)) {
-		err = fmt.Errorf("%w: read reply covered %d of %d bytes", errBadReply, got, len(p))
+		err = fmt.Errorf("%w: read reply covered %d of %d bytes", nbdproto.ErrBadReply, got, len(p))
 	}
 	return err
 }
@@ -492,10 +484,10 @@ type ReadRequest struct {
 	Off int64
 }
 
-// maxBatch bounds the requests a ReadBatch sends before reading replies,
+// MaxBatch bounds the requests a ReadBatch sends before reading replies,
 // so that the requests always fit in the socket's buffer (a server that
 // stops reading while its replies wait cannot block us for ever).
-const maxBatch = 64
+const MaxBatch = 64
 
 // ReadBatch sends every read of reqs before waiting for any reply, so that
 // they are in flight together on the connection, then takes the replies in
@@ -503,8 +495,8 @@ const maxBatch = 64
 // export and be no larger than the server's maximum block size (2 MiB is
 // safe with every server). It returns the first error.
 func (c *Client) ReadBatch(reqs []ReadRequest) error {
-	if len(reqs) > maxBatch {
-		return fmt.Errorf("nbd: batch of %d reads, at most %d", len(reqs), maxBatch)
+	if len(reqs) > MaxBatch {
+		return fmt.Errorf("nbd: batch of %d reads, at most %d", len(reqs), MaxBatch)
 	}
 	for _, r := range reqs {
 		if r.Off < 0 || r.Off > c.size || int64(len(r.P)) > c.size-r.Off || (c.maxBlock > 0 && len(r.P) > int(c.maxBlock)) {
@@ -513,12 +505,12 @@ func (c *Client) ReadBatch(reqs []ReadRequest) error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	ext := c.mode == modeExtended
+	ext := c.mode == nbdproto.ModeExtended
 	first := c.cookie + 1
 	var b []byte
 	for _, r := range reqs {
 		c.cookie++
-		b = request{typ: CmdRead, cookie: c.cookie, offset: uint64(r.Off), length: uint64(len(r.P))}.append(b, ext)
+		b = nbdproto.Request{Type: nbdproto.CmdRead, Cookie: c.cookie, Offset: uint64(r.Off), Length: uint64(len(r.P))}.Append(b, ext)
 	}
 	if _, err := c.conn.Write(b); err != nil {
 		return err
@@ -531,18 +523,18 @@ func (c *Client) ReadBatch(reqs []ReadRequest) error {
 		if err != nil {
 			return err
 		}
-		i := int(h.cookie - first)
-		if h.cookie < first || i >= len(reqs) || got[i] < 0 {
-			return fmt.Errorf("%w: reply cookie %d to none of the reads in flight", errBadReply, h.cookie)
+		i := int(h.Cookie - first)
+		if h.Cookie < first || i >= len(reqs) || got[i] < 0 {
+			return fmt.Errorf("%w: reply cookie %d to none of the reads in flight", nbdproto.ErrBadReply, h.Cookie)
 		}
 		r := reqs[i]
-		if h.magic != simpleReplyMagic && h.length > maxClientChunk {
-			return fmt.Errorf("%w: chunk of %d bytes", errTooLong, h.length)
+		if h.Magic != nbdproto.SimpleReplyMagic && h.Length > maxClientChunk {
+			return fmt.Errorf("%w: chunk of %d bytes", nbdproto.ErrTooLong, h.Length)
 		}
-		done := h.magic == simpleReplyMagic || h.flags&replyFlagDone != 0
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				err = &ServerError{Op: "NBD_CMD_READ", Errno: h.errno}
+		done := h.Magic == nbdproto.SimpleReplyMagic || h.Flags&nbdproto.ReplyFlagDone != 0
+		if h.Magic == nbdproto.SimpleReplyMagic {
+			if h.Errno != 0 {
+				err = &nbdproto.ServerError{Op: "NBD_CMD_READ", Errno: h.Errno}
 			} else if _, err = io.ReadFull(c.r, r.P); err == nil {
 				got[i] = int64(len(r.P))
 			}
@@ -550,7 +542,7 @@ func (c *Client) ReadBatch(reqs []ReadRequest) error {
 			err = c.readChunk(h, r.P, r.Off, &got[i])
 		}
 		if err != nil {
-			var se *ServerError
+			var se *nbdproto.ServerError
 			if !errors.As(err, &se) {
 				return err // the stream is out of sync
 			}
@@ -558,7 +550,7 @@ func (c *Client) ReadBatch(reqs []ReadRequest) error {
 		}
 		if done {
 			if failure == nil && got[i] != int64(len(r.P)) {
-				failure = fmt.Errorf("%w: read reply covered %d of %d bytes", errBadReply, got[i], len(r.P))
+				failure = fmt.Errorf("%w: read reply covered %d of %d bytes", nbdproto.ErrBadReply, got[i], len(r.P))
 			}
 			got[i] = -1
 			open--
@@ -568,38 +560,38 @@ func (c *Client) ReadBatch(reqs []ReadRequest) error {
 }
 
 // readChunk handles one structured chunk of a read reply.
-func (c *Client) readChunk(h replyHeader, p []byte, off int64, got *int64) error {
-	switch h.typ {
-	case replyTypeNone:
+func (c *Client) readChunk(h nbdproto.ReplyHeader, p []byte, off int64, got *int64) error {
+	switch h.Type {
+	case nbdproto.ReplyTypeNone:
 		return nil
-	case replyTypeError, replyTypeErrorOffset:
+	case nbdproto.ReplyTypeError, nbdproto.ReplyTypeErrorOffset:
 		return c.errorChunk("NBD_CMD_READ", h)
-	case replyTypeOffsetData:
-		if h.length < offsetDataHdrLen {
-			return fmt.Errorf("%w: short OFFSET_DATA", errBadReply)
+	case nbdproto.ReplyTypeOffsetData:
+		if h.Length < nbdproto.OffsetDataHdrLen {
+			return fmt.Errorf("%w: short OFFSET_DATA", nbdproto.ErrBadReply)
 		}
 		var ob [8]byte
 		if _, err := io.ReadFull(c.r, ob[:]); err != nil {
 			return err
 		}
-		start, n := int64(be.Uint64(ob[:]))-off, int64(h.length-offsetDataHdrLen)
+		start, n := int64(be.Uint64(ob[:]))-off, int64(h.Length-nbdproto.OffsetDataHdrLen)
 		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
-			return fmt.Errorf("%w: OFFSET_DATA outside the request", errBadReply)
+			return fmt.Errorf("%w: OFFSET_DATA outside the request", nbdproto.ErrBadReply)
 		}
 		*got += n
 		_, err := io.ReadFull(c.r, p[start:start+n])
 		return err
-	case replyTypeOffsetHole:
+	case nbdproto.ReplyTypeOffsetHole:
 		b, err := c.readPayload(h)
 		if err != nil {
 			return err
 		}
-		if len(b) != offsetHoleLen {
-			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", errBadReply, len(b))
+		if len(b) != nbdproto.OffsetHoleLen {
+			return fmt.Errorf("%w: OFFSET_HOLE of %d bytes", nbdproto.ErrBadReply, len(b))
 		}
 		start, n := int64(be.Uint64(b))-off, int64(be.Uint32(b[8:]))
 		if start < 0 || start > int64(len(p)) || n > int64(len(p))-start {
-			return fmt.Errorf("%w: OFFSET_HOLE outside the request", errBadReply)
+			return fmt.Errorf("%w: OFFSET_HOLE outside the request", nbdproto.ErrBadReply)
 		}
 		clear(p[start : start+n])
 		*got += n
@@ -608,7 +600,7 @@ func (c *Client) readChunk(h replyHeader, p []byte, off int64, got *int64) error
 	if _, err := c.readPayload(h); err != nil {
 		return err
 	}
-	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", errBadReply, h.typ)
+	return fmt.Errorf("%w: unexpected chunk type %d to NBD_CMD_READ", nbdproto.ErrBadReply, h.Type)
 }
 
 // HasContext reports whether the meta context name was negotiated.
@@ -637,7 +629,7 @@ func (c *Client) BlockStatus(ctx context.Context, context string, off, length in
 			return err
 		}
 		if n <= 0 {
-			return fmt.Errorf("%w: block status made no progress at %d", errBadReply, off)
+			return fmt.Errorf("%w: block status made no progress at %d", nbdproto.ErrBadReply, off)
 		}
 		off += n
 	}
@@ -647,31 +639,31 @@ func (c *Client) BlockStatus(ctx context.Context, context string, off, length in
 // blockStatus issues one NBD_CMD_BLOCK_STATUS and returns how far its
 // extents reached.
 func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
-	ext := c.mode == modeExtended
-	req := request{typ: CmdBlockStatus, offset: uint64(off), length: uint64(length)}
+	ext := c.mode == nbdproto.ModeExtended
+	req := nbdproto.Request{Type: nbdproto.CmdBlockStatus, Offset: uint64(off), Length: uint64(length)}
 	if !ext {
-		req.length = uint64(min(length, 1<<31))
+		req.Length = uint64(min(length, 1<<31))
 	}
 	var payload []byte
-	if ext && len(c.contexts) > 1 && c.flags&FlagBlockStatusPayload != 0 {
-		payload = blockStatusPayload{length: req.length, ids: []uint32{id}}.append(nil)
-		req.flags |= CmdFlagPayloadLen
-		req.length = uint64(len(payload))
+	if ext && len(c.contexts) > 1 && c.flags&nbdproto.FlagBlockStatusPayload != 0 {
+		payload = nbdproto.BlockStatusPayload{Length: req.Length, IDs: []uint32{id}}.Append(nil)
+		req.Flags |= nbdproto.CmdFlagPayloadLen
+		req.Length = uint64(len(payload))
 	}
 	var done int64
 	var userErr error // fn's error: the rest of the reply is still read
 	seen := false
-	err := c.roundTrip(req, payload, func(h replyHeader) error {
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				return &ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.errno}
+	err := c.roundTrip(req, payload, func(h nbdproto.ReplyHeader) error {
+		if h.Magic == nbdproto.SimpleReplyMagic {
+			if h.Errno != 0 {
+				return &nbdproto.ServerError{Op: "NBD_CMD_BLOCK_STATUS", Errno: h.Errno}
 			}
 			return nil
 		}
-		switch h.typ {
-		case replyTypeError, replyTypeErrorOffset:
+		switch h.Type {
+		case nbdproto.ReplyTypeError, nbdproto.ReplyTypeErrorOffset:
 			return c.errorChunk("NBD_CMD_BLOCK_STATUS", h)
-		case replyTypeNone:
+		case nbdproto.ReplyTypeNone:
 			return nil
 		}
 		b, err := c.readPayload(h)
@@ -679,15 +671,15 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 			return err
 		}
 		// With extended headers the server may use either chunk type.
-		if (h.typ == replyTypeBlockStatusExt && !ext) || (h.typ != replyTypeBlockStatus && h.typ != replyTypeBlockStatusExt) {
-			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", errBadReply, h.typ)
+		if (h.Type == nbdproto.ReplyTypeBlockStatusExt && !ext) || (h.Type != nbdproto.ReplyTypeBlockStatus && h.Type != nbdproto.ReplyTypeBlockStatusExt) {
+			return fmt.Errorf("%w: chunk type %d to NBD_CMD_BLOCK_STATUS", nbdproto.ErrBadReply, h.Type)
 		}
-		cid, es, err := decodeBlockStatus(b, h.typ == replyTypeBlockStatusExt)
+		cid, es, err := nbdproto.DecodeBlockStatus(b, h.Type == nbdproto.ReplyTypeBlockStatusExt)
 		if err != nil || cid != id {
 			return err
 		}
 		if seen {
-			return fmt.Errorf("%w: two block status chunks for context %d", errBadReply, id)
+			return fmt.Errorf("%w: two block status chunks for context %d", nbdproto.ErrBadReply, id)
 		}
 		seen = true
 		done, userErr = deliverExtents(es, off, length, fn)
@@ -697,20 +689,20 @@ func (c *Client) blockStatus(id uint32, off, length int64, fn func(off, length i
 		err = userErr
 	}
 	if err == nil && !seen {
-		err = fmt.Errorf("%w: no block status chunk for context %d", errBadReply, id)
+		err = fmt.Errorf("%w: no block status chunk for context %d", nbdproto.ErrBadReply, id)
 	}
 	return done, err
 }
 
 // deliverExtents passes extents to fn, clipping the last to the request.
-func deliverExtents(es []extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
+func deliverExtents(es []nbdproto.Extent, off, length int64, fn func(off, length int64, flags uint32) error) (int64, error) {
 	var done int64
 	for _, e := range es {
-		if e.length == 0 {
-			return done, fmt.Errorf("%w: zero-length extent", errBadReply)
+		if e.Length == 0 {
+			return done, fmt.Errorf("%w: zero-length extent", nbdproto.ErrBadReply)
 		}
-		n := int64(min(e.length, uint64(length-done)))
-		if err := fn(off+done, n, uint32(e.flags)); err != nil {
+		n := int64(min(e.Length, uint64(length-done)))
+		if err := fn(off+done, n, uint32(e.Flags)); err != nil {
 			return done, err
 		}
 		if done += n; done >= length {
@@ -728,17 +720,17 @@ func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 
 // WriteFlags is WriteAt with command flags (CmdFlagFUA: every request is
 // durable before the server answers it).
-func (c *Client) WriteFlags(p []byte, off int64, flags uint16) error {
+func (c *Client) WriteFlags(p []byte, off int64, flags nbdproto.CmdFlags) error {
 	_, err := c.write(p, off, flags)
 	return err
 }
 
-func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
+func (c *Client) write(p []byte, off int64, flags nbdproto.CmdFlags) (int, error) {
 	if off < 0 || off > c.size || int64(len(p)) > c.size-off {
 		return 0, fmt.Errorf("nbd: write of %d bytes at %d outside the export", len(p), off)
 	}
 	return c.inChunks(len(p), func(at, n int) error {
-		req := request{typ: CmdWrite, flags: flags, offset: uint64(off + int64(at)), length: uint64(n)}
+		req := nbdproto.Request{Type: nbdproto.CmdWrite, Flags: flags, Offset: uint64(off + int64(at)), Length: uint64(n)}
 		return c.command(req, p[at:at+n])
 	})
 }
@@ -746,38 +738,38 @@ func (c *Client) write(p []byte, off int64, flags uint16) (int, error) {
 // WriteZeroes makes [off, off+length) read as zeroes. flags may hold
 // CmdFlagFUA, CmdFlagNoHole (keep the range allocated) and
 // CmdFlagFastZero (fail with NBD_ENOTSUP unless zeroing is cheap).
-func (c *Client) WriteZeroes(off, length int64, flags uint16) error {
-	return c.rangeCommand(CmdWriteZeroes, off, length, flags)
+func (c *Client) WriteZeroes(off, length int64, flags nbdproto.CmdFlags) error {
+	return c.rangeCommand(nbdproto.CmdWriteZeroes, off, length, flags)
 }
 
 // Trim tells the server [off, off+length) is no longer needed. flags may
 // hold CmdFlagFUA.
-func (c *Client) Trim(off, length int64, flags uint16) error {
-	return c.rangeCommand(CmdTrim, off, length, flags)
+func (c *Client) Trim(off, length int64, flags nbdproto.CmdFlags) error {
+	return c.rangeCommand(nbdproto.CmdTrim, off, length, flags)
 }
 
 // Flush asks the server to make every write it has answered durable.
 func (c *Client) Flush() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.command(request{typ: CmdFlush}, nil)
+	return c.command(nbdproto.Request{Type: nbdproto.CmdFlush}, nil)
 }
 
 // rangeCommand issues a command without payload over a range, split into
 // 32-bit lengths unless extended headers are on.
-func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) error {
+func (c *Client) rangeCommand(typ nbdproto.Command, off, length int64, flags nbdproto.CmdFlags) error {
 	if off < 0 || length < 0 {
 		return fmt.Errorf("nbd: %v of %d bytes at %d", typ, length, off)
 	}
 	step := int64(math.MaxUint32 &^ 0xfff)
-	if c.mode == modeExtended {
+	if c.mode == nbdproto.ModeExtended {
 		step = math.MaxInt64
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
 		n := min(step, length)
-		req := request{typ: typ, flags: flags, offset: uint64(off), length: uint64(n)}
+		req := nbdproto.Request{Type: typ, Flags: flags, Offset: uint64(off), Length: uint64(n)}
 		if err := c.command(req, nil); err != nil {
 			return err
 		}
@@ -789,24 +781,24 @@ func (c *Client) rangeCommand(typ Command, off, length int64, flags uint16) erro
 }
 
 // command issues one request whose reply carries no data. Caller holds mu.
-func (c *Client) command(req request, payload []byte) error {
-	op := req.typ.String()
-	return c.roundTrip(req, payload, func(h replyHeader) error {
-		if h.magic == simpleReplyMagic {
-			if h.errno != 0 {
-				return &ServerError{Op: op, Errno: h.errno}
+func (c *Client) command(req nbdproto.Request, payload []byte) error {
+	op := req.Type.String()
+	return c.roundTrip(req, payload, func(h nbdproto.ReplyHeader) error {
+		if h.Magic == nbdproto.SimpleReplyMagic {
+			if h.Errno != 0 {
+				return &nbdproto.ServerError{Op: op, Errno: h.Errno}
 			}
 			return nil
 		}
-		switch h.typ {
-		case replyTypeNone:
+		switch h.Type {
+		case nbdproto.ReplyTypeNone:
 			return nil
-		case replyTypeError, replyTypeErrorOffset:
+		case nbdproto.ReplyTypeError, nbdproto.ReplyTypeErrorOffset:
 			return c.errorChunk(op, h)
 		}
 		if _, err := c.readPayload(h); err != nil {
 			return err
 		}
-		return fmt.Errorf("%w: unexpected chunk type %d to %s", errBadReply, h.typ, op)
+		return fmt.Errorf("%w: unexpected chunk type %d to %s", nbdproto.ErrBadReply, h.Type, op)
 	})
 }

@@ -1,4 +1,4 @@
-package nbdserver
+package nbdproto
 
 import (
 	"crypto/tls"
