@@ -11,7 +11,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/qcow2"
 )
 

@@ -5,7 +5,7 @@ import (
 	"os/exec"
 	"testing"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 )
 
 func TestMapFileName(t *testing.T) {

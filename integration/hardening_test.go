@@ -18,7 +18,7 @@ import (
 
 	"github.com/nbdgw/nbdgw/internal/corpus"
 	"github.com/nbdgw/nbdgw/internal/hostile"
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"
 )

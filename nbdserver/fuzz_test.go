@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 )
 

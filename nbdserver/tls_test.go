@@ -5,7 +5,7 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/nbdserver/testcerts"

@@ -18,9 +18,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
+	"github.com/nbdgw/nbdgw/internal/qemumap"
 	"github.com/nbdgw/nbdgw/qcow2"
-	"github.com/nbdgw/nbdgw/qemumap"
 )
 
 func needTools(t testing.TB, tools ...string) {

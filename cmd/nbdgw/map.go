@@ -6,10 +6,10 @@ import (
 	"os"
 	"strings"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
+	"github.com/nbdgw/nbdgw/internal/qemumap"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
-	"github.com/nbdgw/nbdgw/qemumap"
 )
 
 func cmdMap(args []string) error {

@@ -6,10 +6,10 @@ import (
 	"net"
 	"strings"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
+	"github.com/nbdgw/nbdgw/internal/qemumap"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
-	"github.com/nbdgw/nbdgw/qemumap"
 )
 
 // mapURI prints the map of the NBD server at uri: with a context, what

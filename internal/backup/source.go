@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nbdgw/nbdgw/metactx"
+	"github.com/nbdgw/nbdgw/internal/metactx"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdclient"
 	"github.com/nbdgw/nbdgw/nbdserver/nbdproto"
 	"github.com/nbdgw/nbdgw/qcow2"
