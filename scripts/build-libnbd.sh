@@ -46,11 +46,19 @@ apt=(apt-get -q -o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::Source
 (cd "$tmp/src" && grep -q "$(sha256sum "libnbd_$version.orig.tar.gz" | cut -d' ' -f1)" "libnbd_$version-1.dsc")
 tar -C "$tmp/src" -xzf "$tmp/src/libnbd_$version.orig.tar.gz"
 cd "$tmp/src/libnbd-$version"
-./configure --prefix="$prefix" --disable-ocaml --disable-golang --disable-rust --disable-fuse \
-	--disable-ublk --without-bash-completions \
-	--with-python-installdir="$prefix/lib/python3/site-packages" >&2
-make -j"$(nproc)" >&2
-rm -rf "$prefix"
-make install >&2
+# The build's output goes to a log, shown only when the build fails.
+log="$tmp/build.log"
+build() {
+	./configure --prefix="$prefix" --disable-ocaml --disable-golang --disable-rust --disable-fuse \
+		--disable-ublk --without-bash-completions \
+		--with-python-installdir="$prefix/lib/python3/site-packages" &&
+		make -j"$(nproc)" && rm -rf "$prefix" && make install
+}
+echo "build-libnbd: building libnbd $version into $prefix" >&2
+if ! build >"$log" 2>&1; then
+	tail -n 60 "$log" >&2
+	echo "build-libnbd: the build of libnbd $version failed (the log's end above)" >&2
+	exit 1
+fi
 echo "$version" >"$prefix/.version"
 echo "$prefix"
