@@ -109,6 +109,9 @@ func cmdServe(args []string) error {
 		cfg.Exports = []*nbdserver.Export{{Name: exportName, Description: *description}}
 	}
 	if err := cfg.Validate(); err != nil {
+		if multi {
+			return usagef("%v", err) // names and descriptions of --export
+		}
 		return err
 	}
 	if *tlsCreds != "" {
