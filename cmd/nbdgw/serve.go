@@ -32,7 +32,7 @@ func cmdServe(args []string) error {
 	fs.StringVar(&exportName, "x", "", "")
 	description := fs.String("description", "", "export description `TEXT` sent to clients (NBD_INFO_DESCRIPTION), at most 4096 bytes")
 	var exports exportsFlag
-	fs.Var(&exports, "export", "serve IMAGE as export NAME (repeatable; the first is the default export): `NAME=IMAGE[,writable][,no-backing][,description=TEXT]`; NAME ends at the first '=', a single ',' ends IMAGE and each option, \",,\" is a literal comma")
+	fs.Var(&exports, "export", "serve an image as export `NAME=IMAGE[,writable][,no-backing][,description=TEXT]` (repeatable, instead of IMAGE; the first is the default export): NAME ends at the first '=', a single ',' ends IMAGE and each option, \",,\" is a literal comma (a file a,b is a,,b); read-only unless ,writable")
 	exportDir := fs.String("export-dir", "", "serve every regular file of `DIR` as an export named by its file name, looked up when a client asks (new files appear without a restart), every file of its chain confined to DIR; opened at first use, closed when its last client is done; read-only unless --writable")
 	imgFlags := addImageFlags(fs)
 	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain), or to the --export-dir images")
