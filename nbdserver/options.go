@@ -215,7 +215,11 @@ func (n *negotiation) optList() error {
 		list = append(list, ExportInfo{e.Name, e.Description})
 	}
 	if n.srv.cfg.List != nil {
-		list = append(list, n.srv.cfg.List()...)
+		for _, e := range n.srv.cfg.List() {
+			if n.srv.export(e.Name) == nil || e.Name == "" { // Exports win
+				list = append(list, e)
+			}
+		}
 	}
 	for _, e := range list {
 		b := nbdproto.AppendString(nil, e.Name)
