@@ -75,11 +75,14 @@ func TestExportsStatic(t *testing.T) {
 	sock := filepath.Join(dir, "s.sock")
 	nbdStart(t, sock, bin, "serve", "-k", sock,
 		"--export", "disk-a="+a+",description=the first disk,, read-only",
-		"--export", "disk-b="+strings.ReplaceAll(b, ",", ",,")+",writable,description=scratch")
+		"--export", "disk-b="+strings.ReplaceAll(b, ",", ",,")+",writable,description=scratch",
+		// The same file again, read-only: opened once (a second open
+		// would conflict with the writable one's locks).
+		"--export", "alias-b="+strings.ReplaceAll(b, ",", ",,"))
 
 	l := nbdinfoList(t, sock)
-	if len(l) != 2 {
-		t.Fatalf("nbdinfo --list: %d exports, want 2: %v", len(l), l)
+	if len(l) != 3 {
+		t.Fatalf("nbdinfo --list: %d exports, want 3: %v", len(l), l)
 	}
 	ea, eb := l["disk-a"], l["disk-b"]
 	if ea.Description != "the first disk, read-only" || eb.Description != "scratch" {
@@ -117,6 +120,8 @@ func TestExportsStatic(t *testing.T) {
 	if !bytes.Equal(qemuRaw(t, exportsURI(sock, "disk-a")), wantA) {
 		t.Error("disk-a changed")
 	}
+	exportsWriteRefused(t, exportsURI(sock, "alias-b"))
+	runOutput(t, "qemu-io", "-r", "-f", "raw", "-c", "read -P 0x77 0 4k", exportsURI(sock, "alias-b"))
 
 	// An unknown name is an error reply; the server keeps serving.
 	if o, err := exec.Command("nbdinfo", exportsURI(sock, "nope")).CombinedOutput(); err == nil || !strings.Contains(string(o), "server replied with error") {

@@ -76,6 +76,25 @@ func parseExportSpec(s string) (exportSpec, error) {
 	return e, nil
 }
 
+// exportGroups numbers the exports so that those of one file (same
+// device and inode, same no-backing) share a number: the index of the
+// first of them. Files that cannot be stat'ed are alone (their open fails).
+func exportGroups(exports []exportSpec) []int {
+	g := make([]int, len(exports))
+	fis := make([]os.FileInfo, len(exports))
+	for i, e := range exports {
+		g[i] = i
+		fis[i], _ = os.Stat(e.image)
+		for j := 0; j < i && fis[i] != nil; j++ {
+			if fis[j] != nil && exports[j].noBacking == e.noBacking && os.SameFile(fis[i], fis[j]) {
+				g[i] = g[j]
+				break
+			}
+		}
+	}
+	return g
+}
+
 // exportDir is serve --export-dir: every regular file of dir is an
 // export named by its file name, opened at a client's first use (NBD_OPT_INFO,
 // GO, EXPORT_NAME or a meta context option naming it) and closed, with

@@ -136,14 +136,25 @@ func cmdServe(args []string) error {
 	}()
 	var names []string // what each of images was opened from
 	if multi {
+		// One file under several names is opened once (writable if one
+		// of them is), as two opens of it would fight over its locks.
+		groups := exportGroups(exports)
+		opened := map[int]*qcow2.Image{}
 		for i, e := range exports {
-			o := opts
-			o.Writable, o.NoBacking = e.writable, o.NoBacking || e.noBacking
-			img, err := qcow2.Open(e.image, o)
-			if err != nil {
-				return fmt.Errorf("export %q: %w", e.name, err)
+			g := groups[i]
+			img := opened[g]
+			if img == nil {
+				o := opts
+				o.NoBacking = o.NoBacking || e.noBacking
+				for j, f := range exports {
+					o.Writable = o.Writable || groups[j] == g && f.writable
+				}
+				if img, err = qcow2.Open(e.image, o); err != nil {
+					return fmt.Errorf("export %q: %w", e.name, err)
+				}
+				opened[g] = img
+				images, names = append(images, img), append(names, e.image)
 			}
-			images, names = append(images, img), append(names, e.image)
 			cfg.Exports[i].Image = img
 		}
 		if *exportDir != "" {
@@ -186,12 +197,12 @@ func cmdServe(args []string) error {
 		mode = "writable, to a temporary overlay"
 	}
 	if multi {
-		for i, e := range exports {
+		for _, e := range exports {
 			m := "read-only"
 			if e.writable {
 				m = "writable"
 			}
-			fmt.Fprintf(os.Stderr, "nbdgw serve: serving %s as export %q (%s) on %s\n", names[i], e.name, m, listenerName(l))
+			fmt.Fprintf(os.Stderr, "nbdgw serve: serving %s as export %q (%s) on %s\n", e.image, e.name, m, listenerName(l))
 		}
 		if *exportDir != "" {
 			fmt.Fprintf(os.Stderr, "nbdgw serve: serving the images of %s as exports named by file name (%s) on %s\n", *exportDir, mode, listenerName(l))
