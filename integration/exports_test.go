@@ -148,7 +148,7 @@ func TestExportsDir(t *testing.T) {
 	}
 
 	sock := filepath.Join(top, "s.sock")
-	nbdStart(t, sock, bin, "serve", "-k", sock, "--export-dir", dir, "--writable")
+	_, stderr := nbdStartLogged(t, sock, bin, "serve", "-k", sock, "--export-dir", dir, "--writable")
 
 	// An image added after the start is an export at once.
 	two := filepath.Join(dir, "two")
@@ -179,6 +179,9 @@ func TestExportsDir(t *testing.T) {
 		if o, err := exec.Command("nbdinfo", exportsURI(sock, bad)).CombinedOutput(); err == nil || !strings.Contains(string(o), "server replied with error") {
 			t.Errorf("nbdinfo of %q: %v\n%s", bad, err, o)
 		}
+	}
+	if !strings.Contains(stderr.String(), "outside the confinement directory") {
+		t.Errorf("the server's log does not say why escapes is refused:\n%s", stderr)
 	}
 
 	// Two clients of one export share one open image: the writable open

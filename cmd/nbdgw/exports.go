@@ -146,8 +146,10 @@ func (d *exportDir) lookup(name string) (*nbdserver.Export, func(), error) {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil, nil, fmt.Errorf("export %q not available", name)
 			}
+			// The details (paths of the server's files) go to the
+			// server's log, not to the client.
 			d.logf("export %q: %v", name, err)
-			return nil, nil, fmt.Errorf("export %q cannot be opened: %v", name, err)
+			return nil, nil, fmt.Errorf("export %q cannot be opened", name)
 		}
 		e = &dirExport{exp: &nbdserver.Export{Name: name, Image: img, Writable: d.writable}}
 		d.open[name] = e
