@@ -55,6 +55,11 @@ func TestServeOperations(t *testing.T) {
 		t.Errorf("--pid-file holds %q (%v), want %d", b, err, cmd.Process.Pid)
 	}
 	want := `nbdgw serve: serving ` + img + ` as export "disk" (read-only) on unix:` + sock + "\n"
+	// The line was written before READY=1, but it reaches stderr through a
+	// pipe that exec's goroutine copies: give the copy a moment.
+	for end := time.Now().Add(5 * time.Second); !strings.Contains(stderr.String(), "\n") && time.Now().Before(end); {
+		time.Sleep(5 * time.Millisecond)
+	}
 	if got := stderr.String(); got != want {
 		t.Errorf("ready line %q, want %q", got, want)
 	}

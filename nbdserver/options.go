@@ -41,6 +41,49 @@ type negotiation struct {
 
 	opt  nbdproto.Option // option being answered
 	data []byte          // its data
+
+	held map[string]heldExport // exports this connection got from Config.Lookup
+}
+
+// heldExport is an export from Config.Lookup and its release.
+type heldExport struct {
+	exp     *Export
+	release func()
+}
+
+// export finds name among Config.Exports, then through Config.Lookup
+// (once per connection: later options get the same *Export).
+func (n *negotiation) export(name string) (*Export, error) {
+	if e := n.srv.export(name); e != nil {
+		return e, nil
+	}
+	if n.srv.cfg.Lookup == nil {
+		return nil, fmt.Errorf("export %q not available", name)
+	}
+	if h, ok := n.held[name]; ok {
+		return h.exp, nil
+	}
+	e, release, err := n.srv.cfg.Lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if n.held == nil {
+		n.held = map[string]heldExport{}
+	}
+	n.held[name] = heldExport{e, release}
+	return e, nil
+}
+
+// release gives back every export from Config.Lookup but keep.
+func (n *negotiation) release(keep *Export) {
+	for name, h := range n.held {
+		if h.exp != keep {
+			if h.release != nil {
+				h.release()
+			}
+			delete(n.held, name)
+		}
+	}
 }
 
 // run performs the handshake and returns the transmission session.
@@ -145,9 +188,9 @@ func (n *negotiation) replyErr(typ nbdproto.Reply, msg string) error {
 // connection just closes.
 func (n *negotiation) optExportName() (*session, error) {
 	name := string(n.data)
-	exp := n.srv.export(name)
-	if exp == nil {
-		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: unknown export %q", name)
+	exp, err := n.export(name)
+	if err != nil {
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: %w", err)
 	}
 	n.dropContextsUnless(exp)
 	flags := transmissionFlags(exp, n.mode, len(n.contexts) > 0)
@@ -167,7 +210,18 @@ func (n *negotiation) optList() error {
 	if len(n.data) != 0 {
 		return n.replyErr(nbdproto.RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
+	list := make([]ExportInfo, 0, len(n.srv.cfg.Exports))
 	for _, e := range n.srv.cfg.Exports {
+		list = append(list, ExportInfo{e.Name, e.Description})
+	}
+	if n.srv.cfg.List != nil {
+		for _, e := range n.srv.cfg.List() {
+			if n.srv.export(e.Name) == nil || e.Name == "" { // Exports win
+				list = append(list, e)
+			}
+		}
+	}
+	for _, e := range list {
 		b := nbdproto.AppendString(nil, e.Name)
 		b = append(b, e.Description...)
 		if err := n.reply(nbdproto.RepServer, b); err != nil {
@@ -219,9 +273,9 @@ func (n *negotiation) optInfo() (*session, error) {
 	if err != nil {
 		return nil, n.replyErr(nbdproto.RepErrInvalid, err.Error())
 	}
-	exp := n.srv.export(req.Export)
-	if exp == nil {
-		return nil, n.replyErr(nbdproto.RepErrUnknown, fmt.Sprintf("export %q not available", req.Export))
+	exp, err := n.export(req.Export)
+	if err != nil {
+		return nil, n.replyErr(nbdproto.RepErrUnknown, err.Error())
 	}
 	payload := len(n.contexts) > 0 && n.ctxFor == exp
 	if n.opt == nbdproto.OptInfo {
@@ -317,9 +371,9 @@ func (n *negotiation) optMetaContext() error {
 		}
 		return n.replyErr(nbdproto.RepErrInvalid, err.Error())
 	}
-	exp := n.srv.export(req.Export)
-	if exp == nil {
-		return n.replyErr(nbdproto.RepErrUnknown, fmt.Sprintf("export %q not available", req.Export))
+	exp, err := n.export(req.Export)
+	if err != nil {
+		return n.replyErr(nbdproto.RepErrUnknown, err.Error())
 	}
 	names := metactx.Names(exp.Image)
 	var chosen []string

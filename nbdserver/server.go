@@ -28,10 +28,23 @@ type Export struct {
 	Writable bool
 }
 
+// ExportInfo is one NBD_OPT_LIST entry.
+type ExportInfo struct{ Name, Description string }
+
 // Config configures a Server. Zero limits take the defaults below.
 type Config struct {
-	Exports []*Export   // the first one is the default export ("" maps to it)
-	TLS     *tls.Config // nil: no STARTTLS
+	Exports []*Export // the first one is the default export ("" maps to it)
+	// Lookup, if set, finds at connect time an export not in Exports
+	// (NBD_OPT_EXPORT_NAME, INFO, GO, LIST/SET_META_CONTEXT). It returns
+	// the export and a release func, called once when the connection no
+	// longer uses it (at the end of the handshake for exports only
+	// queried, at disconnect for the one served). An error is sent to the
+	// client as NBD_REP_ERR_UNKNOWN with its text; Lookup must not return
+	// (nil, nil, nil).
+	Lookup func(name string) (exp *Export, release func(), err error)
+	// List, if set, answers NBD_OPT_LIST after Exports.
+	List func() []ExportInfo
+	TLS  *tls.Config // nil: no STARTTLS
 	// PSK, instead of TLS, makes STARTTLS a TLS-PSK handshake (GnuTLS,
 	// see internal/gnutlspsk) with these keys.
 	PSK         *gnutlspsk.Keys
@@ -236,6 +249,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 		}
 	}()
 	n := &negotiation{srv: s, conn: c}
+	defer n.release(nil) // also after a panic in the handshake
 	defer func() {
 		if n.conn != c {
 			n.conn.Close() // shuts TLS down cleanly (close_notify)
@@ -246,6 +260,9 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	sess, err := n.run()
 	inHandshake = false
 	s.handshakeDone(ip)
+	if sess != nil {
+		n.release(sess.exp) // exports only queried in the handshake
+	}
 	stopping := func() bool { return ctx.Err() != nil || s.isClosed() }
 	if err != nil {
 		if !stopping() && !errors.Is(err, errAborted) && !clientLeft(err) {
@@ -350,7 +367,7 @@ func (s *Server) untrackConn(c net.Conn) {
 	s.wg.Done()
 }
 
-// export finds an export by name; "" is the default export.
+// export finds an export of Exports by name; "" is the default export.
 func (s *Server) export(name string) *Export {
 	if len(s.cfg.Exports) == 0 {
 		return nil

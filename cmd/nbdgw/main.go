@@ -36,8 +36,8 @@ var commands = map[string]command{
 	"list":   {"list", "list connected nbd devices", cmdList},
 	"backup": {"backup [options] SOURCE OUT.qcow2",
 		"copy an NBD export or image into a new qcow2: in full, one layer (--layer), or a bitmap's dirty ranges (--bitmap)", cmdBackup},
-	"serve": {"serve [options] IMAGE",
-		"serve the image over NBD (TCP, unix socket, TLS) until SIGINT/SIGTERM", cmdServe},
+	"serve": {"serve [options] IMAGE | serve [options] --export NAME=IMAGE[,OPTION...] ... [--export-dir DIR]",
+		"serve the image, or several exports, over NBD (TCP, unix socket, TLS) until SIGINT/SIGTERM", cmdServe},
 }
 
 // usageError is a mistake in the command line: main prints it on one

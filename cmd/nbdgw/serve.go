@@ -31,8 +31,11 @@ func cmdServe(args []string) error {
 	fs.StringVar(&exportName, "export-name", "", "export `NAME` (the default export answers \"\" too), at most 4096 bytes")
 	fs.StringVar(&exportName, "x", "", "")
 	description := fs.String("description", "", "export description `TEXT` sent to clients (NBD_INFO_DESCRIPTION), at most 4096 bytes")
+	var exports exportsFlag
+	fs.Var(&exports, "export", "serve an image as export `NAME=IMAGE[,writable][,no-backing][,description=TEXT]` (repeatable, instead of IMAGE; the first is the default export): NAME ends at the first '=', a single ',' ends IMAGE and each option, \",,\" is a literal comma (a file a,b is a,,b); read-only unless ,writable")
+	exportDir := fs.String("export-dir", "", "serve every regular file of `DIR` as an export named by its file name, looked up when a client asks (new files appear without a restart), every file of its chain confined to DIR; opened at first use, closed when its last client is done; read-only unless --writable")
 	imgFlags := addImageFlags(fs)
-	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain)")
+	writable := fs.Bool("writable", false, "allow writes to the image (the top layer of its chain), or to the --export-dir images")
 	readOnly := fs.Bool("read-only", false, "serve read-only: the default, accepted for qemu-nbd's -r")
 	fs.BoolVar(readOnly, "r", false, "")
 	persistent := fs.Bool("persistent", false, "serve clients until SIGINT/SIGTERM: the default, accepted for qemu-nbd's -t")
@@ -52,7 +55,18 @@ func cmdServe(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := wantArgs(pos, "IMAGE"); err != nil {
+	multi := len(exports) > 0 || *exportDir != ""
+	if multi {
+		if err := wantArgs(pos); err != nil {
+			return usagef("--export and --export-dir exclude IMAGE")
+		}
+		if exportName != "" || *description != "" || *snapshot {
+			return usagef("--export-name, --description and --snapshot are for IMAGE; give --export NAME=IMAGE,description=TEXT")
+		}
+		if *writable && *exportDir == "" {
+			return usagef("--writable with --export: write --export NAME=IMAGE,writable")
+		}
+	} else if err := wantArgs(pos, "IMAGE"); err != nil {
 		return err
 	}
 	if socket != "" && (*listen != "" || bind != "" || port != "") {
@@ -87,8 +101,17 @@ func cmdServe(args []string) error {
 		Log:              verboseLog(*verbose),
 		Logf:             func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw serve: "+f+"\n", a...) },
 	}
-	cfg.Exports = []*nbdserver.Export{{Name: exportName, Description: *description}}
+	if multi {
+		for _, e := range exports {
+			cfg.Exports = append(cfg.Exports, &nbdserver.Export{Name: e.name, Description: e.description, Writable: e.writable})
+		}
+	} else {
+		cfg.Exports = []*nbdserver.Export{{Name: exportName, Description: *description}}
+	}
 	if err := cfg.Validate(); err != nil {
+		if multi {
+			return usagef("%v", err) // names and descriptions of --export
+		}
 		return err
 	}
 	if *tlsCreds != "" {
@@ -102,18 +125,54 @@ func cmdServe(args []string) error {
 		}
 	}
 	opts := imgFlags.options()
-	opts.Writable, opts.Snapshot = *writable, *snapshot
-	img, err := qcow2.Open(pos[0], opts)
-	if err != nil {
-		return err
-	}
+	var images []*qcow2.Image
 	closed := false
 	defer func() {
 		if !closed {
-			img.Close()
+			for _, img := range images {
+				img.Close()
+			}
 		}
 	}()
-	cfg.Exports[0].Image, cfg.Exports[0].Writable = img, *writable || *snapshot
+	var names []string // what each of images was opened from
+	if multi {
+		// One file under several names is opened once (writable if one
+		// of them is), as two opens of it would fight over its locks.
+		groups := exportGroups(exports)
+		opened := map[int]*qcow2.Image{}
+		for i, e := range exports {
+			g := groups[i]
+			img := opened[g]
+			if img == nil {
+				o := opts
+				o.NoBacking = o.NoBacking || e.noBacking
+				for j, f := range exports {
+					o.Writable = o.Writable || groups[j] == g && f.writable
+				}
+				if img, err = qcow2.Open(e.image, o); err != nil {
+					return fmt.Errorf("export %q: %w", e.name, err)
+				}
+				opened[g] = img
+				images, names = append(images, img), append(names, e.image)
+			}
+			cfg.Exports[i].Image = img
+		}
+		if *exportDir != "" {
+			d, err := newExportDir(*exportDir, opts, *writable, cfg.Logf)
+			if err != nil {
+				return err
+			}
+			cfg.Lookup, cfg.List = d.lookup, d.list
+		}
+	} else {
+		opts.Writable, opts.Snapshot = *writable, *snapshot
+		img, err := qcow2.Open(pos[0], opts)
+		if err != nil {
+			return err
+		}
+		images, names = append(images, img), append(names, pos[0])
+		cfg.Exports[0].Image, cfg.Exports[0].Writable = img, *writable || *snapshot
+	}
 
 	l, cleanup, err := serveListener(socket, *listen)
 	if err != nil {
@@ -137,7 +196,20 @@ func cmdServe(args []string) error {
 	} else if *snapshot {
 		mode = "writable, to a temporary overlay"
 	}
-	fmt.Fprintf(os.Stderr, "nbdgw serve: serving %s as export %q (%s) on %s\n", pos[0], exportName, mode, listenerName(l))
+	if multi {
+		for _, e := range exports {
+			m := "read-only"
+			if e.writable {
+				m = "writable"
+			}
+			fmt.Fprintf(os.Stderr, "nbdgw serve: serving %s as export %q (%s) on %s\n", e.image, e.name, m, listenerName(l))
+		}
+		if *exportDir != "" {
+			fmt.Fprintf(os.Stderr, "nbdgw serve: serving the images of %s as exports named by file name (%s) on %s\n", *exportDir, mode, listenerName(l))
+		}
+	} else {
+		fmt.Fprintf(os.Stderr, "nbdgw serve: serving %s as export %q (%s) on %s\n", pos[0], exportName, mode, listenerName(l))
+	}
 	if err := sdNotify("READY=1"); err != nil {
 		fmt.Fprintf(os.Stderr, "nbdgw serve: warning: sd_notify: %v\n", err)
 	}
@@ -146,8 +218,14 @@ func cmdServe(args []string) error {
 	// is the image closed, which flushes a writable one.
 	srv.Close()
 	closed = true
-	if cerr := img.Close(); cerr != nil {
-		return fmt.Errorf("closing %s: %w", pos[0], cerr)
+	var closeErr error
+	for i, img := range images {
+		if cerr := img.Close(); cerr != nil && closeErr == nil {
+			closeErr = fmt.Errorf("closing %s: %w", names[i], cerr)
+		}
+	}
+	if closeErr != nil {
+		return closeErr
 	}
 	if ctx.Err() != nil {
 		return nil // SIGINT/SIGTERM: a clean stop
