@@ -81,7 +81,7 @@ for pkg in $(go list ./...); do
 	dir=$(go list -f '{{.Dir}}' "$pkg")
 	for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //' | sort -u); do
 		step "fuzz ${pkg#github.com/nbdgw/nbdgw/} $target ${fuzztime}s" \
-			go test -run '^$' -fuzz "^${target}\$" -fuzztime "${fuzztime}s" -fuzzminimizetime 10x "$pkg"
+			scripts/fuzz-one.sh "$pkg" "$target" "$fuzztime"
 	done
 done
 
