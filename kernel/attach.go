@@ -25,8 +25,16 @@ type AttachConfig struct {
 	// set. The caller closes it after Wait, which flushes it. Or:
 	Image *qcow2.Image
 	// URI names a remote NBD export (nbd://, nbd+unix://) whose
-	// connections are handed to the kernel after the handshake.
+	// connections are handed to the kernel after the handshake. For
+	// nbds:// and nbds+unix:// TLS is terminated in-process and the
+	// kernel gets one end of a socketpair relayed to the TLS connection.
 	URI string
+	// TLSCreds is a directory of X.509 credentials for nbds (ca-cert.pem,
+	// optional client-cert.pem and client-key.pem, as
+	// nbdproto.LoadClientTLS reads them); default: the URI's
+	// tls-certificates. TLSPSK is instead a key file of username:hexkey
+	// lines; the username is the URI's user part (default "qemu").
+	TLSCreds, TLSPSK string
 	// Name identifies the backend in /sys/block/nbdN/backend as
 	// "nbdgw:Name" (the image path or the URI).
 	Name string
@@ -68,9 +76,12 @@ type Attachment struct {
 	backend string
 	srv     *nbdserver.Server // local image only
 	cancel  context.CancelFunc
-	served  chan struct{}  // closed when all local server connections ended; nil for a URI
-	wg      sync.WaitGroup // local server connections
-	watcher *Watcher       // URI only
+	served  chan struct{}     // closed when all local server connections ended; nil for a URI
+	wg      sync.WaitGroup    // local server connections
+	watcher *Watcher          // URI only
+	opts    nbdclient.Options // handshake options of every remote connection
+	tls     bool              // the URI is nbds: connections are relayed
+	relays  relays
 	// connector is /sys/block/nbdN/pid right after CONNECT: the kernel
 	// records the thread that sent CONNECT (a thread id, not our pid).
 	connector int
@@ -95,19 +106,25 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 	serveCtx, cancel := context.WithCancel(context.Background())
 	a.cancel = cancel
 
-	var clients []*nbdclient.Client
+	var (
+		clients []*nbdclient.Client
+		kconns  []net.Conn // what the kernel gets, one per client
+	)
 	if cfg.Image != nil {
 		a.served = make(chan struct{})
 		clients, err = a.serveLocal(ctx, serveCtx)
+		for _, cl := range clients {
+			kconns = append(kconns, cl.Conn())
+		}
 	} else {
-		clients, err = dialAll(ctx, cfg.URI, cfg.Connections)
+		clients, kconns, err = a.dialAll(ctx)
 	}
-	// Our copies of the client ends go in every case: after CONNECT the
+	// Our copies of the kernel's ends go in every case: after CONNECT the
 	// kernel holds its own references (closing does not shut a socket
 	// down), after a failure nobody needs them.
 	defer func() {
-		for _, cl := range clients {
-			cl.Conn().Close()
+		for _, kc := range kconns {
+			kc.Close()
 		}
 	}()
 	var size int64
@@ -135,9 +152,9 @@ func Attach(ctx context.Context, c *Conn, cfg AttachConfig) (*Attachment, error)
 			cfg.Logf("%v: a dead connection will not be replaced", err)
 		}
 	}
-	conns := make([]syscall.RawConn, len(clients))
-	for i, cl := range clients {
-		if conns[i], err = rawConn(cl.Conn()); err != nil {
+	conns := make([]syscall.RawConn, len(kconns))
+	for i, kc := range kconns {
+		if conns[i], err = rawConn(kc); err != nil {
 			a.shutdown()
 			return fail(err)
 		}
@@ -286,34 +303,49 @@ func socketpair() (net.Conn, net.Conn, error) {
 	return conns[0], conns[1], nil
 }
 
-// dialAll opens n connections to uri.
-func dialAll(ctx context.Context, uri string, n int) ([]*nbdclient.Client, error) {
-	u, err := nbdproto.ParseURI(uri)
+// dialAll opens cfg.Connections connections to cfg.URI and returns the
+// clients and the connections to hand to the kernel.
+func (a *Attachment) dialAll(ctx context.Context) ([]*nbdclient.Client, []net.Conn, error) {
+	u, err := nbdproto.ParseURI(a.cfg.URI)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if u.TLS {
-		return nil, fmt.Errorf("%s: the kernel's nbd driver cannot speak TLS; serve the image locally or use nbd:// / nbd+unix://", uri)
+	a.tls = u.TLS
+	if a.opts, err = clientOptions(a.cfg); err != nil {
+		return nil, nil, err
 	}
-	var clients []*nbdclient.Client
-	for i := 0; i < n; i++ {
-		cl, err := dialOne(ctx, uri)
+	var (
+		clients []*nbdclient.Client
+		kconns  []net.Conn
+	)
+	for i := 0; i < a.cfg.Connections; i++ {
+		cl, kc, err := a.dialOne(ctx)
 		if err != nil {
-			return clients, err
+			return clients, kconns, err
 		}
-		clients = append(clients, cl)
+		clients, kconns = append(clients, cl), append(kconns, kc)
 	}
-	return clients, nil
+	return clients, kconns, nil
 }
 
-func dialOne(ctx context.Context, uri string) (*nbdclient.Client, error) {
+// dialOne connects and negotiates once with a.opts (a fresh TLS
+// handshake for nbds) and returns the client and the connection for the
+// kernel: the client's own, or for nbds the kernel's end of a relay.
+func (a *Attachment) dialOne(ctx context.Context) (*nbdclient.Client, net.Conn, error) {
 	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
-	cl, err := nbdclient.Dial(hctx, uri, nbdclient.Options{})
+	cl, err := nbdclient.Dial(hctx, a.cfg.URI, a.opts)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", uri, err)
+		return nil, nil, fmt.Errorf("%s: %w", a.cfg.URI, err)
 	}
-	return cl, nil
+	if !a.tls {
+		return cl, cl.Conn(), nil
+	}
+	kc, err := a.relays.start(cl.Conn())
+	if err != nil {
+		return nil, nil, err
+	}
+	return cl, kc, nil
 }
 
 func rawConn(c net.Conn) (syscall.RawConn, error) {
@@ -367,6 +399,7 @@ func (a *Attachment) shutdown() {
 		a.srv.Close()
 	}
 	a.wg.Wait()
+	a.relays.stop()
 	if a.watcher != nil {
 		a.watcher.Close()
 	}
@@ -456,11 +489,11 @@ func (a *Attachment) reconnect(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	deadline := time.Now().Add(a.cfg.DeadConnTimeout)
 	for {
-		cl, err := dialOne(ctx, a.cfg.URI)
+		_, kc, err := a.dialOne(ctx)
 		if err == nil {
-			rc, rerr := rawConn(cl.Conn())
+			rc, rerr := rawConn(kc)
 			if rerr != nil {
-				cl.Conn().Close()
+				kc.Close()
 				return rerr
 			}
 			_, err = withFDs([]syscall.RawConn{rc}, func(fds []int) (int, error) {
@@ -470,7 +503,7 @@ func (a *Attachment) reconnect(ctx context.Context) error {
 					BackendIdentifier: a.backend,
 				})
 			}, nil)
-			cl.Conn().Close()
+			kc.Close()
 			if err == nil {
 				a.cfg.Logf("%s: replaced a dead connection to %s", a.Path(), a.cfg.URI)
 				return nil

@@ -44,12 +44,68 @@ type fakeKernel struct {
 	backend      string
 	disconnects  int
 	connectCalls int
+	reconfigures int
+}
+
+// takeSockets duplicates the descriptors of the SOCKETS attribute of a
+// request, as the kernel's sockfd_lookup takes references.
+func (k *fakeKernel) takeSockets(data []byte) ([]net.Conn, error) {
+	ad, err := netlink.NewAttributeDecoder(data)
+	if err != nil {
+		return nil, err
+	}
+	var conns []net.Conn
+	for ad.Next() {
+		if ad.Type() != attrSockets {
+			continue
+		}
+		ad.Nested(func(nad *netlink.AttributeDecoder) error {
+			for nad.Next() {
+				nad.Nested(func(sad *netlink.AttributeDecoder) error {
+					for sad.Next() {
+						if sad.Type() != sockFD {
+							continue
+						}
+						nfd, err := unix.Dup(int(sad.Uint32()))
+						if err != nil {
+							return err
+						}
+						f := os.NewFile(uintptr(nfd), "kernel-socket")
+						c, err := net.FileConn(f)
+						f.Close()
+						if err != nil {
+							return err
+						}
+						conns = append(conns, c)
+					}
+					return nil
+				})
+			}
+			return nil
+		})
+	}
+	if err := ad.Err(); err != nil {
+		return nil, err
+	}
+	return conns, nil
 }
 
 func (k *fakeKernel) serve(greq genetlink.Message, _ netlink.Message) ([]genetlink.Message, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	switch Command(greq.Header.Command) {
+	case CmdReconfigure:
+		// The kernel replaces a dead socket with the new one.
+		k.reconfigures++
+		conns, err := k.takeSockets(greq.Data)
+		if err != nil {
+			return nil, err
+		}
+		for _, c := range k.conns {
+			c.Close()
+		}
+		k.conns = conns
+		return nil, io.EOF // an acknowledgement
 	case CmdConnect:
 		k.connectCalls++
 		ad, err := netlink.NewAttributeDecoder(greq.Data)
@@ -332,7 +388,7 @@ func TestAttachErrors(t *testing.T) {
 		{"read-only, image opened writable", AttachConfig{Index: AnyIndex}, 0, false, nil, "opened writable"},
 		{"too many connections", AttachConfig{Index: AnyIndex, Connections: maxConnections + 1}, 0, false, nil, "--connections"},
 		{"refused URI", AttachConfig{Index: AnyIndex, URI: "nbd://127.0.0.1:1/"}, 0, false, unix.ECONNREFUSED, "refused"},
-		{"TLS URI", AttachConfig{Index: AnyIndex, URI: "nbds://127.0.0.1:1/"}, 0, false, nil, "TLS"},
+		{"TLS credentials, plain URI", AttachConfig{Index: AnyIndex, URI: "nbd://127.0.0.1:1/", TLSCreds: "/nonexistent"}, 0, false, nil, "plain URI"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -18,6 +18,10 @@
 # read-only `nbdgw mount` of the overlay and a loop mount of its disk (root,
 # /dev/fuse and loop devices needed; else that part is skipped and says so).
 # Host checks print "ok - host: ..." / "not ok - host: ...".
+# An nbds:// attach (TLS terminated by nbdgw, credentials made here with
+# openssl) against a `serve --tls-required` inside the guest must read a
+# small image exactly and survive a restart of the server (LINK_DEAD, redial
+# with a new TLS handshake, RECONFIGURE).
 # Exit status: 0 when the guest said PASS and every host check passed, 1 otherwise.
 #
 # Environment:
@@ -49,7 +53,7 @@ declare -A need=(
 	[qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils
 	[busybox]=busybox-static [cpio]=cpio [depmod]=kmod
 	[mkfs.ext4]=e2fsprogs [mke2fs]=e2fsprogs [debugfs]=e2fsprogs [dpkg-deb]=dpkg [ldd]=libc-bin
-	[apt-get]=apt [gzip]=gzip [sha256sum]=coreutils [timeout]=coreutils
+	[apt-get]=apt [gzip]=gzip [sha256sum]=coreutils [timeout]=coreutils [openssl]=openssl
 )
 missing=()
 for c in "${!need[@]}"; do
@@ -232,6 +236,30 @@ echo "SHA_WBASE=$sha_wbase" >>"$root/images/expected.env"
 mkfs.ext4 -q -F -b 4096 -L nbdgw-work -d "$wdir" "$work/wdisk.img" 256M
 rm -rf "$wdir"
 
+# X.509 credentials for the TLS attach, made here with openssl: a CA, a
+# server certificate for 127.0.0.1 and a client certificate (the server
+# checks it, as qemu-nbd's verify-peer=on), in the layout --tls-creds reads.
+tls=$root/tls
+mkdir -p "$tls"
+ecnew=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 "${ecnew[@]}" -keyout "$work/ca-key.pem" -out "$tls/ca-cert.pem" \
+	-days 2 -subj /CN=nbdgw-vmtest-CA 2>/dev/null
+for n in server client; do
+	openssl req "${ecnew[@]}" -keyout "$tls/$n-key.pem" -out "$work/$n.csr" -subj "/CN=$n" 2>/dev/null
+	printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=%s\n' "${n}Auth" >"$work/$n.ext"
+	openssl x509 -req -in "$work/$n.csr" -CA "$tls/ca-cert.pem" -CAkey "$work/ca-key.pem" \
+		-CAcreateserial -days 2 -extfile "$work/$n.ext" -out "$tls/$n-cert.pem" 2>/dev/null
+done
+[ -s "$tls/client-cert.pem" ] || die "openssl made no TLS credentials"
+# The TLS attach reads a small image (TLS under TCG costs ~0.3 s/MiB):
+# 8 MiB, 2 MiB of random data among zeroes.
+truncate -s 8M "$work/tls.raw"
+dd if=/dev/urandom of="$work/tls.raw" bs=1M seek=3 count=2 conv=notrunc status=none
+qemu-img convert -f raw -O qcow2 "$work/tls.raw" "$root/images/tls.qcow2"
+qemu-img convert -O raw "$root/images/tls.qcow2" "$work/tls-expect.raw"
+echo "SHA_TLS=$(sha256sum <"$work/tls-expect.raw" | cut -d' ' -f1)" >>"$root/images/expected.env"
+rm -f "$work/tls.raw" "$work/tls-expect.raw"
+
 # --- guest /init ---------------------------------------------------------------
 cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
@@ -404,6 +432,46 @@ if nbdgw serve --help 2>&1 | grep -q socket; then
 else
 	echo "# skip: nbdgw serve --socket not available"
 fi
+
+# 4b. nbds:// against a --tls-required nbdgw serve on 127.0.0.1: attach
+#    terminates TLS itself and hands the kernel a socketpair; the server
+#    dies and comes back: the redial redoes the TLS handshake.
+section "NBD URI over TLS"
+# listening PORT: /proc/net/tcp has 127.0.0.1:PORT in state LISTEN (0A).
+listening() {
+	p=$(printf '%04X' "$1")
+	i=0
+	while ! grep -q "0100007F:$p 00000000:0000 0A" /proc/net/tcp && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+	grep -q "0100007F:$p 00000000:0000 0A" /proc/net/tcp
+}
+tserve() { nbdgw serve --listen 127.0.0.1:10809 --tls-creds /tls --tls-required /images/tls.qcow2 2>>/tmp/tserve.log & spid=$!; }
+tserve
+if listening 10809; then
+	expect_fail "TLS: a plain attach to the --tls-required server" "TLS" attach nbd://127.0.0.1:10809/
+	if start_attach /tmp/a5.log --tls-creds /tls nbds://127.0.0.1:10809/; then
+		ok "attach nbds://127.0.0.1:10809/ --tls-creds -> $dev"
+		check "TLS: sha256 of $dev" [ "$(dev_sha "$dev")" = "$SHA_TLS" ]
+		check "TLS: read-only device" [ "$(blockdev --getro "$dev")" = 1 ]
+		section "NBD URI over TLS: server restart"
+		kill -9 $spid; wait $spid 2>/dev/null
+		echo 3 >/proc/sys/vm/drop_caches
+		sleep 1
+		tserve
+		check "TLS: the server listens again" listening 10809
+		check "TLS: device reads again after the server restarted" [ "$(dev_sha "$dev")" = "$SHA_TLS" ]
+		grep -q "replaced a dead connection" /tmp/a5.log && ok "TLS: dead connection replaced after a new TLS handshake (RECONFIGURE)" ||
+			{ cat /tmp/a5.log; notok "TLS: dead connection replaced (RECONFIGURE)"; }
+		check "TLS: detach" nbdgw detach "$dev"
+		check "TLS: attach exits 0 after detach" wait_exit $pid
+	else
+		notok "attach nbds://127.0.0.1:10809/ --tls-creds /tls"
+	fi
+else
+	cat /tmp/tserve.log
+	notok "TLS: nbdgw serve --tls-creds --tls-required listens on 127.0.0.1:10809"
+fi
+kill $spid 2>/dev/null
+sed "s|^|# /tmp/tserve.log: |" /tmp/tserve.log
 
 # 5. Writes. The chain is on the virtio disk (/work): a fresh overlay over
 #    a base. mkfs.ext4 and files through /dev/nbdN, once with 1 connection

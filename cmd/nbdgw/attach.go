@@ -26,6 +26,8 @@ func cmdAttach(args []string) (err error) {
 	device := fs.String("device", "", "attach to `/dev/nbdN` (default: the kernel picks a free device)")
 	conns := fs.Int("connections", 1, "`N` connections serving the device")
 	writable := fs.Bool("writable", false, "leave the device writable")
+	tlsCreds := fs.String("tls-creds", "", "for nbds:// and nbds+unix://: X.509 credentials from `DIR` (ca-cert.pem, optional client-cert.pem and client-key.pem); default: the URI's tls-certificates. TLS is terminated in-process and the kernel gets a plain socket")
+	tlsPSK := fs.String("tls-psk", "", "for nbds:// and nbds+unix://: TLS with the pre-shared key from `FILE` of username:hexkey lines, for the URI's username (nbds://USER@host/, default qemu); needs a build with cgo (GnuTLS)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -43,10 +45,21 @@ func cmdAttach(args []string) (err error) {
 	if *conns < 1 {
 		return usagef("--connections %d: want at least 1", *conns)
 	}
+	if *tlsCreds != "" && *tlsPSK != "" {
+		return usagef("--tls-creds and --tls-psk exclude each other")
+	}
+	if *tlsCreds != "" || *tlsPSK != "" {
+		u, uerr := nbdproto.ParseURI(target)
+		if !nbdproto.IsURI(target) || uerr != nil || !u.TLS {
+			return usagef("--tls-creds and --tls-psk are for nbds:// and nbds+unix:// URIs")
+		}
+	}
 	cfg := kernel.AttachConfig{
 		Index:       index,
 		Connections: *conns,
 		Writable:    *writable,
+		TLSCreds:    *tlsCreds,
+		TLSPSK:      *tlsPSK,
 		Logf:        func(f string, a ...any) { fmt.Fprintf(os.Stderr, "nbdgw attach: "+f+"\n", a...) },
 	}
 	// Caught until the image is closed: a second signal must not cut the

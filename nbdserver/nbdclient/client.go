@@ -31,6 +31,10 @@ type Options struct {
 	ExtendedHeaders   bool // implies StructuredReplies; falls back to them if refused
 	MetaContexts      []string
 	TLS               *tls.Config
+	// StartTLS, if set, replaces crypto/tls after NBD_OPT_STARTTLS: it
+	// performs the client side of the TLS handshake on the connection
+	// (TLS-PSK through GnuTLS) and returns the encrypted connection.
+	StartTLS func(net.Conn) (net.Conn, error)
 }
 
 // Client limits: option replies and reply chunks larger than these are
@@ -89,7 +93,7 @@ func Dial(ctx context.Context, uri string, opts Options) (*Client, error) {
 	if opts.ExportName == "" {
 		opts.ExportName = u.Export
 	}
-	if u.TLS && opts.TLS == nil {
+	if u.TLS && opts.TLS == nil && opts.StartTLS == nil {
 		if opts.TLS, err = u.TLSConfig(); err != nil {
 			return nil, err
 		}
@@ -122,8 +126,8 @@ func (c *Client) handshake(opts Options) error {
 	if _, err := c.conn.Write(be.AppendUint32(nil, cflags)); err != nil {
 		return err
 	}
-	if opts.TLS != nil {
-		if err := c.startTLS(opts.TLS); err != nil {
+	if opts.TLS != nil || opts.StartTLS != nil {
+		if err := c.startTLS(opts); err != nil {
 			return err
 		}
 	}
@@ -189,13 +193,22 @@ func (c *Client) simpleOption(opt nbdproto.Option) error {
 	return nil
 }
 
-func (c *Client) startTLS(cfg *tls.Config) error {
+func (c *Client) startTLS(opts Options) error {
 	if err := c.simpleOption(nbdproto.OptStartTLS); err != nil {
 		return err
 	}
-	tc := tls.Client(c.conn, cfg)
-	if err := tc.Handshake(); err != nil {
-		return fmt.Errorf("nbd: TLS handshake: %w", err)
+	var tc net.Conn
+	if opts.StartTLS != nil {
+		var err error
+		if tc, err = opts.StartTLS(c.conn); err != nil {
+			return fmt.Errorf("nbd: %w", err)
+		}
+	} else {
+		t := tls.Client(c.conn, opts.TLS)
+		if err := t.Handshake(); err != nil {
+			return fmt.Errorf("nbd: TLS handshake: %w", err)
+		}
+		tc = t
 	}
 	c.conn, c.r = tc, bufio.NewReader(tc)
 	return nil

@@ -20,6 +20,7 @@ type URI struct {
 	TLSHostname      string // tls-hostname, else the URI host
 	TLSVerifyPeer    bool   // tls-verify-peer (default true)
 	TLSCertificates  string // tls-certificates=DIR (libnbd's extension)
+	User             string // the user part (nbds://USER@host/: the TLS-PSK username)
 }
 
 // uriSchemes are the schemes ParseURI accepts.
@@ -61,6 +62,9 @@ func ParseURI(s string) (*URI, error) {
 		return nil, fmt.Errorf("%w: scheme %q", ErrBadURI, u.Scheme)
 	}
 	r.TLS = strings.HasPrefix(u.Scheme, "nbds")
+	if u.User != nil {
+		r.User = u.User.Username()
+	}
 	r.Export = strings.TrimPrefix(u.Path, "/")
 	if err := r.parseQuery(u.Query()); err != nil {
 		return nil, err
