@@ -22,6 +22,7 @@ packages=(
 	fdisk            # sfdisk for partition tests
 	util-linux       # losetup, mount
 	python3          # an OpenSSL TLS client (its ssl module) in the TLS tests
+	openssl          # certificates in the TLS tests and the VM test
 	gnutls-bin       # certtool (certificates as QEMU's docs make them), gnutls-cli, psktool (TLS-PSK keys)
 	libgnutls28-dev  # serve --tls-psk: GnuTLS through cgo (internal/gnutlspsk)
 	pkg-config       # cgo's #cgo pkg-config: gnutls
