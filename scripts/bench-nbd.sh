@@ -53,21 +53,11 @@ uri() { echo "nbd+unix:///?socket=$1"; }
 
 echo "== building images in $work"
 big=$work/alloc1g.qcow2 raw=$work/alloc1g.raw
-if [ ! -f "$big" ]; then
-	qemu-img create -q -f qcow2 "$big" 1G
-	qemu-io -c "write -P 0x5a 0 1G" "$big" >/dev/null
-fi
+. "$root/scripts/bench-images.sh"
+bench_alloc1g "$big"
 [ -f "$raw" ] || qemu-img convert -O raw "$big" "$raw"
 sparse=$work/sparse1t.qcow2
-if [ ! -f "$sparse" ]; then
-	qemu-img create -q -f qcow2 "$sparse" 1T
-	mapfile -t offs < <(awk 'BEGIN{srand(1); for (i = 0; i < 16384; i++) printf "%d\n", int(rand()*16777216)}')
-	for ((i = 0; i < 16384; i += 2048)); do
-		args=()
-		for c in "${offs[@]:i:2048}"; do args+=(-c "write -q -P 1 $((c * 65536)) 64k"); done
-		qemu-io "${args[@]}" "$sparse" >/dev/null
-	done
-fi
+bench_sparse1t "$sparse"
 
 start nbdgw "$work/g.sock" "$work/nbdgw" serve --socket "$work/g.sock" "$big"
 start qemu-nbd "$work/q.sock" qemu-nbd -t -e 16 -r -f qcow2 -k "$work/q.sock" "$big"
